@@ -1,0 +1,314 @@
+"""The broker: the authoritative user map and the fan-out of commands.
+
+``BrokerCore`` is pure: ``handle(sender, message, now)`` and ``tick(now)``
+return the messages to send as ``(worker_id, Message)`` pairs. ``Broker``
+runs it on a ZeroMQ ROUTER socket; it never imports the application, so one
+broker serves any app.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from .errors import WSE_ERROR, WSE_REASON
+from .messages import Message, SchemaError, VERSION, decode, encode
+from .registry import ConnEntry, Registry
+
+__all__ = ["BrokerCore", "Broker", "HEARTBEAT", "WORKER_TIMEOUT"]
+
+log = logging.getLogger("wse_sync.broker")
+
+# seconds between heartbeats, and of silence after which a worker is dead
+HEARTBEAT = 1.0
+WORKER_TIMEOUT = 3.0
+
+Out = List[Tuple[str, Message]]
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    pid: int = 0
+    last_seen: float = 0.0
+    # the worker's conn_per_user (the app's setting; all workers share it)
+    limit: Optional[int] = None
+
+
+class BrokerCore:
+    """Decisions of the broker; no sockets."""
+
+    def __init__(self, worker_timeout: float = WORKER_TIMEOUT) -> None:
+        self.registry = Registry()
+        self.workers: Dict[str, WorkerInfo] = {}
+        self.worker_timeout = worker_timeout
+        self.counters: Counter = Counter()
+
+    # -- entry points -------------------------------------------------
+    def handle(self, sender: str, msg: Message, now: float) -> Out:
+        self.counters["in." + msg.kind] += 1
+        out: Out = []
+        if msg.kind == "stats":
+            return [(sender, Message("stats", self.stats()))]
+        info = self.workers.get(sender)
+        if msg.kind == "hello":
+            return self._hello(sender, msg.body, now)
+        if info is None:
+            # a worker we do not know (we restarted, or it was declared dead):
+            # take the message, and ask for its table.
+            info = self.workers[sender] = WorkerInfo(sender, last_seen=now)
+            out.append((sender, Message("reset", {})))
+        info.last_seen = now
+        handler = getattr(self, "_on_" + msg.kind, None)
+        if handler is None:
+            self.counters["dropped.unexpected"] += 1
+            log.warning("dropped a %r message from worker %s: not a worker->broker kind",
+                        msg.kind, sender)
+            return out
+        try:
+            out += handler(sender, msg.body, msg.data, now)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.counters["dropped.malformed"] += 1
+            log.warning("dropped a malformed %r message from worker %s: %r", msg.kind, sender, exc)
+        return out
+
+    def tick(self, now: float) -> Out:
+        """Heartbeats out, dead workers removed."""
+        out: Out = []
+        for w in list(self.workers.values()):
+            if now - w.last_seen > self.worker_timeout:
+                log.warning("worker %s (pid %s) silent for %.1fs: removing its connections",
+                            w.worker_id, w.pid, now - w.last_seen)
+                out += self.remove_worker(w.worker_id)
+            else:
+                out.append((w.worker_id, Message("hb", {})))
+        return out
+
+    def remove_worker(self, worker_id: str) -> Out:
+        self.workers.pop(worker_id, None)
+        self.counters["workers.removed"] += 1
+        outcomes = self.registry.drop_worker(worker_id)
+        out = self._delta([], [o.entry.conn_id for o in outcomes])
+        survivors = list(self.workers)
+        for i, o in enumerate(outcomes):
+            if o.last and survivors:
+                # 'left' fires in one surviving worker, spread round-robin
+                target = survivors[i % len(survivors)]
+                out.append((target, Message("left", {
+                    "cid": o.entry.cid, "code": 1006, "reason": "wse.worker-died",
+                    "meta": o.entry.meta})))
+        return out
+
+    def stats(self) -> dict:
+        per_worker: Dict[str, int] = {w: 0 for w in self.workers}
+        for e in self.registry.conns.values():
+            per_worker[e.worker] = per_worker.get(e.worker, 0) + 1
+        return {
+            "users": len(self.registry.users),
+            "connections": len(self.registry.conns),
+            "workers": {w: {"pid": i.pid, "connections": per_worker.get(w, 0)}
+                        for w, i in self.workers.items()},
+            "counters": dict(self.counters),
+        }
+
+    # -- worker -> broker kinds --------------------------------------
+    def _hello(self, sender: str, body: dict, now: float) -> Out:
+        info = self.workers.get(sender) or WorkerInfo(sender)
+        info.pid = int(body.get("pid", 0))
+        info.limit = body.get("limit")
+        info.last_seen = now
+        self.workers[sender] = info
+        entries = [ConnEntry(c[0], c[1], sender, c[2], float(c[3])) for c in body.get("table", [])]
+        before = {e.conn_id for e in self.registry.entries_of_worker(sender)}
+        _new_users, gone, evicted = self.registry.sync_worker(sender, entries, info.limit)
+        log.info("worker %s (pid %s) attached with %d connections", sender, info.pid, len(entries))
+        out: Out = [(sender, Message("snapshot", {"entries": self.registry.snapshot()}))]
+        added = [e.to_list() for e in entries if e.conn_id not in before]
+        out += self._delta(added, [o.entry.conn_id for o in gone] + [e.conn_id for e in evicted],
+                           skip=sender)
+        out += self._drops(evicted, WSE_REASON.CLIENTS_CONCURRENCY)
+        return out
+
+    def _on_hb(self, sender, body, data, now) -> Out:
+        return []
+
+    def _on_bye(self, sender, body, data, now) -> Out:
+        log.info("worker %s leaves the cluster", sender)
+        return self.remove_worker(sender)
+
+    def _on_join(self, sender, body, data, now) -> Out:
+        limit = body.get("limit")
+        res = self.registry.join(body["conn_id"], body["cid"], sender, body.get("meta"),
+                                 limit, float(body.get("at", now)))
+        entry = self.registry.conns[body["conn_id"]]
+        out: Out = [(sender, Message("joined", {
+            "req": body["req"], "first": res.first,
+            "evicted": [e.conn_id for e in res.evicted]}))]
+        out += self._delta([entry.to_list()], [e.conn_id for e in res.evicted], skip=sender)
+        out += self._drops(res.evicted, WSE_REASON.CLIENTS_CONCURRENCY, skip=sender)
+        return out
+
+    def _on_leave(self, sender, body, data, now) -> Out:
+        res = self.registry.leave(body["conn_id"])
+        if res is None:
+            return []
+        out = self._delta([], [res.entry.conn_id], skip=sender)
+        if res.last and not body.get("quiet"):
+            out.append((sender, Message("left", {
+                "cid": res.entry.cid, "code": body.get("code", 1005),
+                "reason": body.get("reason", ""), "meta": res.entry.meta})))
+        return out
+
+    def _on_send(self, sender, body, data, now) -> Out:
+        cid = body["cid"]
+        msg = Message("deliver", {"cid": cid}, data)
+        return self._routed([(w, msg) for w in self.registry.workers_of(cid) if w != sender])
+
+    def _on_bcast(self, sender, body, data, now) -> Out:
+        msg = Message("deliver", {"all": True}, data)
+        return self._routed([(w, msg) for w in self.workers if w != sender])
+
+    def _on_drop_cid(self, sender, body, data, now) -> Out:
+        cid = body["cid"]
+        msg = Message("drop", {"cid": cid, "reason": body.get("reason", "")})
+        return self._routed([(w, msg) for w in self.registry.workers_of(cid) if w != sender])
+
+    def _on_conn_send(self, sender, body, data, now) -> Out:
+        entry = self.registry.conns.get(body["conn_id"])
+        if entry is None:
+            self.counters["dropped.unknown-conn"] += 1
+            return []
+        return self._routed([(entry.worker, Message("deliver", {"conn_id": entry.conn_id}, data))])
+
+    def _on_conn_drop(self, sender, body, data, now) -> Out:
+        entry = self.registry.conns.get(body["conn_id"])
+        if entry is None:
+            return []
+        return self._routed([(entry.worker, Message("drop", {
+            "conns": [entry.conn_id], "reason": body.get("reason", "")}))])
+
+    def _on_call(self, sender, body, data, now) -> Out:
+        entry = self.registry.conns.get(body["conn_id"])
+        if entry is None or entry.worker not in self.workers:
+            return [(sender, Message("result", {"call": body["call"], "ok": False, "value": {
+                "code": WSE_ERROR.CONNECTION_NOT_READY,
+                "details": {"conn_id": body["conn_id"]}}}))]
+        fwd = dict(body, origin=sender)
+        return self._routed([(entry.worker, Message("call", fwd))])
+
+    def _on_result(self, sender, body, data, now) -> Out:
+        origin = body.pop("origin")
+        return self._routed([(origin, Message("result", body))])
+
+    # -- helpers -------------------------------------------------------
+    def _routed(self, out: Out) -> Out:
+        self.counters["routed"] += len(out)
+        return out
+
+    def _delta(self, add: list, remove: list, skip: Optional[str] = None) -> Out:
+        if not add and not remove:
+            return []
+        msg = Message("delta", {"add": add, "remove": remove})
+        return [(w, msg) for w in self.workers if w != skip]
+
+    def _drops(self, entries: List[ConnEntry], reason: str, skip: Optional[str] = None) -> Out:
+        by_worker: Dict[str, List[str]] = {}
+        for e in entries:
+            by_worker.setdefault(e.worker, []).append(e.conn_id)
+        return [(w, Message("drop", {"conns": ids, "reason": reason}))
+                for w, ids in by_worker.items() if w != skip]
+
+
+class Broker:
+    """Runs a BrokerCore on a ROUTER socket bound to ``endpoint``.
+
+    Works with plain ``zmq`` (its own process) or ``zmq.green`` (a greenlet
+    inside a worker, for an embedded single-process server).
+    """
+
+    def __init__(self, endpoint: str, zmq_module=None, worker_timeout: float = WORKER_TIMEOUT,
+                 heartbeat: float = HEARTBEAT, context=None) -> None:
+        if zmq_module is None:
+            import zmq as zmq_module
+        self.zmq = zmq_module
+        self.endpoint = endpoint
+        self.heartbeat = heartbeat
+        self.core = BrokerCore(worker_timeout)
+        self._stop = False
+        self.ctx = context
+        self._own_ctx = context is None
+        self.sock = None
+
+    def bind(self) -> None:
+        zmq = self.zmq
+        if self.ctx is None:
+            self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.bind(self.endpoint)
+        log.info("broker listening on %s (pid %d)", self.endpoint, os.getpid())
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def run(self) -> None:
+        """Serve until ``stop()``; binds first if needed."""
+        zmq = self.zmq
+        if self.sock is None:
+            self.bind()
+        sock = self.sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        next_tick = time.monotonic() + self.heartbeat
+        try:
+            while not self._stop:
+                timeout = max(0.0, next_tick - time.monotonic())
+                if poller.poll(min(timeout, 0.2) * 1000):
+                    for _ in range(1000):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                        except zmq.Again:
+                            break
+                        self._dispatch(frames)
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + self.heartbeat
+                    self._send_all(self.core.tick(now))
+        finally:
+            sock.close(0)
+            if self._own_ctx:
+                self.ctx.term()
+            log.info("broker stopped")
+
+    def _dispatch(self, frames: list) -> None:
+        sender = frames[0]
+        try:
+            sender_id = sender.decode("latin-1")
+            msg = decode(frames[1:])
+        except (SchemaError, UnicodeDecodeError) as exc:
+            self.core.counters["dropped.malformed"] += 1
+            if frames[1:2] and frames[1] != VERSION and frames[1][:3] == b"wse":
+                log.error("refused a peer speaking schema %r (this broker speaks %r)",
+                          frames[1][:16], VERSION)
+                self._send(sender, Message("refused", {"version": VERSION.decode()}))
+            else:
+                log.warning("dropped a malformed message on the broker socket: %s", exc)
+            return
+        self._send_all(self.core.handle(sender_id, msg, time.monotonic()))
+
+    def _send_all(self, out: Out) -> None:
+        for worker_id, msg in out:
+            self._send(worker_id.encode("latin-1"), msg)
+
+    def _send(self, ident: bytes, msg: Message) -> None:
+        try:
+            self.sock.send_multipart([ident] + encode(msg.kind, msg.body, msg.data),
+                                     self.zmq.NOBLOCK)
+        except self.zmq.ZMQError as exc:
+            # unreachable peer (gone) or its queue is full: counted, logged
+            self.core.counters["dropped.unroutable"] += 1
+            log.warning("could not deliver %r to %r: %s", msg.kind, ident, exc)

@@ -1,0 +1,115 @@
+"""Errors and constants of the wse protocol.
+
+Exception tree::
+
+    Exception
+     └── WseError(code, details)   every error wse_sync reports or raises
+
+The string values of WSE_REASON, WSE_ERROR and WSE_STATUS are part of the
+wire protocol and must not change.
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Any, Optional
+
+__all__ = ["WseError", "WSE_REASON", "WSE_ERROR", "WSE_STATUS", "rpc_error_payload"]
+
+
+class _Constants:
+    """A namespace of string constants that also iterates over its values."""
+
+    def __init__(self, **values: str) -> None:
+        self.__dict__.update(values)
+
+    def __iter__(self):
+        return iter(self.__dict__.values())
+
+    def __repr__(self) -> str:
+        return f"<constants {sorted(self.__dict__)}>"
+
+
+WSE_REASON = _Constants(
+    NO_REASON="",
+    CLIENTS_CONCURRENCY="wse.clients-concurrency",
+    NOT_AUTHORIZED="wse.not-authorized",
+    PROTOCOL_ERR="wse.protocol-error",
+    BY_CLIENT="wse.by-client",
+    BY_SERVER="wse.by-server",
+)
+
+WSE_ERROR = _Constants(
+    INVALID_CRA_HANDLER="wse.client.invalid-cra-handler",
+    RP_TIMEOUT="wse.client.rp.timeout",
+    RP_DISCONNECT="wse.client.rp.disconnect",
+    CLIENT_ALREADY_CONNECTED="wse.client.already-connected",
+    WS_CLIENT_ERROR="wse.client.ws-error",
+    NOT_AUTHORIZED="wse.not-authorized",
+    CONNECTION_NOT_READY="wse.client.not-ready",
+    NO_CLIENT_CONNECTION="wse.server.client.connection-missing",
+    IDENTIFY_HANDLER_MISSING="wse.server.auth.identify-handler-missing",
+    INVALID_CRA_GENERATOR="wse.server.auth.invalid-cra-generator",
+    RP_EXECUTION_FAILED="wse.server.rp.failed",
+    RP_NOT_REGISTERED="wse.server.rp.not-registered",
+    RP_ALREADY_REGISTERED="wse.server.rp.already-registered",
+    PROTOCOL_VIOLATION="wse.server.protocol-violation",
+    CONNECTION_ERROR="wse.server.connection-error",
+    MESSAGE_PROCESSING_ERROR="wse.server.msg-processing-error",
+    # added by wse_sync (the reference has no cluster)
+    BROKER_UNAVAILABLE="wse.server.broker-unavailable",
+    SEND_QUEUE_FULL="wse.server.send-queue-full",
+)
+
+WSE_STATUS = _Constants(
+    IDLE="IDLE",
+    CONNECTING="CONNECTING",
+    RE_CONNECTING="RE_CONNECTING",
+    READY="READY",
+    OFFLINE="OFFLINE",
+)
+
+
+class WseError(Exception):
+    """An error with a protocol ``code`` string and JSON-able ``details``."""
+
+    def __init__(self, code: str, details: Optional[Any] = None) -> None:
+        super().__init__(code, details)
+        self.code = code
+        self.details = details
+
+    def to_json(self) -> dict:
+        return {"code": self.code, "details": self.details}
+
+    def __str__(self) -> str:
+        if self.details is None:
+            return self.code
+        return f"{self.code} {self.details!r}"
+
+    def __repr__(self) -> str:
+        return f"WseError({self.code!r}, {self.details!r})"
+
+
+def rpc_error_payload(exc: BaseException, rp: str, payload: Any) -> dict:
+    """The ``~wse:response-err`` payload for an RPC handler that raised ``exc``.
+
+    Pure: follows the table "RPC error objects" of protocol.md.
+    """
+    if isinstance(exc, WseError):
+        details = exc.details
+        if details is None:
+            details = {}
+        if isinstance(details, dict):
+            details = dict(details)
+            details.setdefault("rpc", rp)
+            details.setdefault("payload", payload)
+        return {"code": exc.code, "details": details}
+    stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {
+        "code": WSE_ERROR.RP_EXECUTION_FAILED,
+        "message": str(exc),
+        "details": {
+            "origin": {"name": type(exc).__name__, "message": str(exc), "stack": stack},
+            "rpc": rp,
+            "payload": payload,
+        },
+    }

@@ -1,0 +1,86 @@
+"""Small event plumbing: the channel emitter and the ``when`` binder."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, List, Optional
+
+__all__ = ["Emitter", "When", "call_with_kwargs", "EVENTS"]
+
+EVENTS = ("joined", "left", "connected", "disconnected", "error", "ignored")
+
+
+class Emitter:
+    """``on(type, handler)`` / ``off(type, handler)``; ``on(type)`` is a decorator."""
+
+    def __init__(self) -> None:
+        self._handlers: Dict[Any, List[Callable]] = {}
+
+    def on(self, type: Any, handler: Optional[Callable] = None):
+        if handler is None:
+            return lambda fn: self.on(type, fn)
+        if not callable(handler):
+            raise TypeError("handler must be callable")
+        self._handlers.setdefault(type, []).append(handler)
+        return handler
+
+    def off(self, type: Any, handler: Optional[Callable] = None) -> None:
+        """Remove one handler, or all handlers of ``type``."""
+        if handler is None:
+            self._handlers.pop(type, None)
+            return
+        handlers = self._handlers.get(type, [])
+        if handler in handlers:
+            handlers.remove(handler)
+        if not handlers:
+            self._handlers.pop(type, None)
+
+    def handlers(self, type: Any) -> List[Callable]:
+        return list(self._handlers.get(type, ()))
+
+    def has(self, type: Any) -> bool:
+        return bool(self._handlers.get(type))
+
+
+class When:
+    """``when.joined(handler)`` binds a handler and returns it (decorator-friendly)."""
+
+    def __init__(self) -> None:
+        self.emitter = Emitter()
+        for name in EVENTS:
+            setattr(self, name, self._binder(name))
+
+    def _binder(self, name: str) -> Callable:
+        def bind(handler: Callable) -> Callable:
+            return self.emitter.on(name, handler)
+        bind.__name__ = name
+        bind.__doc__ = f"Bind a handler to the {name!r} event; returns the handler."
+        return bind
+
+    def off(self, name: str, handler: Optional[Callable] = None) -> None:
+        self.emitter.off(name, handler)
+
+
+_SIG_CACHE: Dict[Any, Optional[frozenset]] = {}
+
+
+def call_with_kwargs(fn: Callable, **kwargs: Any) -> Any:
+    """Call ``fn`` with the keyword arguments it declares (all if it takes **kwargs)."""
+    accepted = _SIG_CACHE.get(fn, False)
+    if accepted is False:
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            accepted = None
+        else:
+            if any(p.kind == p.VAR_KEYWORD for p in params):
+                accepted = None
+            else:
+                accepted = frozenset(p.name for p in params
+                                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        try:
+            _SIG_CACHE[fn] = accepted
+        except TypeError:  # pragma: no cover - unhashable callables
+            pass
+    if accepted is None:
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in accepted})

@@ -1,0 +1,282 @@
+"""The worker's side of the broker: a DEALER socket and a replica of the map.
+
+One greenlet reads the socket; sends use NOBLOCK from any greenlet, so no
+greenlet ever waits on the socket for writing (zmq.green allows a single
+waiter per direction). Requests that need an answer (join, remote call) wait
+on an AsyncResult, never on the socket.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Dict, Hashable, List, Optional, Tuple
+
+import gevent
+from gevent.event import AsyncResult
+
+from .errors import WSE_ERROR, WseError
+from .messages import Message, SchemaError, decode, encode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .connection import WseConnection
+    from .server import WseServer
+
+__all__ = ["BrokerLink", "ClusterView"]
+
+log = logging.getLogger("wse_sync.link")
+
+
+class ClusterView:
+    """A worker's read replica of the broker's map: cid -> {conn_id: (worker, meta)}."""
+
+    def __init__(self) -> None:
+        self.users: Dict[Hashable, Dict[str, Tuple[str, Any]]] = {}
+        self._cid_of: Dict[str, Hashable] = {}
+
+    def load(self, entries: List[list]) -> None:
+        self.users.clear()
+        self._cid_of.clear()
+        self.apply(entries, [])
+
+    def apply(self, add: List[list], remove: List[str]) -> None:
+        for conn_id in remove:
+            cid = self._cid_of.pop(conn_id, None)
+            user = self.users.get(cid)
+            if user is not None:
+                user.pop(conn_id, None)
+                if not user:
+                    del self.users[cid]
+        for conn_id, cid, worker, meta, *_ in add:
+            self.users.setdefault(cid, {})[conn_id] = (worker, meta)
+            self._cid_of[conn_id] = cid
+
+    def meta_of(self, cid: Hashable) -> Any:
+        user = self.users.get(cid)
+        if not user:
+            return None
+        return next(iter(user.values()))[1]
+
+
+class BrokerLink:
+    """Connects one worker (a WseServer runtime) to the broker."""
+
+    def __init__(self, server: "WseServer", endpoint: str, ctx, heartbeat: float = 1.0,
+                 request_timeout: float = 5.0, broker_timeout: float = 3.0) -> None:
+        import zmq.green as zmq
+        self.zmq = zmq
+        self.server = server
+        self.endpoint = endpoint
+        self.ctx = ctx
+        self.heartbeat = heartbeat
+        self.request_timeout = request_timeout
+        self.broker_timeout = broker_timeout
+        self.view = ClusterView()
+        self.sock = None
+        self._ids = itertools.count(1)
+        self._pending: Dict[int, AsyncResult] = {}
+        self._greenlets: List[gevent.Greenlet] = []
+        self._last_broker = time.monotonic()
+        self._stopped = False
+
+    # -- life ------------------------------------------------------------
+    def start(self) -> None:
+        zmq = self.zmq
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.IDENTITY, self.server.worker_id.encode("ascii"))
+        self.sock.setsockopt(zmq.SNDHWM, 100000)
+        self.sock.setsockopt(zmq.RCVHWM, 100000)
+        self.sock.connect(self.endpoint)
+        self._hello()
+        self._greenlets = [gevent.spawn(self._recv_loop), gevent.spawn(self._hb_loop)]
+        log.info("worker %s (pid %d) joined broker %s",
+                 self.server.worker_id, os.getpid(), self.endpoint)
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self._send("bye")
+        except WseError:
+            pass
+        for g in self._greenlets:
+            g.kill(block=False)
+        if self.sock is not None:
+            self.sock.close(linger=500)
+
+    def _hello(self) -> None:
+        table = [[c.conn_id, c.cid, c.meta, c.joined_at] for c in self.server._conns.values()]
+        self._send("hello", {"pid": os.getpid(), "limit": self.server.conn_per_user,
+                             "table": table})
+
+    # -- requests ------------------------------------------------------------
+    def join(self, conn: "WseConnection", limit: Optional[int]) -> Tuple[bool, List[str]]:
+        """One broker round trip: (is the user new?, conn_ids evicted here)."""
+        req = next(self._ids)
+        result = self._pending[req] = AsyncResult()
+        try:
+            self._send("join", {"req": req, "conn_id": conn.conn_id, "cid": conn.cid,
+                                "meta": conn.meta, "limit": limit, "at": conn.joined_at})
+            body = result.get(timeout=self.request_timeout)
+        except (gevent.Timeout, WseError):
+            log.error("broker did not answer a join in %.1fs: deciding locally",
+                      self.request_timeout)
+            return self._join_locally(conn, limit)
+        finally:
+            self._pending.pop(req, None)
+        self.view.apply([[conn.conn_id, conn.cid, self.server.worker_id, conn.meta]], body["evicted"])
+        return bool(body["first"]), list(body["evicted"])
+
+    def _join_locally(self, conn: "WseConnection", limit: Optional[int]) -> Tuple[bool, List[str]]:
+        local = sorted(self.server._by_cid.get(conn.cid, {}).values(), key=lambda c: c.joined_at)
+        first = not local and conn.cid not in self.view.users
+        evicted: List[str] = []
+        if limit and len(local) + 1 > limit:
+            evicted = [c.conn_id for c in local[: len(local) + 1 - limit]]
+        return first, evicted
+
+    def leave(self, conn: "WseConnection", code: int, reason: str, quiet: bool = False) -> None:
+        self.view.apply([], [conn.conn_id])
+        self._send_quietly("leave", {"conn_id": conn.conn_id, "code": code, "reason": reason,
+                                     "quiet": quiet})
+
+    def send_cid(self, cid: Hashable, data: Any) -> None:
+        self._send("send", {"cid": cid}, data)
+
+    def broadcast(self, data: Any) -> None:
+        self._send("bcast", {}, data)
+
+    def drop_cid(self, cid: Hashable, reason: str) -> None:
+        self._send("drop_cid", {"cid": cid, "reason": reason})
+
+    def conn_send(self, conn_id: str, data: Any) -> None:
+        self._send("conn_send", {"conn_id": conn_id}, data)
+
+    def conn_drop(self, conn_id: str, reason: str) -> None:
+        self._send("conn_drop", {"conn_id": conn_id, "reason": reason})
+
+    def call(self, conn_id: str, rp: str, payload: Any, timeout: float) -> Any:
+        """Server -> client RPC on a connection held by another worker."""
+        req = next(self._ids)
+        result = self._pending[req] = AsyncResult()
+        try:
+            self._send("call", {"call": req, "conn_id": conn_id, "rp": rp, "payload": payload,
+                                "timeout": timeout})
+            try:
+                # the holder enforces the timeout; allow it one broker hop more
+                body = result.get(timeout=timeout + self.request_timeout)
+            except gevent.Timeout:
+                raise WseError(WSE_ERROR.RP_TIMEOUT, {"rpc": rp, "timeout": timeout}) from None
+        finally:
+            self._pending.pop(req, None)
+        if body.get("ok"):
+            return body.get("value")
+        err = body.get("value") or {}
+        raise WseError(err.get("code", WSE_ERROR.RP_EXECUTION_FAILED), err.get("details"))
+
+    # -- socket --------------------------------------------------------------
+    def _send(self, kind: str, body: Optional[dict] = None, data: Any = None) -> None:
+        if self._stopped and kind != "bye":
+            raise WseError(WSE_ERROR.BROKER_UNAVAILABLE, {"reason": "worker is stopping"})
+        try:
+            self.sock.send_multipart(encode(kind, body, data), self.zmq.NOBLOCK)
+        except self.zmq.ZMQError as exc:
+            log.error("cannot reach the broker (%s): %r not sent", exc, kind)
+            raise WseError(WSE_ERROR.BROKER_UNAVAILABLE, {"kind": kind, "error": str(exc)}) from None
+
+    def _send_quietly(self, kind: str, body: dict) -> None:
+        try:
+            self._send(kind, body)
+        except WseError:
+            pass
+
+    def _hb_loop(self) -> None:
+        while True:
+            gevent.sleep(self.heartbeat)
+            self._send_quietly("hb", {})
+            silent = time.monotonic() - self._last_broker
+            if silent > self.broker_timeout and int(silent) % 5 == 0:
+                log.warning("no word from the broker for %.0fs", silent)
+
+    def _recv_loop(self) -> None:
+        zmq = self.zmq
+        while True:
+            try:
+                frames = self.sock.recv_multipart()
+            except zmq.ZMQError:
+                if self._stopped:
+                    return
+                raise
+            self._last_broker = time.monotonic()
+            try:
+                msg = decode(frames)
+            except SchemaError as exc:
+                log.warning("dropped a malformed message from the broker: %s", exc)
+                continue
+            try:
+                self._handle(msg)
+            except Exception:
+                log.exception("failed to handle a %r message from the broker", msg.kind)
+
+    def _handle(self, msg: Message) -> None:
+        server, body = self.server, msg.body
+        kind = msg.kind
+        if kind == "deliver":
+            if body.get("all"):
+                server._deliver_local(list(server._conns.values()), msg.data)
+            elif "cid" in body:
+                server._deliver_local(list(server._local_by_cid(body["cid"])), msg.data)
+            else:
+                conn = server._conns.get(body.get("conn_id"))
+                if conn is not None:
+                    server._deliver_local([conn], msg.data)
+        elif kind in ("joined", "result"):
+            pending = self._pending.get(body.get("req", body.get("call")))
+            if pending is not None:
+                pending.set(body)
+        elif kind == "delta":
+            self.view.apply(body.get("add", []), body.get("remove", []))
+        elif kind == "snapshot":
+            self.view.load(body.get("entries", []))
+        elif kind == "drop":
+            targets = [server._conns.get(i) for i in body.get("conns", [])]
+            if "cid" in body:
+                targets += list(server._local_by_cid(body["cid"]))
+            for conn in targets:
+                if conn is not None:
+                    conn.close(1000, body.get("reason", ""))
+        elif kind == "left":
+            server._remote_left(body["cid"], body.get("code", 1005), body.get("reason", ""),
+                                body.get("meta"))
+        elif kind == "call":
+            gevent.spawn(self._serve_call, body)
+        elif kind == "reset":
+            log.info("broker asked for this worker's table: resending %d connections",
+                     len(server._conns))
+            self._hello()
+        elif kind == "refused":
+            log.error("the broker refused this worker: it speaks schema %s", body.get("version"))
+        # "hb" only refreshes _last_broker
+
+    def _serve_call(self, body: dict) -> None:
+        conn = self.server._conns.get(body["conn_id"])
+        answer: Dict[str, Any] = {"call": body["call"], "origin": body["origin"]}
+        try:
+            if conn is None:
+                raise WseError(WSE_ERROR.CONNECTION_NOT_READY, {"conn_id": body["conn_id"]})
+            answer.update(ok=True, value=conn.call(body["rp"], body.get("payload"),
+                                                   body.get("timeout")))
+        except WseError as exc:
+            answer.update(ok=False, value={"code": exc.code, "details": _jsonable(exc.details)})
+        self._send_quietly("result", answer)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        encode("result", {"v": value})
+        return value
+    except (TypeError, OverflowError, ValueError):
+        return {"message": str(value)}

@@ -1,0 +1,87 @@
+"""The broker <-> worker message schema, version 1 (pure code).
+
+A message is a ZeroMQ multipart message::
+
+    [b"wse1", kind, body]            or
+    [b"wse1", kind, body, flag, data]
+
+``kind`` is an ASCII word (see KINDS), ``body`` a JSON object, and the
+optional ``data`` a packed wse frame carried as is (``flag`` is ``b"t"`` for
+a text frame, ``b"b"`` for binary), so a broadcast is packed once by the
+sender and never re-encoded. On the broker's ROUTER socket the sender's
+identity frame comes first. The kinds and their bodies are listed in
+docs/cluster.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Union
+
+import ujson
+
+__all__ = ["VERSION", "KINDS", "Message", "SchemaError", "encode", "decode"]
+
+VERSION = b"wse1"
+
+KINDS = frozenset({
+    # worker -> broker
+    "hello", "hb", "join", "leave", "send", "bcast", "drop_cid", "conn_send",
+    "conn_drop", "call", "result", "stats", "bye",
+    # broker -> worker
+    "snapshot", "delta", "joined", "left", "deliver", "drop", "reset", "refused",
+})
+
+
+class SchemaError(ValueError):
+    """A message that does not follow this schema."""
+
+
+@dataclass
+class Message:
+    kind: str
+    body: dict
+    data: Optional[Union[str, bytes]] = None
+
+
+def encode(kind: str, body: Optional[dict] = None,
+           data: Optional[Union[str, bytes]] = None) -> List[bytes]:
+    frames = [VERSION, kind.encode("ascii"), ujson.dumps(body or {}).encode("utf-8")]
+    if data is not None:
+        if isinstance(data, str):
+            frames += [b"t", data.encode("utf-8")]
+        else:
+            frames += [b"b", bytes(data)]
+    return frames
+
+
+def decode(frames: List[Any]) -> Message:
+    """Parse the frames after any identity frame. Raises SchemaError."""
+    frames = [bytes(f) for f in frames]
+    if len(frames) not in (3, 5):
+        raise SchemaError(f"expected 3 or 5 frames, got {len(frames)}")
+    if frames[0] != VERSION:
+        raise SchemaError(f"schema version {frames[0][:16]!r}, this side speaks {VERSION!r}")
+    try:
+        kind = frames[1].decode("ascii")
+    except UnicodeDecodeError:
+        raise SchemaError("kind is not ASCII") from None
+    if kind not in KINDS:
+        raise SchemaError(f"unknown kind {kind[:32]!r}")
+    try:
+        body = ujson.loads(frames[2])
+    except ValueError as exc:
+        raise SchemaError(f"body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise SchemaError("body is not a JSON object")
+    data: Optional[Union[str, bytes]] = None
+    if len(frames) == 5:
+        if frames[3] == b"t":
+            try:
+                data = frames[4].decode("utf-8")
+            except UnicodeDecodeError:
+                raise SchemaError("text data is not UTF-8") from None
+        elif frames[3] == b"b":
+            data = frames[4]
+        else:
+            raise SchemaError("data flag must be b't' or b'b'")
+    return Message(kind, body, data)

@@ -1,0 +1,64 @@
+"""The wse message codec (pure: no sockets, no gevent).
+
+A protocol object has ``name`` (the WebSocket subprotocol),
+``internal_types`` (a mapping of the six internal names to type values) and
+``pack(type, payload=None, stamp=None)`` / ``unpack(data) -> (type, payload,
+stamp)``. ``pack`` returning ``str`` means a text frame, ``bytes`` a binary
+frame. Any exception from ``unpack`` is a message processing error.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Tuple, Union
+
+import ujson
+
+__all__ = ["WseJSON", "INTERNAL_TYPE_NAMES", "check_protocol"]
+
+INTERNAL_TYPE_NAMES = ("hi", "challenge", "welcome", "call", "response", "response_error")
+
+
+class WseJSON:
+    """The default protocol: ``[type, payload, stamp]`` as JSON text frames."""
+
+    name = "wse-default-json"
+    internal_types: Mapping[str, str] = {
+        "hi": "~wse:hi",
+        "challenge": "~wse:challenge",
+        "welcome": "~wse:welcome",
+        "call": "~wse:call",
+        "response": "~wse:response",
+        "response_error": "~wse:response-err",
+    }
+
+    def pack(self, type: Any, payload: Any = None, stamp: Optional[str] = None) -> str:
+        # Same bytes as JSON.stringify: no ASCII escaping, no escaped slashes.
+        return ujson.dumps(
+            [type, payload, stamp], ensure_ascii=False, escape_forward_slashes=False
+        )
+
+    def unpack(self, data: Union[str, bytes]) -> Tuple[Any, Any, Any]:
+        """Parse one frame. Raises ValueError when it is not a JSON array of 1+ items."""
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            data = bytes(data).decode("utf-8")
+        message = ujson.loads(data)
+        if not isinstance(message, list) or not message:
+            raise ValueError("a wse message is a JSON array [type, payload, stamp]")
+        n = len(message)
+        return (
+            message[0],
+            message[1] if n > 1 else None,
+            message[2] if n > 2 else None,
+        )
+
+
+def check_protocol(protocol: Any) -> Any:
+    """Validate a custom protocol object; returns it. Raises TypeError."""
+    for attr in ("name", "internal_types", "pack", "unpack"):
+        if not hasattr(protocol, attr):
+            raise TypeError(f"protocol object lacks {attr!r}")
+    if not isinstance(protocol.name, str) or not protocol.name:
+        raise TypeError("protocol.name must be a non-empty string")
+    missing = [k for k in INTERNAL_TYPE_NAMES if k not in protocol.internal_types]
+    if missing:
+        raise TypeError(f"protocol.internal_types lacks {missing}")
+    return protocol

@@ -1,0 +1,152 @@
+"""The supervisor: one listening socket, a broker process, N worker processes.
+
+Signal handlers only record the signal; the main loop acts on it:
+SIGTERM/SIGINT stop everything gracefully (workers close their connections
+with 1012, then the broker stops), SIGHUP replaces the workers one at a time.
+A worker or broker that dies is restarted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger("wse_sync.supervisor")
+
+
+def _python_cmd(*args: str) -> List[str]:
+    return [sys.executable, "-m", "wse_sync", *args]
+
+
+class Supervisor:
+    def __init__(self, app: str, host: str, port: int, workers: int,
+                 broker: Optional[str] = None, options: Optional[dict] = None,
+                 grace: float = 10.0, log_level: str = "info") -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.n_workers = max(1, workers)
+        self.external_broker = broker
+        self.options = options or {}
+        self.grace = grace
+        self.log_level = log_level
+        self.signals: List[int] = []
+        self.workers: Dict[int, subprocess.Popen] = {}
+        self.broker_proc: Optional[subprocess.Popen] = None
+        self._tmpdir: Optional[str] = None
+        self.sock: Optional[socket.socket] = None
+        self.broker_endpoint = broker or ""
+
+    # -- processes --------------------------------------------------------------
+    def _listen(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        return sock
+
+    def _start_broker(self) -> None:
+        self.broker_proc = subprocess.Popen(
+            _python_cmd("broker", "--bind", self.broker_endpoint, "--log-level", self.log_level))
+        log.info("broker started (pid %d) on %s", self.broker_proc.pid, self.broker_endpoint)
+
+    def _start_worker(self) -> subprocess.Popen:
+        fd = self.sock.fileno()
+        proc = subprocess.Popen(
+            _python_cmd("_worker", self.app, "--fd", str(fd), "--broker", self.broker_endpoint,
+                        "--options", json.dumps(self.options), "--grace", str(self.grace),
+                        "--log-level", self.log_level),
+            pass_fds=(fd,))
+        self.workers[proc.pid] = proc
+        log.info("worker started (pid %d)", proc.pid)
+        return proc
+
+    def _stop_proc(self, proc: subprocess.Popen, timeout: float) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("pid %d did not stop in %.0fs: killing it", proc.pid, timeout)
+                proc.kill()
+                proc.wait()
+
+    # -- main loop ----------------------------------------------------------------
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda s, f: self.signals.append(s))
+        self.sock = self._listen()
+        self.port = self.sock.getsockname()[1]
+        if not self.external_broker:
+            self._tmpdir = tempfile.mkdtemp(prefix="wse-sync-")
+            self.broker_endpoint = f"ipc://{self._tmpdir}/broker.sock"
+            self._start_broker()
+        for _ in range(self.n_workers):
+            self._start_worker()
+        log.info("wse-sync serving %s on %s:%d with %d worker(s)",
+                 self.app, self.host, self.port, self.n_workers)
+        try:
+            while True:
+                while self.signals:
+                    sig = self.signals.pop(0)
+                    if sig == signal.SIGHUP:
+                        self._roll()
+                    else:
+                        return self._shutdown(sig)
+                self._reap()
+                time.sleep(0.1)
+        finally:
+            if self._tmpdir:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def _reap(self) -> None:
+        if self.broker_proc is not None and self.broker_proc.poll() is not None:
+            log.error("broker (pid %d) exited with %s: restarting it",
+                      self.broker_proc.pid, self.broker_proc.returncode)
+            self._start_broker()
+        for pid, proc in list(self.workers.items()):
+            if proc.poll() is not None:
+                del self.workers[pid]
+                log.error("worker (pid %d) exited with %s: starting a replacement",
+                          pid, proc.returncode)
+                self._start_worker()
+
+    def _roll(self) -> None:
+        log.info("SIGHUP: replacing %d worker(s) one at a time", len(self.workers))
+        for pid, old in list(self.workers.items()):
+            self._start_worker()
+            time.sleep(1.0)  # let the replacement attach and accept
+            del self.workers[pid]
+            self._stop_proc(old, self.grace + 5)
+        log.info("rolling restart done")
+
+    def _shutdown(self, sig: int) -> int:
+        log.info("%s: stopping %d worker(s)", signal.Signals(sig).name, len(self.workers))
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace + 5
+        for proc in self.workers.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.workers.clear()
+        self.sock.close()
+        if self.broker_proc is not None:
+            self._stop_proc(self.broker_proc, 5)
+        log.info("wse-sync stopped")
+        return 0

@@ -1,0 +1,103 @@
+"""A worker process: load the app, serve on an inherited socket, join the broker.
+
+Started by the supervisor as ``python -m wse_sync _worker ...``; the app is
+imported here, after the process started, so module state is per worker.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any, Optional
+
+__all__ = ["run_worker", "load_app"]
+
+log = logging.getLogger("wse_sync.worker")
+
+
+def load_app(spec: str) -> Any:
+    """``MODULE:ATTR`` or ``path/to/file.py:ATTR`` -> the WseServer (or what a
+    factory function named by ATTR returns)."""
+    import importlib
+    import importlib.util
+
+    from .server import WseServer
+
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep:
+        module_name, attr = spec, "server"
+    if module_name.endswith(".py") or os.sep in module_name:
+        path = os.path.abspath(module_name)
+        sys.path.insert(0, os.path.dirname(path))
+        name = os.path.splitext(os.path.basename(path))[0]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise SystemExit(f"cannot load {path}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(module_name)
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise SystemExit(f"{module_name} has no attribute {attr!r}") from None
+    if not isinstance(obj, WseServer) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, WseServer):
+        raise SystemExit(f"{spec} is not a WseServer")
+    return obj
+
+
+def run_worker(app_spec: str, fd: int, broker: str, worker_id: Optional[str] = None,
+               options: Optional[dict] = None, grace: float = 10.0) -> int:
+    from gevent import monkey
+
+    # handlers may block on sockets, sleep, DNS...: only their greenlet must wait
+    monkey.patch_all()
+    import gevent
+
+    from .wsgi import make_wsgi_server
+
+    server = load_app(app_spec)
+    for key, value in (options or {}).items():
+        if value is not None:
+            server.options[key] = value
+    listener = socket.socket(fileno=fd)
+    server.start(broker=broker, worker_id=worker_id)
+    ssl_args = {}
+    if server.options.get("certfile"):
+        ssl_args = {"certfile": server.options["certfile"], "keyfile": server.options["keyfile"]}
+    http = make_wsgi_server(server, listener, **ssl_args)
+    http.start()
+    log.info("worker %d serving %s on %s", os.getpid(), app_spec, listener.getsockname())
+    stopping = gevent.event.Event()
+
+    def on_signal() -> None:
+        stopping.set()
+
+    gevent.signal_handler(signal.SIGTERM, on_signal)
+    gevent.signal_handler(signal.SIGINT, on_signal)
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            gevent.sleep(1)
+        log.warning("supervisor is gone: worker %d stops", os.getpid())
+        stopping.set()
+
+    gevent.spawn(watch_parent)
+    stopping.wait()
+    log.info("worker %d stopping: closing connections with 1012", os.getpid())
+    http.stop_accepting()
+    try:
+        listener.close()
+    except OSError:
+        pass
+    server.shutdown(1012, "", timeout=grace)
+    http.stop(timeout=1)
+    log.info("worker %d stopped", os.getpid())
+    return 0
