@@ -1,0 +1,195 @@
+"""Test helpers: servers in-process and as real processes, a raw WebSocket peer.
+
+All waits are bounded by multiples of UNIT seconds (WSE_TEST_UNIT scales them
+on slow machines).
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Iterator, List, Optional
+
+import gevent
+from gevent import socket as gsocket
+
+from wse_sync.framing import OP_TEXT, FrameReader, build_close, build_frame
+from wse_sync.wsgi import make_wsgi_server
+
+UNIT = float(os.environ.get("WSE_TEST_UNIT", "1.0"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APPS = os.path.join(ROOT, "tests", "apps")
+
+
+def wait_for(predicate, timeout: float = 5 * UNIT, interval: float = 0.01) -> Any:
+    """Poll ``predicate`` (cooperatively) until truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        gevent.sleep(interval)
+
+
+@contextlib.contextmanager
+def inproc_server(server, path: str = "/") -> Iterator[str]:
+    """Serve ``server`` (a WseServer or WSGI app) in this process; yields ws://... url."""
+    http = make_wsgi_server(server, ("127.0.0.1", 0))
+    http.start()
+    try:
+        yield f"ws://127.0.0.1:{http.server_port}{path}"
+    finally:
+        shutdown = getattr(server, "shutdown", None)
+        if shutdown is not None:
+            shutdown(1001, "", timeout=2)
+        http.stop(timeout=2)
+
+
+class ServerProcess:
+    """A ``wse-sync serve`` run: stderr is collected line by line."""
+
+    def __init__(self, args: List[str], env: Optional[dict] = None) -> None:
+        self.lines: List[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wse_sync", *args], stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env or os.environ.copy())
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_line(self, pattern: str, count: int = 1, timeout: float = 20 * UNIT) -> List[str]:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in list(self.lines) if rx.search(line)]
+            if len(found) >= count:
+                return found
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                raise AssertionError("server exited:\n" + "\n".join(self.lines))
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {count} line(s) matching {pattern!r}:\n"
+                                     + "\n".join(self.lines))
+            time.sleep(0.02)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20 * UNIT) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._reader.join(5)
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(app: str, workers: int = 1, extra: Optional[List[str]] = None
+                  ) -> Iterator[ServerProcess]:
+    """Run ``wse-sync serve app`` on a free port until the workers serve."""
+    port = free_port()
+    sp = ServerProcess(["serve", app, "--host", "127.0.0.1", "--port", str(port),
+                        "--workers", str(workers), *(extra or [])])
+    sp.port = port
+    sp.url = f"ws://127.0.0.1:{port}/"
+    try:
+        sp.wait_line(r"worker \d+ serving", count=workers)
+        yield sp
+    finally:
+        sp.stop()
+
+
+class RawWS:
+    """A WebSocket peer that sends exactly the frames a test asks for."""
+
+    def __init__(self, url: str, protocol: Optional[str] = "wse-default-json",
+                 headers: Optional[dict] = None) -> None:
+        m = re.match(r"ws://([^:/]+):(\d+)(/.*)?", url)
+        host, port, path = m.group(1), int(m.group(2)), m.group(3) or "/"
+        self.sock = gsocket.create_connection((host, port), timeout=10 * UNIT)
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket",
+                 "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+        if protocol:
+            lines.append(f"Sec-WebSocket-Protocol: {protocol}")
+        for k, v in (headers or {}).items():
+            lines.append(f"{k}: {v}")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        self.response_head = head.decode("latin-1")
+        self.status = int(self.response_head.split(" ")[1]) if self.response_head else 0
+        self.reader = FrameReader(None, expect_mask=False)
+        self.events: List[tuple] = []
+        self._rest = rest
+        if rest:
+            self.events += self.reader.feed(rest)
+
+    def send_text(self, text: str) -> None:
+        self.sock.sendall(build_frame(OP_TEXT, text.encode(), mask=True))
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        self.sock.sendall(build_frame(opcode, payload, mask=True))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        self.sock.sendall(build_close(code, reason, mask=True))
+
+    def recv(self, timeout: float = 5 * UNIT) -> tuple:
+        """The next event: ("text", str), ("close", code, reason), ("eof",)."""
+        deadline = time.monotonic() + timeout
+        while not self.events:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("no frame in time")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                return ("eof",)
+            self.events += self.reader.feed(data)
+        return self.events.pop(0)
+
+    def recv_until_close(self, timeout: float = 5 * UNIT) -> tuple:
+        """Skip messages until the close frame (or EOF); returns it."""
+        while True:
+            ev = self.recv(timeout)
+            if ev[0] in ("close", "eof"):
+                return ev
+
+    def shutdown(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

@@ -1,0 +1,117 @@
+"""Pure tests of the broker's decisions and of the message schema."""
+import pytest
+
+from wse_sync.broker import BrokerCore
+from wse_sync.messages import VERSION, Message, SchemaError, decode, encode
+
+
+def hello(core, w, table=(), limit=1, now=0.0):
+    return core.handle(w, Message("hello", {"pid": 1, "limit": limit, "table": list(table)}), now)
+
+
+def kinds(out):
+    return [(w, m.kind) for w, m in out]
+
+
+def test_schema_roundtrip_and_errors():
+    m = decode(encode("send", {"cid": 1}, '["x",null,null]'))
+    assert (m.kind, m.body, m.data) == ("send", {"cid": 1}, '["x",null,null]')
+    assert decode(encode("bcast", {}, b"\x00\x01")).data == b"\x00\x01"
+    for frames in ([b"wse1", b"nope", b"{}"], [b"wse9", b"hb", b"{}"], [b"wse1", b"hb", b"[]"],
+                   [b"wse1", b"hb"], [b"wse1", b"hb", b"{", b"t", b""],
+                   [b"wse1", b"send", b"{}", b"x", b"data"]):
+        with pytest.raises(SchemaError):
+            decode(frames)
+    assert encode("hb")[0] == VERSION
+
+
+def test_join_fanout_and_left():
+    core = BrokerCore()
+    hello(core, "w1")
+    hello(core, "w2")
+    out = core.handle("w1", Message("join", {"req": 7, "conn_id": "c1", "cid": "u", "limit": 2,
+                                             "at": 1.0}), 0)
+    joined = [m for w, m in out if m.kind == "joined"][0]
+    assert joined.body == {"req": 7, "first": True, "evicted": []}
+    assert ("w2", "delta") in kinds(out)
+    out = core.handle("w2", Message("join", {"req": 1, "conn_id": "c2", "cid": "u", "limit": 2,
+                                             "at": 2.0}), 0)
+    assert [m for w, m in out if m.kind == "joined"][0].body["first"] is False
+    # send from w2 reaches only other workers holding the user
+    out = core.handle("w2", Message("send", {"cid": "u"}, "data"), 0)
+    assert kinds(out) == [("w1", "deliver")] and out[0][1].data == "data"
+    assert core.handle("w2", Message("send", {"cid": "nobody"}, "d"), 0) == []
+    # the first leave is not the last; the second is, and 'left' goes to the leaver
+    assert "left" not in [k for _, k in kinds(core.handle("w1", Message("leave", {
+        "conn_id": "c1", "code": 1000, "reason": ""}), 0))]
+    out = core.handle("w2", Message("leave", {"conn_id": "c2", "code": 4001, "reason": "r"}), 0)
+    left = [(w, m.body) for w, m in out if m.kind == "left"]
+    assert left == [("w2", {"cid": "u", "code": 4001, "reason": "r", "meta": None})]
+
+
+def test_eviction_goes_to_the_holder():
+    core = BrokerCore()
+    hello(core, "w1")
+    hello(core, "w2")
+    core.handle("w1", Message("join", {"req": 1, "conn_id": "old", "cid": "u", "limit": 1,
+                                       "at": 1.0}), 0)
+    out = core.handle("w2", Message("join", {"req": 2, "conn_id": "new", "cid": "u", "limit": 1,
+                                             "at": 2.0}), 0)
+    drops = [(w, m.body) for w, m in out if m.kind == "drop"]
+    assert drops == [("w1", {"conns": ["old"], "reason": "wse.clients-concurrency"})]
+    joined = [m.body for w, m in out if m.kind == "joined"][0]
+    assert joined["evicted"] == ["old"] and joined["first"] is False
+
+
+def test_broadcast_once_per_other_worker():
+    core = BrokerCore()
+    for w in ("w1", "w2", "w3"):
+        hello(core, w)
+    out = core.handle("w1", Message("bcast", {}, "frame"), 0)
+    assert sorted(kinds(out)) == [("w2", "deliver"), ("w3", "deliver")]
+
+
+def test_dead_worker_is_removed_and_left_fires_on_a_survivor():
+    core = BrokerCore(worker_timeout=3)
+    hello(core, "w1", now=0)
+    hello(core, "w2", now=0)
+    core.handle("w1", Message("join", {"req": 1, "conn_id": "a", "cid": "alice", "limit": 2}), 0)
+    core.handle("w1", Message("join", {"req": 2, "conn_id": "b", "cid": "bob", "limit": 2}), 0)
+    core.handle("w2", Message("join", {"req": 3, "conn_id": "b2", "cid": "bob", "limit": 2}), 0)
+    core.handle("w2", Message("hb", {}), 3.5)
+    out = core.tick(4.0)
+    assert "w1" not in core.workers
+    left = [(w, m.body["cid"]) for w, m in out if m.kind == "left"]
+    assert left == [("w2", "alice")]
+    assert set(core.registry.conns) == {"b2"}
+
+
+def test_call_to_unknown_connection_is_answered_at_once():
+    core = BrokerCore()
+    hello(core, "w1")
+    out = core.handle("w1", Message("call", {"call": 5, "conn_id": "zz", "rp": "x"}), 0)
+    assert kinds(out) == [("w1", "result")]
+    assert out[0][1].body["ok"] is False
+    assert out[0][1].body["value"]["code"] == "wse.client.not-ready"
+
+
+def test_unknown_worker_is_asked_for_its_table():
+    core = BrokerCore()
+    out = core.handle("ghost", Message("hb", {}), 0)
+    assert kinds(out) == [("ghost", "reset")]
+
+
+def test_malformed_body_is_counted_not_fatal():
+    core = BrokerCore()
+    hello(core, "w1")
+    assert core.handle("w1", Message("join", {"req": 1}), 0) == []
+    assert core.counters["dropped.malformed"] == 1
+
+
+def test_stats():
+    core = BrokerCore()
+    hello(core, "w1")
+    core.handle("w1", Message("join", {"req": 1, "conn_id": "a", "cid": "u"}), 0)
+    stats = core.stats()
+    assert stats["users"] == 1 and stats["connections"] == 1
+    assert stats["workers"]["w1"]["connections"] == 1
