@@ -230,7 +230,8 @@ class Broker:
     """
 
     def __init__(self, endpoint: str, zmq_module=None, worker_timeout: float = WORKER_TIMEOUT,
-                 heartbeat: float = HEARTBEAT, context=None) -> None:
+                 heartbeat: float = HEARTBEAT, context=None,
+                 parent_pid: Optional[int] = None) -> None:
         if zmq_module is None:
             import zmq as zmq_module
         self.zmq = zmq_module
@@ -238,6 +239,8 @@ class Broker:
         self.heartbeat = heartbeat
         self.core = BrokerCore(worker_timeout)
         self._stop = False
+        # stop when this process (the supervisor) is gone
+        self.parent_pid = parent_pid
         self.ctx = context
         self._own_ctx = context is None
         self.sock = None
@@ -278,6 +281,9 @@ class Broker:
                 if now >= next_tick:
                     next_tick = now + self.heartbeat
                     self._send_all(self.core.tick(now))
+                    if self.parent_pid and os.getppid() != self.parent_pid:
+                        log.warning("supervisor %d is gone: broker stops", self.parent_pid)
+                        break
         finally:
             sock.close(0)
             if self._own_ctx:

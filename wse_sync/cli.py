@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("broker", help="run a broker alone")
     b.add_argument("--bind", required=True, help="e.g. tcp://127.0.0.1:5555 or ipc:///tmp/wse")
     b.add_argument("--log-level", default="info")
+    b.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)
 
     st = sub.add_parser("stats", help="print a broker's users, connections and counters")
     st.add_argument("--broker", required=True)
@@ -50,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--options", default="{}")
     w.add_argument("--grace", type=float, default=10.0)
     w.add_argument("--log-level", default="info")
+    w.add_argument("--ready-fd", type=int, default=None)
     return p
 
 
@@ -59,11 +61,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _stats(args.broker, args.timeout)
     _setup_logging(args.log_level)
     if args.command == "broker":
-        return _broker(args.bind)
+        return _broker(args.bind, args.parent)
     if args.command == "_worker":
         from .worker import run_worker
         return run_worker(args.app, args.fd, args.broker, options=json.loads(args.options),
-                          grace=args.grace)
+                          grace=args.grace, ready_fd=args.ready_fd)
     return _serve(args)
 
 
@@ -92,12 +94,12 @@ def _serve(args: argparse.Namespace) -> int:
     return sup.run()
 
 
-def _broker(bind: str) -> int:
+def _broker(bind: str, parent: Optional[int] = None) -> int:
     import signal
 
     from .broker import Broker
 
-    broker = Broker(bind)
+    broker = Broker(bind, parent_pid=parent)
     signal.signal(signal.SIGTERM, lambda s, f: broker.stop())
     signal.signal(signal.SIGINT, lambda s, f: broker.stop())
     broker.run()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -59,18 +60,30 @@ class Supervisor:
 
     def _start_broker(self) -> None:
         self.broker_proc = subprocess.Popen(
-            _python_cmd("broker", "--bind", self.broker_endpoint, "--log-level", self.log_level))
+            _python_cmd("broker", "--bind", self.broker_endpoint, "--log-level", self.log_level,
+                        "--parent", str(os.getpid())),
+            start_new_session=True)
         log.info("broker started (pid %d) on %s", self.broker_proc.pid, self.broker_endpoint)
 
-    def _start_worker(self) -> subprocess.Popen:
+    def _start_worker(self, wait_ready: float = 0) -> subprocess.Popen:
+        """Start a worker; with ``wait_ready``, wait that long for it to serve."""
         fd = self.sock.fileno()
+        ready_r, ready_w = os.pipe()
+        # children get their own session: a terminal's Ctrl-C reaches only the
+        # supervisor, which then stops workers first and the broker last
         proc = subprocess.Popen(
             _python_cmd("_worker", self.app, "--fd", str(fd), "--broker", self.broker_endpoint,
                         "--options", json.dumps(self.options), "--grace", str(self.grace),
-                        "--log-level", self.log_level),
-            pass_fds=(fd,))
+                        "--log-level", self.log_level, "--ready-fd", str(ready_w)),
+            pass_fds=(fd, ready_w), start_new_session=True)
+        os.close(ready_w)
         self.workers[proc.pid] = proc
         log.info("worker started (pid %d)", proc.pid)
+        if wait_ready:
+            ready, _, _ = select.select([ready_r], [], [], wait_ready)
+            if not ready or not os.read(ready_r, 1):
+                log.error("worker (pid %d) did not become ready in %.0fs", proc.pid, wait_ready)
+        os.close(ready_r)
         return proc
 
     def _stop_proc(self, proc: subprocess.Popen, timeout: float) -> None:
@@ -126,8 +139,8 @@ class Supervisor:
     def _roll(self) -> None:
         log.info("SIGHUP: replacing %d worker(s) one at a time", len(self.workers))
         for pid, old in list(self.workers.items()):
-            self._start_worker()
-            time.sleep(1.0)  # let the replacement attach and accept
+            # the old worker closes its connections only once the new one accepts
+            self._start_worker(wait_ready=30)
             del self.workers[pid]
             self._stop_proc(old, self.grace + 5)
         log.info("rolling restart done")

@@ -53,7 +53,8 @@ def load_app(spec: str) -> Any:
 
 
 def run_worker(app_spec: str, fd: int, broker: str, worker_id: Optional[str] = None,
-               options: Optional[dict] = None, grace: float = 10.0) -> int:
+               options: Optional[dict] = None, grace: float = 10.0,
+               ready_fd: Optional[int] = None) -> int:
     from gevent import monkey
 
     # handlers may block on sockets, sleep, DNS...: only their greenlet must wait
@@ -74,6 +75,9 @@ def run_worker(app_spec: str, fd: int, broker: str, worker_id: Optional[str] = N
     http = make_wsgi_server(server, listener, **ssl_args)
     http.start()
     log.info("worker %d serving %s on %s", os.getpid(), app_spec, listener.getsockname())
+    if ready_fd is not None:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
     stopping = gevent.event.Event()
 
     def on_signal() -> None:

@@ -1,0 +1,85 @@
+"""App for multi-worker tests: every welcome and RPC answer tells the worker pid."""
+import os
+
+from wse_sync import WseServer
+
+
+def identify(identity, meta, accept, refuse, **kwargs):
+    if not identity:
+        refuse()
+        return
+    accept(identity, {"pid": os.getpid()})
+
+
+server = WseServer(identify=identify, conn_per_user=int(os.environ.get("WSE_TEST_CPU", "3")))
+events = []
+
+
+@server.when.joined
+def _joined(client, meta):
+    events.append(["joined", client.cid, os.getpid()])
+    server.broadcast("ev", ["joined", client.cid, os.getpid()])
+
+
+@server.when.left
+def _left(client, code, reason):
+    events.append(["left", client.cid, os.getpid(), code, reason])
+    server.broadcast("ev", ["left", client.cid, os.getpid(), code, reason])
+
+
+@server.register("pid")
+def _pid(conn, payload):
+    return os.getpid()
+
+
+@server.register("clients")
+def _clients(conn, payload):
+    return {str(cid): sorted(ident.conns) for cid, ident in server.clients.items()}
+
+
+@server.register("send")
+def _send(conn, payload):
+    server.send(payload["cid"], payload["type"], payload.get("payload"))
+    return True
+
+
+@server.register("broadcast")
+def _broadcast(conn, payload):
+    server.broadcast(payload["type"], payload.get("payload"))
+    return True
+
+
+@server.register("drop_client")
+def _drop_client(conn, payload):
+    server.drop_client(payload["cid"], payload.get("reason", ""))
+    return True
+
+
+@server.register("call_conn")
+def _call_conn(conn, payload):
+    """Call an RPC on every connection of a user (local or remote)."""
+    ident = server.clients.get(payload["cid"])
+    if ident is None:
+        return None
+    out = {}
+    for conn_id, c in ident.conns.items():
+        try:
+            out[conn_id] = ["ok", c.call(payload["rp"], payload.get("payload"),
+                                         timeout=payload.get("timeout"))]
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out[conn_id] = ["err", getattr(exc, "code", repr(exc)), getattr(exc, "details", None)]
+    return out
+
+
+@server.register("send_conns")
+def _send_conns(conn, payload):
+    ident = server.clients.get(payload["cid"])
+    for c in (ident.conns.values() if ident else []):
+        for i in range(payload.get("count", 1)):
+            c.send(payload["type"], i)
+    return True
+
+
+@server.register("events")
+def _events(conn, payload):
+    return events
