@@ -42,11 +42,12 @@ def test_join_fanout_and_left():
     assert kinds(out) == [("w1", "deliver")] and out[0][1].data == "data"
     assert core.handle("w2", Message("send", {"cid": "nobody"}, "d"), 0) == []
     # the first leave is not the last; the second is, and 'left' goes to the leaver
-    assert "left" not in [k for _, k in kinds(core.handle("w1", Message("leave", {
-        "conn_id": "c1", "code": 1000, "reason": ""}), 0))]
+    out = core.handle("w1", Message("leave", {"conn_id": "c1", "code": 1000, "reason": ""}), 0)
+    assert [m.body["last"] for w, m in out if m.kind == "left"] == [False]
     out = core.handle("w2", Message("leave", {"conn_id": "c2", "code": 4001, "reason": "r"}), 0)
     left = [(w, m.body) for w, m in out if m.kind == "left"]
-    assert left == [("w2", {"cid": "u", "code": 4001, "reason": "r", "meta": None})]
+    assert left == [("w2", {"conn_id": "c2", "last": True, "cid": "u", "code": 4001,
+                           "reason": "r", "meta": None})]
 
 
 def test_eviction_goes_to_the_holder():
@@ -115,3 +116,29 @@ def test_stats():
     stats = core.stats()
     assert stats["users"] == 1 and stats["connections"] == 1
     assert stats["workers"]["w1"]["connections"] == 1
+
+
+def test_messages_of_an_unknown_worker_wait_for_its_table():
+    core = BrokerCore()
+    hello(core, "w2")
+    core.handle("w2", Message("join", {"req": 1, "conn_id": "b", "cid": "bob"}), 0)
+    # a worker the (restarted) broker does not know sends before its hello
+    assert kinds(core.handle("w1", Message("send", {"cid": "bob"}, "x"), 0)) == [("w1", "reset")]
+    assert core.handle("w1", Message("hb", {}), 0) == []  # one reset is enough
+    out = hello(core, "w1", table=[["a", "alice", None, 1.0]])
+    assert ("w1", "snapshot") in kinds(out)
+    # the held send is carried out after the table
+    assert [(w, m.data) for w, m in out if m.kind == "deliver"] == [("w2", "x")]
+    assert set(core.registry.conns) == {"a", "b"}
+
+
+def test_leave_known_only_to_a_previous_broker_fires_left_once_per_answer():
+    core = BrokerCore(epoch="new")
+    hello(core, "w1")
+    old = {"conn_id": "gone", "cid": "carol", "code": 1000, "reason": "", "epoch": "old"}
+    out = core.handle("w1", Message("leave", old), 0)
+    assert [m.body["last"] for w, m in out if m.kind == "left"] == [True]
+    # a leave of a connection this broker evicted itself is not a 'left'
+    same = dict(old, epoch="new")
+    out = core.handle("w1", Message("leave", same), 0)
+    assert [m.body["last"] for w, m in out if m.kind == "left"] == [False]

@@ -25,6 +25,8 @@ log = logging.getLogger("wse_sync.broker")
 # seconds between heartbeats, and of silence after which a worker is dead
 HEARTBEAT = 1.0
 WORKER_TIMEOUT = 3.0
+# messages held per unknown worker until it resends its table
+LIMBO_MAX = 10000
 
 Out = List[Tuple[str, Message]]
 
@@ -41,11 +43,18 @@ class WorkerInfo:
 class BrokerCore:
     """Decisions of the broker; no sockets."""
 
-    def __init__(self, worker_timeout: float = WORKER_TIMEOUT) -> None:
+    def __init__(self, worker_timeout: float = WORKER_TIMEOUT, epoch: Optional[str] = None,
+                 limbo_max: int = LIMBO_MAX) -> None:
         self.registry = Registry()
         self.workers: Dict[str, WorkerInfo] = {}
         self.worker_timeout = worker_timeout
         self.counters: Counter = Counter()
+        # this broker incarnation; a leave naming another epoch was sent to a
+        # broker that died, and the map has been rebuilt since
+        self.epoch = epoch or os.urandom(6).hex()
+        # messages of workers we do not know yet, held until their hello
+        self.limbo: Dict[str, Tuple[float, List[Message]]] = {}
+        self.limbo_max = limbo_max
 
     # -- entry points -------------------------------------------------
     def handle(self, sender: str, msg: Message, now: float) -> Out:
@@ -55,13 +64,28 @@ class BrokerCore:
             return [(sender, Message("stats", self.stats()))]
         info = self.workers.get(sender)
         if msg.kind == "hello":
-            return self._hello(sender, msg.body, now)
+            out = self._hello(sender, msg.body, now)
+            _, held = self.limbo.pop(sender, (0.0, []))
+            for m in held:
+                out += self._process(sender, m, now)
+            return out
         if info is None:
-            # a worker we do not know (we restarted, or it was declared dead):
-            # take the message, and ask for its table.
-            info = self.workers[sender] = WorkerInfo(sender, last_seen=now)
-            out.append((sender, Message("reset", {})))
+            # A worker we do not know (we restarted, or it was declared dead):
+            # hold its messages until it has resent its table.
+            if sender not in self.limbo:
+                out.append((sender, Message("reset", {})))
+            since, held = self.limbo.setdefault(sender, (now, []))
+            if msg.kind != "hb":
+                if len(held) < self.limbo_max:
+                    held.append(msg)
+                else:
+                    self.counters["dropped.limbo-full"] += 1
+            return out
         info.last_seen = now
+        return self._process(sender, msg, now)
+
+    def _process(self, sender: str, msg: Message, now: float) -> Out:
+        out: Out = []
         handler = getattr(self, "_on_" + msg.kind, None)
         if handler is None:
             self.counters["dropped.unexpected"] += 1
@@ -78,6 +102,13 @@ class BrokerCore:
     def tick(self, now: float) -> Out:
         """Heartbeats out, dead workers removed."""
         out: Out = []
+        for sender, (since, held) in list(self.limbo.items()):
+            if now - since > 3 * self.worker_timeout:
+                del self.limbo[sender]
+                self.counters["dropped.limbo-expired"] += len(held)
+                if held:
+                    log.warning("dropped %d message(s) of %r: it never sent its table",
+                                len(held), sender)
         for w in list(self.workers.values()):
             if now - w.last_seen > self.worker_timeout:
                 log.warning("worker %s (pid %s) silent for %.1fs: removing its connections",
@@ -99,7 +130,7 @@ class BrokerCore:
                 target = survivors[i % len(survivors)]
                 out.append((target, Message("left", {
                     "cid": o.entry.cid, "code": 1006, "reason": "wse.worker-died",
-                    "meta": o.entry.meta})))
+                    "meta": o.entry.meta, "last": True})))
         return out
 
     def stats(self) -> dict:
@@ -125,7 +156,8 @@ class BrokerCore:
         before = {e.conn_id for e in self.registry.entries_of_worker(sender)}
         _new_users, gone, evicted = self.registry.sync_worker(sender, entries, info.limit)
         log.info("worker %s (pid %s) attached with %d connections", sender, info.pid, len(entries))
-        out: Out = [(sender, Message("snapshot", {"entries": self.registry.snapshot()}))]
+        out: Out = [(sender, Message("snapshot", {"entries": self.registry.snapshot(),
+                                                  "epoch": self.epoch}))]
         added = [e.to_list() for e in entries if e.conn_id not in before]
         out += self._delta(added, [o.entry.conn_id for o in gone] + [e.conn_id for e in evicted],
                            skip=sender)
@@ -152,14 +184,22 @@ class BrokerCore:
         return out
 
     def _on_leave(self, sender, body, data, now) -> Out:
-        res = self.registry.leave(body["conn_id"])
-        if res is None:
-            return []
-        out = self._delta([], [res.entry.conn_id], skip=sender)
-        if res.last and not body.get("quiet"):
-            out.append((sender, Message("left", {
-                "cid": res.entry.cid, "code": body.get("code", 1005),
-                "reason": body.get("reason", ""), "meta": res.entry.meta})))
+        """Every leave is answered ("left" with ``last``), so the worker can resend
+        the unanswered ones after a broker restart."""
+        conn_id = body["conn_id"]
+        res = self.registry.leave(conn_id)
+        out: Out = []
+        if res is not None:
+            out += self._delta([], [conn_id], skip=sender)
+            cid, meta, last = res.entry.cid, res.entry.meta, res.last
+        else:
+            # Not in the map: evicted or dropped here (no 'left'), or known only
+            # to a previous broker, whose map was rebuilt without it.
+            cid, meta = body.get("cid"), body.get("meta")
+            last = body.get("epoch") not in (None, self.epoch) and cid not in self.registry.users
+        out.append((sender, Message("left", {
+            "conn_id": conn_id, "last": bool(last) and not body.get("quiet"), "cid": cid,
+            "code": body.get("code", 1005), "reason": body.get("reason", ""), "meta": meta})))
         return out
 
     def _on_send(self, sender, body, data, now) -> Out:

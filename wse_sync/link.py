@@ -63,7 +63,8 @@ class BrokerLink:
     """Connects one worker (a WseServer runtime) to the broker."""
 
     def __init__(self, server: "WseServer", endpoint: str, ctx, heartbeat: float = 1.0,
-                 request_timeout: float = 5.0, broker_timeout: float = 3.0) -> None:
+                 request_timeout: float = 5.0, broker_timeout: float = 3.0,
+                 outage_buffer: int = 10000, outage_limit: float = 30.0) -> None:
         import zmq.green as zmq
         self.zmq = zmq
         self.server = server
@@ -79,6 +80,14 @@ class BrokerLink:
         self._greenlets: List[gevent.Greenlet] = []
         self._last_broker = time.monotonic()
         self._stopped = False
+        # messages the socket may hold while the broker is away, and for how long
+        self.outage_buffer = outage_buffer
+        self.outage_limit = outage_limit
+        # the broker incarnation our map comes from (from its snapshot)
+        self.epoch: Optional[str] = None
+        # leaves the broker has not answered yet: resent after a broker restart
+        self._unacked: Dict[str, dict] = {}
+        self.down_since: Optional[float] = None
 
     # -- life ------------------------------------------------------------
     def start(self) -> None:
@@ -86,7 +95,7 @@ class BrokerLink:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.IDENTITY, self.server.worker_id.encode("ascii"))
-        self.sock.setsockopt(zmq.SNDHWM, 100000)
+        self.sock.setsockopt(zmq.SNDHWM, self.outage_buffer)
         self.sock.setsockopt(zmq.RCVHWM, 100000)
         self.sock.connect(self.endpoint)
         self._hello()
@@ -115,6 +124,10 @@ class BrokerLink:
     # -- requests ------------------------------------------------------------
     def join(self, conn: "WseConnection", limit: Optional[int]) -> Tuple[bool, List[str]]:
         """One broker round trip: (is the user new?, conn_ids evicted here)."""
+        if self.down_since is not None:
+            # the broker is away: decide with what this worker knows; the
+            # table sent on resync reconciles (conn_per_user included)
+            return self._join_locally(conn, limit)
         req = next(self._ids)
         result = self._pending[req] = AsyncResult()
         try:
@@ -140,8 +153,10 @@ class BrokerLink:
 
     def leave(self, conn: "WseConnection", code: int, reason: str, quiet: bool = False) -> None:
         self.view.apply([], [conn.conn_id])
-        self._send_quietly("leave", {"conn_id": conn.conn_id, "code": code, "reason": reason,
-                                     "quiet": quiet})
+        body = {"conn_id": conn.conn_id, "cid": conn.cid, "meta": conn.meta, "code": code,
+                "reason": reason, "quiet": quiet, "epoch": self.epoch}
+        self._unacked[conn.conn_id] = body
+        self._send_quietly("leave", body)
 
     def send_cid(self, cid: Hashable, data: Any) -> None:
         self._send("send", {"cid": cid}, data)
@@ -179,13 +194,30 @@ class BrokerLink:
 
     # -- socket --------------------------------------------------------------
     def _send(self, kind: str, body: Optional[dict] = None, data: Any = None) -> None:
+        """Queue one message for the broker, or raise BROKER_UNAVAILABLE.
+
+        While the broker is away, messages wait in the socket (at most
+        ``outage_buffer``) and go out after the resync; past ``outage_limit``
+        seconds of outage, or with the buffer full, the caller gets the error
+        (and the server's ``error`` event fires).
+        """
         if self._stopped and kind != "bye":
             raise WseError(WSE_ERROR.BROKER_UNAVAILABLE, {"reason": "worker is stopping"})
+        down = self.down_since
+        if down is not None and kind not in ("hb", "hello", "leave", "bye") \
+                and time.monotonic() - down > self.outage_limit:
+            self._unavailable(kind, f"broker away for more than {self.outage_limit:.0f}s")
         try:
             self.sock.send_multipart(encode(kind, body, data), self.zmq.NOBLOCK)
         except self.zmq.ZMQError as exc:
-            log.error("cannot reach the broker (%s): %r not sent", exc, kind)
-            raise WseError(WSE_ERROR.BROKER_UNAVAILABLE, {"kind": kind, "error": str(exc)}) from None
+            self._unavailable(kind, f"broker queue full ({exc})")
+
+    def _unavailable(self, kind: str, why: str) -> None:
+        error = WseError(WSE_ERROR.BROKER_UNAVAILABLE, {"kind": kind, "reason": why})
+        log.error("%r not sent: %s", kind, why)
+        if kind not in ("hb", "leave", "result"):
+            self.server._emit_error(error, None)
+        raise error
 
     def _send_quietly(self, kind: str, body: dict) -> None:
         try:
@@ -196,10 +228,14 @@ class BrokerLink:
     def _hb_loop(self) -> None:
         while True:
             gevent.sleep(self.heartbeat)
-            self._send_quietly("hb", {})
+            if self.down_since is None:
+                self._send_quietly("hb", {})
             silent = time.monotonic() - self._last_broker
-            if silent > self.broker_timeout and int(silent) % 5 == 0:
-                log.warning("no word from the broker for %.0fs", silent)
+            if silent > self.broker_timeout and self.down_since is None:
+                self.down_since = self._last_broker
+                log.error("no word from the broker for %.1fs: it is away; local traffic goes on,"
+                          " cross-worker commands wait (at most %d, %.0fs)",
+                          silent, self.outage_buffer, self.outage_limit)
 
     def _recv_loop(self) -> None:
         zmq = self.zmq
@@ -211,6 +247,11 @@ class BrokerLink:
                     return
                 raise
             self._last_broker = time.monotonic()
+            if self.down_since is not None:
+                log.info("the broker answers again after %.1fs",
+                         self._last_broker - self.down_since)
+                self.down_since = None
+                self._hello()
             try:
                 msg = decode(frames)
             except SchemaError as exc:
@@ -233,6 +274,12 @@ class BrokerLink:
                 conn = server._conns.get(body.get("conn_id"))
                 if conn is not None:
                     server._deliver_local([conn], msg.data)
+        elif kind == "left":
+            if "conn_id" in body and self._unacked.pop(body["conn_id"], None) is None:
+                return  # an answer to a leave we already had answered (resent)
+            if body.get("last"):
+                server._remote_left(body["cid"], body.get("code", 1005), body.get("reason", ""),
+                                    body.get("meta"))
         elif kind in ("joined", "result"):
             pending = self._pending.get(body.get("req", body.get("call")))
             if pending is not None:
@@ -241,6 +288,11 @@ class BrokerLink:
             self.view.apply(body.get("add", []), body.get("remove", []))
         elif kind == "snapshot":
             self.view.load(body.get("entries", []))
+            previous, self.epoch = self.epoch, body.get("epoch")
+            if previous is not None and previous != self.epoch and self._unacked:
+                log.info("new broker: resending %d unanswered leave(s)", len(self._unacked))
+                for leave in list(self._unacked.values()):
+                    self._send_quietly("leave", leave)
         elif kind == "drop":
             targets = [server._conns.get(i) for i in body.get("conns", [])]
             if "cid" in body:
@@ -248,9 +300,6 @@ class BrokerLink:
             for conn in targets:
                 if conn is not None:
                     conn.close(1000, body.get("reason", ""))
-        elif kind == "left":
-            server._remote_left(body["cid"], body.get("code", 1005), body.get("reason", ""),
-                                body.get("meta"))
         elif kind == "call":
             gevent.spawn(self._serve_call, body)
         elif kind == "reset":
