@@ -149,7 +149,7 @@ class RawWS:
         self.reader = FrameReader(None, expect_mask=False)
         self.events: List[tuple] = []
         self._rest = rest
-        if rest:
+        if rest and self.status == 101:  # else: an HTTP body, not frames
             self.events += self.reader.feed(rest)
 
     def send_text(self, text: str) -> None:

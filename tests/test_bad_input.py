@@ -89,6 +89,8 @@ def default_identify(identity, accept, refuse, **_):
 @contextlib.contextmanager
 def env(identify=default_identify, **options):
     options.setdefault("conn_per_user", 5)
+    # after a framing error the server discards input until it cuts the socket
+    options.setdefault("close_timeout", 0.5)
     server = WseServer(identify=identify, **options)
     server.register("echo", lambda conn, payload: payload)
     path = options.get("path") or "/"
@@ -98,6 +100,17 @@ def env(identify=default_identify, **options):
             yield e
         finally:
             e.close()
+
+
+def expect_close(ws: RawWS, timeout: float = 5 * UNIT) -> tuple:
+    """Read up to the server's close frame and answer it, as a real client does."""
+    ev = ws.recv_until_close(timeout)
+    if ev[0] == "close":
+        try:
+            ws.close(1000 if ev[1] == 1005 else ev[1])
+        except OSError:
+            pass
+    return ev
 
 
 def wait_error(e: Env, code: str) -> WseError:
@@ -116,7 +129,7 @@ def test_frame_that_is_not_json(when, text):
     with env() as e:
         ws = e.raw() if when == "before_hi" else e.ready_raw()
         ws.send_text(text)
-        assert ws.recv_until_close() == PROTOCOL_ERR
+        assert expect_close(ws) == PROTOCOL_ERR
         err = wait_error(e, WSE_ERROR.MESSAGE_PROCESSING_ERROR)
         assert isinstance(err, WseError)
         assert isinstance(err.details, dict) and "exception" in err.details
@@ -128,7 +141,7 @@ def test_json_that_is_not_a_non_empty_array(text):
     with env() as e:
         ws = e.ready_raw()
         ws.send_text(text)
-        assert ws.recv_until_close() == PROTOCOL_ERR
+        assert expect_close(ws) == PROTOCOL_ERR
         wait_error(e, WSE_ERROR.MESSAGE_PROCESSING_ERROR)
         wait_for(lambda: ("raw", 1000, WSE_REASON.PROTOCOL_ERR) in e.disconnected)
         e.check_good_still_works()
@@ -166,7 +179,7 @@ def test_bad_type_or_stamp_is_a_protocol_violation(message):
     with env() as e:
         ws = e.ready_raw()
         ws.send_text(json.dumps(message))
-        assert ws.recv_until_close() == PROTOCOL_ERR
+        assert expect_close(ws) == PROTOCOL_ERR
         wait_error(e, WSE_ERROR.PROTOCOL_VIOLATION)
         wait_for(lambda: ("raw", 1000, WSE_REASON.PROTOCOL_ERR) in e.disconnected)
         e.check_good_still_works()
@@ -191,7 +204,7 @@ def test_message_before_hi_is_a_protocol_error(message):
     with env(identify=identify) as e:
         ws = e.raw()
         ws.send_text(json.dumps(message))
-        assert ws.recv_until_close() == PROTOCOL_ERR
+        assert expect_close(ws) == PROTOCOL_ERR
         # the same socket cannot authenticate afterwards; identify never saw it
         assert identified == ["good"]
         e.check_good_still_works()
@@ -223,7 +236,7 @@ def test_invalid_hi_payload(payload):
     with env() as e:
         ws = e.raw()
         ws.send_text(json.dumps(["~wse:hi", payload, None]))
-        assert ws.recv_until_close() == PROTOCOL_ERR
+        assert expect_close(ws) == PROTOCOL_ERR
         err = wait_error(e, WSE_ERROR.PROTOCOL_VIOLATION)
         assert isinstance(err, WseError)
         assert list(e.server.clients) == ["good"]
@@ -267,7 +280,7 @@ def test_binary_that_is_not_utf8_json(data):
     with env() as e:
         ws = e.ready_raw()
         ws.send_frame(OP_BINARY, data)
-        assert ws.recv_until_close() == PROTOCOL_ERR
+        assert expect_close(ws) == PROTOCOL_ERR
         wait_error(e, WSE_ERROR.MESSAGE_PROCESSING_ERROR)
         wait_for(lambda: ("raw", 1000, WSE_REASON.PROTOCOL_ERR) in e.disconnected)
         e.check_good_still_works()
@@ -287,7 +300,7 @@ def test_message_over_max_message_size_gets_1009():
         # over it, followed by more data the server must discard
         ws.send_text(json.dumps(["echo", "x" * 200_000, "abcdefghij"]))
         ws.send_text(json.dumps(["echo", "after", "klmnopqrst"]))
-        ev = ws.recv_until_close()
+        ev = expect_close(ws)
         assert ev[0] == "close", ev
         assert ev[1] == 1009
         wait_for(lambda: [d for d in e.disconnected if d[0] == "raw"])
@@ -302,7 +315,7 @@ def test_fragmented_message_over_the_limit_gets_1009():
         first[0] &= 0x7F  # not FIN
         ws.send_raw(bytes(first))
         ws.send_frame(OP_CONT, b"y" * 600)
-        ev = ws.recv_until_close()
+        ev = expect_close(ws)
         assert ev[:2] == ("close", 1009)
         e.check_good_still_works()
 
@@ -313,7 +326,7 @@ def test_frame_header_announcing_2_gib_is_refused_at_once():
         # header only (+ a few bytes): the server cannot wait for 2 GiB to arrive
         header = struct.pack("!BBQ", 0x80 | OP_TEXT, 0x80 | 127, 2 ** 31) + b"\x01\x02\x03\x04"
         ws.send_raw(header + b"x" * 1000)
-        ev = ws.recv_until_close()
+        ev = expect_close(ws)
         assert ev[:2] == ("close", 1009)
         wait_for(lambda: [d for d in e.disconnected if d[0] == "raw"])
         e.check_good_still_works()
@@ -326,7 +339,7 @@ def test_handshake_timeout():
         ws = e.raw()
         assert ws.status == 101
         # never sends ~wse:hi
-        assert ws.recv_until_close(timeout=10 * UNIT) == NOT_AUTHORIZED
+        assert expect_close(ws, 10 * UNIT) == NOT_AUTHORIZED
         e.check_good_still_works()
 
 
@@ -345,7 +358,7 @@ def test_auth_timeout(how):
     with env(identify=identify, auth_timeout=0.3) as e:
         ws = e.raw()
         ws.send_text(hi("undecided"))
-        assert ws.recv_until_close(timeout=10 * UNIT) == NOT_AUTHORIZED
+        assert expect_close(ws, 10 * UNIT) == NOT_AUTHORIZED
         assert "undecided" in calls
         assert "undecided" not in e.server.clients
         e.check_good_still_works()
@@ -360,7 +373,7 @@ def test_identify_that_raises(capfd, caplog):
     with env(identify=identify) as e:
         ws = e.raw()
         ws.send_text(hi("boom"))
-        assert ws.recv_until_close() == NOT_AUTHORIZED
+        assert expect_close(ws) == NOT_AUTHORIZED
         wait_for(lambda: e.errors)
         [(err, conn)] = e.errors
         assert isinstance(err, WseError)
@@ -382,7 +395,7 @@ def test_without_the_subprotocol(protocol):
         ws = e.raw(protocol=protocol)
         assert ws.status == 101
         assert "wse-default-json" not in ws.response_head
-        assert ws.recv_until_close() == PROTOCOL_ERR
+        assert expect_close(ws) == PROTOCOL_ERR
         e.check_good_still_works()
 
 
@@ -419,16 +432,52 @@ def test_plain_http_get_gets_426(capfd):
     assert "Traceback" not in "".join(capfd.readouterr())
 
 
+UPGRADE = ("Upgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+           "Sec-WebSocket-Protocol: wse-default-json\r\n")
+
+
+@pytest.mark.parametrize("request_", [
+    "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
+    "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Version: 13\r\n\r\n",
+    "this is not HTTP at all\r\n\r\n",
+    "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+], ids=["bad-version", "bad-key", "no-key", "garbage", "bad-content-length"])
+def test_bad_http_requests_get_400(request_, capfd):
+    def exchange(port):
+        with socket.create_connection(("127.0.0.1", port), timeout=5 * UNIT) as s:
+            s.sendall(request_.encode())
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return data.decode("latin-1")
+
+    with env() as e:
+        answer = gevent.get_hub().threadpool.apply(exchange, (_port(e.url),))
+        assert answer.startswith("HTTP/1.1 400"), answer
+        e.check_good_still_works()
+    assert "Traceback" not in "".join(capfd.readouterr())
+
+
 def test_path_option_refuses_other_paths(capfd):
     with env(path="/ws") as e:
         assert e.url.endswith("/ws")
-        ws = e.raw(path="/other")
-        assert ws.status == 404
-        ws2 = e.raw(path="/")
-        assert ws2.status == 404
-        answer = gevent.get_hub().threadpool.apply(_http_get, (_port(e.url), "/other"))
-        assert answer.startswith("HTTP/1.1 404"), answer
-        answer = gevent.get_hub().threadpool.apply(_http_get, (_port(e.url), "/ws"))
+        get = gevent.get_hub().threadpool.apply
+        port = _port(e.url)
+        for path in ("/other", "/", "/ws/x", "/w"):
+            answer = get(_http_get, (port, path, UPGRADE))
+            assert answer.startswith("HTTP/1.1 404"), answer
+            assert "Sec-WebSocket-Accept" not in answer
+            answer = get(_http_get, (port, path))
+            assert answer.startswith("HTTP/1.1 404"), answer
+        answer = get(_http_get, (port, "/ws"))
         assert answer.startswith("HTTP/1.1 426"), answer
         ok = e.raw(path="/ws")
         assert ok.status == 101
@@ -458,7 +507,7 @@ def _unknown_opcode(op):
 
 def _fragmented_control(op):
     def send(ws):
-        frame = bytearray(build_frame(op, b"x", mask=True))
+        frame = bytearray(build_frame(op, b"" if op == 0x8 else b"x", mask=True))
         frame[0] &= 0x7F
         ws.send_raw(bytes(frame))
     return send
@@ -486,21 +535,48 @@ def _one_byte_close(ws):
     ws.send_frame(0x8, b"\x03")
 
 
-@pytest.mark.parametrize("send", [
-    _unmasked, _reserved_bits(0x40), _reserved_bits(0x20), _reserved_bits(0x10),
-    _unknown_opcode(0x3), _unknown_opcode(0x7), _unknown_opcode(0xB), _unknown_opcode(0xF),
-    _fragmented_control(OP_PING), _fragmented_control(OP_PONG), _long_control,
-    _continuation_without_start, _new_message_inside_fragmented, _bad_close_code,
-    _one_byte_close,
-], ids=lambda f: f.__name__)
+VIOLATIONS = {
+    "unmasked": _unmasked,
+    "rsv1": _reserved_bits(0x40), "rsv2": _reserved_bits(0x20), "rsv3": _reserved_bits(0x10),
+    "opcode-3": _unknown_opcode(0x3), "opcode-7": _unknown_opcode(0x7),
+    "opcode-B": _unknown_opcode(0xB), "opcode-F": _unknown_opcode(0xF),
+    "fragmented-ping": _fragmented_control(OP_PING),
+    "fragmented-pong": _fragmented_control(OP_PONG),
+    "fragmented-close": _fragmented_control(0x8),
+    "control-over-125": _long_control,
+    "continuation-without-start": _continuation_without_start,
+    "new-message-inside-fragmented": _new_message_inside_fragmented,
+    "close-code-1005": _bad_close_code,
+    "close-1-byte": _one_byte_close,
+}
+
+
+@pytest.mark.parametrize("send", list(VIOLATIONS.values()), ids=list(VIOLATIONS))
 def test_framing_violation_gets_1002(send):
     with env() as e:
         ws = e.ready_raw()
         send(ws)
-        ev = ws.recv_until_close()
+        ev = expect_close(ws)
         assert ev[:2] == ("close", 1002), ev
         wait_for(lambda: [d for d in e.disconnected if d[0] == "raw"])
         assert [d[1] for d in e.disconnected if d[0] == "raw"] == [1002]
+        e.check_good_still_works()
+
+
+def test_control_frames_inside_a_fragmented_message_are_fine():
+    with env() as e:
+        ws = e.ready_raw()
+        parts = [b'["echo", "frag', b'mented", ', b'"abcdefghij"]']
+        first = bytearray(build_frame(OP_TEXT, parts[0], mask=True))
+        first[0] &= 0x7F
+        middle = bytearray(build_frame(OP_CONT, parts[1], mask=True))
+        middle[0] &= 0x7F
+        ws.send_raw(bytes(first) + build_frame(OP_PING, b"p1", mask=True) + bytes(middle)
+                    + build_frame(OP_PONG, b"unsolicited", mask=True)
+                    + build_frame(OP_CONT, parts[2], mask=True))
+        assert ws.recv() == ("pong", b"p1")
+        assert json.loads(ws.recv()[1]) == ["~wse:response", "fragmented", "abcdefghij"]
+        assert e.errors == []
         e.check_good_still_works()
 
 
@@ -508,7 +584,7 @@ def test_framing_violation_before_hi_gets_1002():
     with env() as e:
         ws = e.raw()
         _unmasked(ws)
-        assert ws.recv_until_close()[:2] == ("close", 1002)
+        assert expect_close(ws)[:2] == ("close", 1002)
         e.check_good_still_works()
 
 
@@ -524,7 +600,7 @@ def test_invalid_utf8_gets_1007(how):
             ws.send_raw(bytes(first) + build_frame(OP_CONT, b'\x28", null]', mask=True))
         else:
             ws.send_frame(0x8, struct.pack("!H", 1000) + b"\xff")
-        ev = ws.recv_until_close()
+        ev = expect_close(ws)
         assert ev[:2] == ("close", 1007), ev
         e.check_good_still_works()
 

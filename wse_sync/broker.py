@@ -27,6 +27,10 @@ HEARTBEAT = 1.0
 WORKER_TIMEOUT = 3.0
 # messages held per unknown worker until it resends its table
 LIMBO_MAX = 10000
+# kinds that route by the map (held while the map is being rebuilt)
+ROUTED = frozenset({"send", "bcast", "drop_cid", "conn_send", "conn_drop", "call"})
+# a worker's commands are acked at least every ACK_EVERY seqs (and with each heartbeat)
+ACK_EVERY = 256
 
 Out = List[Tuple[str, Message]]
 
@@ -38,13 +42,16 @@ class WorkerInfo:
     last_seen: float = 0.0
     # the worker's conn_per_user (the app's setting; all workers share it)
     limit: Optional[int] = None
+    # highest command seq carried out, and the last one acked to the worker
+    acked: int = 0
+    ack_sent: int = 0
 
 
 class BrokerCore:
     """Decisions of the broker; no sockets."""
 
     def __init__(self, worker_timeout: float = WORKER_TIMEOUT, epoch: Optional[str] = None,
-                 limbo_max: int = LIMBO_MAX) -> None:
+                 limbo_max: int = LIMBO_MAX, sync_window: float = 0.0) -> None:
         self.registry = Registry()
         self.workers: Dict[str, WorkerInfo] = {}
         self.worker_timeout = worker_timeout
@@ -55,6 +62,14 @@ class BrokerCore:
         # messages of workers we do not know yet, held until their hello
         self.limbo: Dict[str, Tuple[float, List[Message]]] = {}
         self.limbo_max = limbo_max
+        # acked seq of workers declared dead, in case they come back
+        self._graveyard: Dict[str, int] = {}
+        # After a restart the map is rebuilt from the workers' tables: commands
+        # that route by the map wait until every live worker had time to send
+        # its table (a heartbeat or two), then run in arrival order.
+        self.sync_window = sync_window
+        self._sync_until: Optional[float] = None
+        self._deferred: List[Tuple[str, Message]] = []
 
     # -- entry points -------------------------------------------------
     def handle(self, sender: str, msg: Message, now: float) -> Out:
@@ -67,6 +82,8 @@ class BrokerCore:
             out = self._hello(sender, msg.body, now)
             _, held = self.limbo.pop(sender, (0.0, []))
             for m in held:
+                if "seq" in m.body:
+                    continue  # a command: the worker resends it after its hello
                 out += self._process(sender, m, now)
             return out
         if info is None:
@@ -84,8 +101,29 @@ class BrokerCore:
         info.last_seen = now
         return self._process(sender, msg, now)
 
+    def _syncing(self, now: float) -> bool:
+        if self._sync_until is None:
+            self._sync_until = now + self.sync_window
+        return now < self._sync_until
+
     def _process(self, sender: str, msg: Message, now: float) -> Out:
+        if msg.kind in ROUTED and (self._deferred or self._syncing(now)):
+            self._deferred.append((sender, msg))
+            return []
+        return self._carry_out(sender, msg, now)
+
+    def _carry_out(self, sender: str, msg: Message, now: float) -> Out:
         out: Out = []
+        seq = msg.body.get("seq")
+        info = self.workers.get(sender)
+        if seq is not None and info is not None:
+            if not isinstance(seq, int) or seq <= info.acked:
+                self.counters["dropped.duplicate"] += 1
+                return out
+            info.acked = seq
+            if seq - info.ack_sent >= ACK_EVERY:
+                info.ack_sent = seq
+                out.append((sender, Message("ack", {"seq": seq})))
         handler = getattr(self, "_on_" + msg.kind, None)
         if handler is None:
             self.counters["dropped.unexpected"] += 1
@@ -102,6 +140,12 @@ class BrokerCore:
     def tick(self, now: float) -> Out:
         """Heartbeats out, dead workers removed."""
         out: Out = []
+        if self._deferred and not self._syncing(now):
+            deferred, self._deferred = self._deferred, []
+            log.info("map rebuilt from %d worker table(s): carrying out %d held command(s)",
+                     len(self.workers), len(deferred))
+            for sender, msg in deferred:
+                out += self._carry_out(sender, msg, now)
         for sender, (since, held) in list(self.limbo.items()):
             if now - since > 3 * self.worker_timeout:
                 del self.limbo[sender]
@@ -115,11 +159,14 @@ class BrokerCore:
                             w.worker_id, w.pid, now - w.last_seen)
                 out += self.remove_worker(w.worker_id)
             else:
-                out.append((w.worker_id, Message("hb", {})))
+                w.ack_sent = w.acked
+                out.append((w.worker_id, Message("hb", {"ack": w.acked})))
         return out
 
     def remove_worker(self, worker_id: str) -> Out:
-        self.workers.pop(worker_id, None)
+        info = self.workers.pop(worker_id, None)
+        if info is not None:
+            self._graveyard[worker_id] = info.acked
         self.counters["workers.removed"] += 1
         outcomes = self.registry.drop_worker(worker_id)
         out = self._delta([], [o.entry.conn_id for o in outcomes])
@@ -147,7 +194,11 @@ class BrokerCore:
 
     # -- worker -> broker kinds --------------------------------------
     def _hello(self, sender: str, body: dict, now: float) -> Out:
-        info = self.workers.get(sender) or WorkerInfo(sender)
+        info = self.workers.get(sender)
+        if info is None:
+            info = WorkerInfo(sender, acked=self._graveyard.pop(sender, 0))
+        # commands after ``base`` are resent right after this hello
+        info.acked = max(info.acked, int(body.get("base", 0)))
         info.pid = int(body.get("pid", 0))
         info.limit = body.get("limit")
         info.last_seen = now
@@ -271,13 +322,13 @@ class Broker:
 
     def __init__(self, endpoint: str, zmq_module=None, worker_timeout: float = WORKER_TIMEOUT,
                  heartbeat: float = HEARTBEAT, context=None,
-                 parent_pid: Optional[int] = None) -> None:
+                 parent_pid: Optional[int] = None, sync_window: float = 0.0) -> None:
         if zmq_module is None:
             import zmq as zmq_module
         self.zmq = zmq_module
         self.endpoint = endpoint
         self.heartbeat = heartbeat
-        self.core = BrokerCore(worker_timeout)
+        self.core = BrokerCore(worker_timeout, sync_window=sync_window)
         self._stop = False
         # stop when this process (the supervisor) is gone
         self.parent_pid = parent_pid

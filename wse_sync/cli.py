@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--bind", required=True, help="e.g. tcp://127.0.0.1:5555 or ipc:///tmp/wse")
     b.add_argument("--log-level", default="info")
     b.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)
+    b.add_argument("--sync-window", type=float, default=2.5,
+                   help="seconds to hold routed commands after start while workers resend"
+                        " their tables (default 2.5; 0 for a fresh cluster)")
 
     st = sub.add_parser("stats", help="print a broker's users, connections and counters")
     st.add_argument("--broker", required=True)
@@ -61,7 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _stats(args.broker, args.timeout)
     _setup_logging(args.log_level)
     if args.command == "broker":
-        return _broker(args.bind, args.parent)
+        return _broker(args.bind, args.parent, args.sync_window)
     if args.command == "_worker":
         from .worker import run_worker
         return run_worker(args.app, args.fd, args.broker, options=json.loads(args.options),
@@ -94,12 +97,12 @@ def _serve(args: argparse.Namespace) -> int:
     return sup.run()
 
 
-def _broker(bind: str, parent: Optional[int] = None) -> int:
+def _broker(bind: str, parent: Optional[int] = None, sync_window: float = 2.5) -> int:
     import signal
 
     from .broker import Broker
 
-    broker = Broker(bind, parent_pid=parent)
+    broker = Broker(bind, parent_pid=parent, sync_window=sync_window)
     signal.signal(signal.SIGTERM, lambda s, f: broker.stop())
     signal.signal(signal.SIGINT, lambda s, f: broker.stop())
     broker.run()

@@ -8,10 +8,11 @@ on an AsyncResult, never on the socket.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Dict, Hashable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Deque, Dict, Hashable, List, Optional, Tuple
 
 import gevent
 from gevent.event import AsyncResult
@@ -88,6 +89,9 @@ class BrokerLink:
         # leaves the broker has not answered yet: resent after a broker restart
         self._unacked: Dict[str, dict] = {}
         self.down_since: Optional[float] = None
+        # cross-worker commands not yet acked by the broker: (seq, kind, body, data)
+        self._outbox: Deque[tuple] = deque()
+        self._seq = 0
 
     # -- life ------------------------------------------------------------
     def start(self) -> None:
@@ -117,9 +121,13 @@ class BrokerLink:
             self.sock.close(linger=500)
 
     def _hello(self) -> None:
+        """Send this worker's table, then every command the broker has not acked."""
         table = [[c.conn_id, c.cid, c.meta, c.joined_at] for c in self.server._conns.values()]
+        base = self._outbox[0][0] - 1 if self._outbox else self._seq
         self._send("hello", {"pid": os.getpid(), "limit": self.server.conn_per_user,
-                             "table": table})
+                             "table": table, "base": base})
+        for seq, kind, body, data in list(self._outbox):
+            self._send(kind, body, data)
 
     # -- requests ------------------------------------------------------------
     def join(self, conn: "WseConnection", limit: Optional[int]) -> Tuple[bool, List[str]]:
@@ -159,19 +167,19 @@ class BrokerLink:
         self._send_quietly("leave", body)
 
     def send_cid(self, cid: Hashable, data: Any) -> None:
-        self._send("send", {"cid": cid}, data)
+        self._command("send", {"cid": cid}, data)
 
     def broadcast(self, data: Any) -> None:
-        self._send("bcast", {}, data)
+        self._command("bcast", {}, data)
 
     def drop_cid(self, cid: Hashable, reason: str) -> None:
-        self._send("drop_cid", {"cid": cid, "reason": reason})
+        self._command("drop_cid", {"cid": cid, "reason": reason})
 
     def conn_send(self, conn_id: str, data: Any) -> None:
-        self._send("conn_send", {"conn_id": conn_id}, data)
+        self._command("conn_send", {"conn_id": conn_id}, data)
 
     def conn_drop(self, conn_id: str, reason: str) -> None:
-        self._send("conn_drop", {"conn_id": conn_id, "reason": reason})
+        self._command("conn_drop", {"conn_id": conn_id, "reason": reason})
 
     def call(self, conn_id: str, rp: str, payload: Any, timeout: float) -> Any:
         """Server -> client RPC on a connection held by another worker."""
@@ -193,30 +201,42 @@ class BrokerLink:
         raise WseError(err.get("code", WSE_ERROR.RP_EXECUTION_FAILED), err.get("details"))
 
     # -- socket --------------------------------------------------------------
-    def _send(self, kind: str, body: Optional[dict] = None, data: Any = None) -> None:
-        """Queue one message for the broker, or raise BROKER_UNAVAILABLE.
-
-        While the broker is away, messages wait in the socket (at most
-        ``outage_buffer``) and go out after the resync; past ``outage_limit``
-        seconds of outage, or with the buffer full, the caller gets the error
-        (and the server's ``error`` event fires).
-        """
-        if self._stopped and kind != "bye":
+    def _command(self, kind: str, body: dict, data: Any = None) -> None:
+        """A cross-worker command: kept until the broker acks it, resent to a
+        restarted broker, and refused with BROKER_UNAVAILABLE (plus an
+        ``error`` event) when ``outage_buffer`` commands wait or the broker has
+        been away for more than ``outage_limit`` seconds."""
+        if self._stopped:
             raise WseError(WSE_ERROR.BROKER_UNAVAILABLE, {"reason": "worker is stopping"})
         down = self.down_since
-        if down is not None and kind not in ("hb", "hello", "leave", "bye") \
-                and time.monotonic() - down > self.outage_limit:
+        if down is not None and time.monotonic() - down > self.outage_limit:
             self._unavailable(kind, f"broker away for more than {self.outage_limit:.0f}s")
+        if len(self._outbox) >= self.outage_buffer:
+            self._unavailable(kind, f"{len(self._outbox)} commands wait for the broker")
+        self._seq += 1
+        body["seq"] = self._seq
+        self._outbox.append((self._seq, kind, body, data))
+        if down is None:
+            try:
+                self._send(kind, body, data)
+            except WseError:
+                pass  # kept in the outbox: resent with the next hello
+
+    def _acked(self, seq: int) -> None:
+        outbox = self._outbox
+        while outbox and outbox[0][0] <= seq:
+            outbox.popleft()
+
+    def _send(self, kind: str, body: Optional[dict] = None, data: Any = None) -> None:
         try:
             self.sock.send_multipart(encode(kind, body, data), self.zmq.NOBLOCK)
         except self.zmq.ZMQError as exc:
-            self._unavailable(kind, f"broker queue full ({exc})")
+            raise WseError(WSE_ERROR.BROKER_UNAVAILABLE, {"kind": kind, "error": str(exc)}) from None
 
     def _unavailable(self, kind: str, why: str) -> None:
         error = WseError(WSE_ERROR.BROKER_UNAVAILABLE, {"kind": kind, "reason": why})
-        log.error("%r not sent: %s", kind, why)
-        if kind not in ("hb", "leave", "result"):
-            self.server._emit_error(error, None)
+        log.error("%r refused: %s", kind, why)
+        self.server._emit_error(error, None)
         raise error
 
     def _send_quietly(self, kind: str, body: dict) -> None:
@@ -308,7 +328,8 @@ class BrokerLink:
             self._hello()
         elif kind == "refused":
             log.error("the broker refused this worker: it speaks schema %s", body.get("version"))
-        # "hb" only refreshes _last_broker
+        elif kind in ("hb", "ack"):
+            self._acked(int(body.get("ack", body.get("seq", 0))))
 
     def _serve_call(self, body: dict) -> None:
         conn = self.server._conns.get(body["conn_id"])

@@ -28,7 +28,7 @@ KINDS = frozenset({
     "hello", "hb", "join", "leave", "send", "bcast", "drop_cid", "conn_send",
     "conn_drop", "call", "result", "stats", "bye",
     # broker -> worker
-    "snapshot", "delta", "joined", "left", "deliver", "drop", "reset", "refused",
+    "snapshot", "delta", "joined", "left", "deliver", "drop", "reset", "refused", "ack",
 })
 
 

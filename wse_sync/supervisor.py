@@ -58,10 +58,12 @@ class Supervisor:
         sock.set_inheritable(True)
         return sock
 
-    def _start_broker(self) -> None:
+    def _start_broker(self, fresh: bool = False) -> None:
+        # a restarted broker waits for the workers' tables before routing
+        window = "0" if fresh else "2.5"
         self.broker_proc = subprocess.Popen(
             _python_cmd("broker", "--bind", self.broker_endpoint, "--log-level", self.log_level,
-                        "--parent", str(os.getpid())),
+                        "--parent", str(os.getpid()), "--sync-window", window),
             start_new_session=True)
         log.info("broker started (pid %d) on %s", self.broker_proc.pid, self.broker_endpoint)
 
@@ -105,7 +107,7 @@ class Supervisor:
         if not self.external_broker:
             self._tmpdir = tempfile.mkdtemp(prefix="wse-sync-")
             self.broker_endpoint = f"ipc://{self._tmpdir}/broker.sock"
-            self._start_broker()
+            self._start_broker(fresh=True)
         for _ in range(self.n_workers):
             self._start_worker()
         log.info("wse-sync serving %s on %s:%d with %d worker(s)",

@@ -76,7 +76,10 @@ def run_worker(app_spec: str, fd: int, broker: str, worker_id: Optional[str] = N
     http.start()
     log.info("worker %d serving %s on %s", os.getpid(), app_spec, listener.getsockname())
     if ready_fd is not None:
-        os.write(ready_fd, b"1")
+        try:
+            os.write(ready_fd, b"1")
+        except OSError:  # nobody waits for this worker's readiness
+            pass
         os.close(ready_fd)
     stopping = gevent.event.Event()
 

@@ -83,3 +83,38 @@ def _send_conns(conn, payload):
 @server.register("events")
 def _events(conn, payload):
     return events
+
+
+@server.register("ident_send")
+def _ident_send(conn, payload):
+    """WseIdentity.send, from the identity this worker sees in server.clients."""
+    server.clients[payload["cid"]].send(payload["type"], payload.get("payload"))
+    return True
+
+
+@server.register("drop_conn")
+def _drop_conn(conn, payload):
+    """Drop one connection (local or remote) of a user, by conn_id."""
+    server.clients[payload["cid"]].conns[payload["conn_id"]].drop(payload.get("reason", ""))
+    return True
+
+
+@server.register("call_stale")
+def _call_stale(conn, payload):
+    """Keep a connection object, tell the caller ("captured"), wait until that
+    connection has left server.clients, then call it: the object is stale."""
+    import gevent
+
+    target = server.clients[payload["cid"]].conns[payload["conn_id"]]
+    conn.send("captured", payload["conn_id"])
+    for _ in range(500):
+        ident = server.clients.get(payload["cid"])
+        if ident is None or payload["conn_id"] not in ident.conns:
+            break
+        gevent.sleep(0.02)
+    else:
+        return ["still-there"]
+    try:
+        return ["ok", target.call(payload["rp"], None, timeout=payload.get("timeout"))]
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return ["err", getattr(exc, "code", repr(exc)), getattr(exc, "details", None)]
