@@ -193,3 +193,35 @@ class RawWS:
             self.sock.close()
         except OSError:
             pass
+
+
+def broker_stats(endpoint: str, timeout: float = 5 * UNIT) -> Optional[dict]:
+    """``wse-sync stats`` as a dict, or None when the broker does not answer."""
+    import json
+    out = subprocess.run([sys.executable, "-m", "wse_sync", "stats", "--broker", endpoint,
+                          "--timeout", str(timeout)], capture_output=True, text=True,
+                         timeout=timeout + 10)
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def broker_of(sp: "ServerProcess") -> tuple:
+    """(pid, endpoint) of the newest broker a ``serve`` process started."""
+    line = sp.wait_line(r"broker started \(pid \d+\) on")[-1]
+    m = re.search(r"pid (\d+)\) on (\S+)", line)
+    return int(m.group(1)), m.group(2)
+
+
+def spread_clients(url: str, workers: int, per_worker: int, prefix: str = "u",
+                   limit: int = 200, **client_kw) -> dict:
+    """Connect clients (identity prefix+n) until each of ``workers`` worker pids
+    holds ``per_worker`` of them; returns {pid: [client, ...]}."""
+    from wse_sync import WseClient
+    by_pid: dict = {}
+    for n in range(limit):
+        c = WseClient(url, **client_kw)
+        welcome = c.connect(f"{prefix}{n}")
+        by_pid.setdefault(welcome["pid"], []).append(c)
+        if len(by_pid) >= workers and all(len(v) >= per_worker for v in by_pid.values()):
+            return by_pid
+    raise AssertionError(f"connections did not spread over {workers} workers: "
+                         f"{ {p: len(v) for p, v in by_pid.items()} }")

@@ -142,3 +142,41 @@ def test_leave_known_only_to_a_previous_broker_fires_left_once_per_answer():
     same = dict(old, epoch="new")
     out = core.handle("w1", Message("leave", same), 0)
     assert [m.body["last"] for w, m in out if m.kind == "left"] == [False]
+
+
+def test_calls_towards_a_dead_worker_fail_with_rp_disconnect():
+    core = BrokerCore(worker_timeout=3)
+    hello(core, "w1", now=0)
+    hello(core, "w2", now=0)
+    core.handle("w2", Message("join", {"req": 1, "conn_id": "c", "cid": "u"}), 0)
+    out = core.handle("w1", Message("call", {"call": 9, "conn_id": "c", "rp": "x"}), 0)
+    assert kinds(out) == [("w2", "call")]
+    core.handle("w1", Message("hb", {}), 3.5)
+    out = core.tick(4.0)
+    results = [(w, m.body) for w, m in out if m.kind == "result"]
+    assert results == [("w1", {"call": 9, "ok": False, "value": {
+        "code": "wse.client.rp.disconnect",
+        "details": {"disconnected": [1006, "wse.worker-died"]}}})]
+
+
+def test_routed_commands_wait_for_the_map_after_a_restart():
+    core = BrokerCore(sync_window=2.0)
+    hello(core, "w1", now=0.0)
+    out = core.handle("w1", Message("send", {"cid": "bob", "seq": 1}, "x"), 0.5)
+    assert out == []  # bob's worker has not sent its table yet
+    hello(core, "w2", table=[["b", "bob", None, 1.0]], now=1.0)
+    assert [m.kind for w, m in core.tick(1.5) if m.kind != "hb"] == []  # still held
+    out = core.tick(2.5)
+    assert [(w, m.data) for w, m in out if m.kind == "deliver"] == [("w2", "x")]
+
+
+def test_commands_are_acked_and_duplicates_dropped():
+    core = BrokerCore()
+    hello(core, "w1")
+    hello(core, "w2", table=[["b", "bob", None, 1.0]])
+    out = core.handle("w1", Message("send", {"cid": "bob", "seq": 1}, "x"), 0)
+    assert kinds(out) == [("w2", "deliver")]
+    assert core.handle("w1", Message("send", {"cid": "bob", "seq": 1}, "x"), 0) == []
+    assert core.counters["dropped.duplicate"] == 1
+    hb = [m.body for w, m in core.tick(0.5) if w == "w1"]
+    assert hb == [{"ack": 1}]

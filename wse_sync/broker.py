@@ -12,7 +12,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import WSE_ERROR, WSE_REASON
 from .messages import Message, SchemaError, VERSION, decode, encode
@@ -70,6 +70,8 @@ class BrokerCore:
         self.sync_window = sync_window
         self._sync_until: Optional[float] = None
         self._deferred: List[Tuple[str, Message]] = []
+        # server -> client calls on their way: (origin, call id) -> holder worker
+        self._calls: Dict[Tuple[str, Any], str] = {}
 
     # -- entry points -------------------------------------------------
     def handle(self, sender: str, msg: Message, now: float) -> Out:
@@ -169,7 +171,15 @@ class BrokerCore:
             self._graveyard[worker_id] = info.acked
         self.counters["workers.removed"] += 1
         outcomes = self.registry.drop_worker(worker_id)
-        out = self._delta([], [o.entry.conn_id for o in outcomes])
+        out_calls: Out = []
+        for (origin, call), holder in list(self._calls.items()):
+            if holder == worker_id or origin == worker_id:
+                del self._calls[(origin, call)]
+                if holder == worker_id and origin in self.workers:
+                    out_calls.append((origin, Message("result", {"call": call, "ok": False,
+                        "value": {"code": WSE_ERROR.RP_DISCONNECT,
+                                  "details": {"disconnected": [1006, "wse.worker-died"]}}})))
+        out = out_calls + self._delta([], [o.entry.conn_id for o in outcomes])
         survivors = list(self.workers)
         for i, o in enumerate(outcomes):
             if o.last and survivors:
@@ -288,10 +298,12 @@ class BrokerCore:
                 "code": WSE_ERROR.CONNECTION_NOT_READY,
                 "details": {"conn_id": body["conn_id"]}}}))]
         fwd = dict(body, origin=sender)
+        self._calls[(sender, body["call"])] = entry.worker
         return self._routed([(entry.worker, Message("call", fwd))])
 
     def _on_result(self, sender, body, data, now) -> Out:
         origin = body.pop("origin")
+        self._calls.pop((origin, body.get("call")), None)
         return self._routed([(origin, Message("result", body))])
 
     # -- helpers -------------------------------------------------------

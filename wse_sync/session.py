@@ -38,8 +38,8 @@ HI, CHALLENGE, RESPONSE, CALL, CHANNEL = "hi", "challenge", "response", "call", 
 RULES = {
     (AWAIT_HI, HI): "start_auth",
     **{(DECIDING, k): "ignore" for k in (HI, CHALLENGE, RESPONSE, CALL, CHANNEL)},
+    # once challenged, anything but the answer is a protocol error (as in the reference)
     (CHALLENGED, CHALLENGE): "challenge_answer",
-    **{(CHALLENGED, k): "ignore" for k in (HI, RESPONSE, CALL, CHANNEL)},
     (READY, RESPONSE): "resolve_call",
     (READY, CALL): "rpc",
     (READY, CHANNEL): "channel",
