@@ -5,6 +5,7 @@ from gevent.event import Event
 
 from helpers import UNIT, RawWS, inproc_server, wait_for
 from wse_sync import WSE_ERROR, WSE_REASON, WSE_STATUS, WseClient, WseError, WseServer
+from wse_sync.framing import OP_TEXT, build_frame
 
 
 def accept_all(identity, accept, **_):
@@ -371,3 +372,124 @@ def test_client_without_solver_cannot_pass_a_challenge():
         with pytest.raises(WseError) as info:
             c.challenge("not callable")
         assert info.value.code == WSE_ERROR.INVALID_CRA_HANDLER
+
+
+def test_accept_may_come_later_from_another_greenlet():
+    def identify(identity, accept):
+        gevent.spawn_later(0.05, accept, identity, {"late": True})  # identify returns first
+
+    server = WseServer(identify=identify)
+    with inproc_server(server) as url:
+        c = WseClient(url)
+        assert c.connect("async") == {"late": True}
+        assert "async" in server.clients
+        c.close()
+
+
+def test_the_first_decision_wins():
+    def identify(identity, accept, refuse):
+        if identity == "yes-then-no":
+            accept("first", 1)
+            refuse()
+            accept("second", 2)
+        else:
+            refuse()
+            accept(identity, 3)
+
+    server = WseServer(identify=identify)
+    with inproc_server(server) as url:
+        c = WseClient(url)
+        assert c.connect("yes-then-no") == 1
+        assert list(server.clients) == ["first"]
+        c.close()
+        with pytest.raises(WseError) as info:
+            WseClient(url).connect("no-then-yes")
+        assert info.value.code == WSE_ERROR.NOT_AUTHORIZED
+
+
+def test_messages_while_identify_decides_are_ignored():
+    gate = Event()
+    entered = Event()
+
+    def identify(identity, accept):
+        entered.set()
+        gate.wait(10 * UNIT)
+        accept(identity)
+
+    server = WseServer(identify=identify)
+    got = []
+    server.channel.on("chat", lambda conn, p: got.append(p))
+    server.register("echo", lambda conn, p: p)
+    with inproc_server(server) as url:
+        ws = RawWS(url)
+        # one write: the server reads these frames together, right after the hi
+        frames = ['["~wse:hi",{"identity":"w","meta":{}},null]',
+                  '["chat","too early",null]',
+                  '["echo","too early","abcdefghij"]',
+                  '["~wse:hi",{"identity":"again","meta":{}},null]',
+                  '["~wse:challenge",1,null]']
+        ws.send_raw(b"".join(build_frame(OP_TEXT, f.encode(), mask=True) for f in frames))
+        assert entered.wait(5 * UNIT)
+        gate.set()
+        assert ws.recv() == ("text", '["~wse:welcome",null,null]')
+        ws.send_text('["chat","in time",null]')
+        ws.send_text('["echo","after","abcdefghi1"]')
+        assert ws.recv() == ("text", '["~wse:response","after","abcdefghi1"]')
+        assert got == ["in time"]
+        assert list(server.clients) == ["w"]
+        ws.close()
+        ws.shutdown()
+
+
+def test_no_hi_within_the_handshake_timeout():
+    server = WseServer(identify=accept_all, handshake_timeout=0.2 * UNIT)
+    with inproc_server(server) as url:
+        ws = RawWS(url)
+        assert ws.recv_until_close() == ("close", 1000, WSE_REASON.NOT_AUTHORIZED)
+        ws.shutdown()
+
+
+def test_identify_that_never_decides_hits_the_auth_timeout():
+    server = WseServer(identify=lambda accept: None, auth_timeout=0.2 * UNIT)
+    with inproc_server(server) as url:
+        with pytest.raises(WseError) as info:
+            WseClient(url).connect("undecided")
+        assert info.value.code == WSE_ERROR.NOT_AUTHORIZED
+        assert len(server.clients) == 0
+
+
+def test_first_message_must_be_hi():
+    server = WseServer(identify=accept_all)
+    with inproc_server(server) as url:
+        ws = RawWS(url)
+        ws.send_text('["chat","hello",null]')
+        assert ws.recv_until_close() == ("close", 1000, WSE_REASON.PROTOCOL_ERR)
+        ws.shutdown()
+
+
+def test_remote_addr_from_x_forwarded_for_and_null_meta():
+    server = WseServer(identify=accept_all)
+    conns = []
+    server.when.connected(conns.append)
+    with inproc_server(server) as url:
+        ws = RawWS(url, headers={"X-Forwarded-For": "203.0.113.7"})
+        ws.send_text('["~wse:hi",{"identity":"fw","meta":null},null]')
+        assert ws.recv() == ("text", '["~wse:welcome",{"hello":"fw"},null]')
+        wait_for(lambda: conns)
+        assert conns[0].remote_addr == "203.0.113.7"
+        assert conns[0].meta == {}
+        ws.close()
+        ws.shutdown()
+
+
+def test_a_refused_client_may_connect_again():
+    server = WseServer(identify=lambda identity, accept, refuse:
+                       accept(identity) if identity == "good" else refuse())
+    with inproc_server(server) as url:
+        c = WseClient(url)
+        with pytest.raises(WseError):
+            c.connect("bad")
+        assert c.status == WSE_STATUS.OFFLINE
+        assert c.connect("good") is None
+        assert c.status == WSE_STATUS.READY
+        c.close()

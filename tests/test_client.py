@@ -484,3 +484,24 @@ def test_client_comes_back_after_a_server_process_restart():
             c.close()
         finally:
             assert again.stop() == 0
+
+
+def test_reconnect_stops_when_the_server_refuses():
+    allowed = {"once"}
+    server = WseServer(identify=lambda identity, accept, refuse:
+                       accept(identity) if identity in allowed else refuse())
+    conns = []
+    server.when.connected(conns.append)
+    with inproc_server(server) as url:
+        c = WseClient(url, reconnect=True)
+        updated = []
+        c.when.updated(updated.append)
+        c.connect("once")
+        wait_for(lambda: conns)
+        allowed.clear()
+        conns[0].close(1012, "")
+        wait_for(lambda: c.status == WSE_STATUS.OFFLINE and updated[-1] == WSE_STATUS.OFFLINE,
+                 timeout=10 * UNIT)
+        assert updated == [WSE_STATUS.CONNECTING, WSE_STATUS.READY, WSE_STATUS.RE_CONNECTING,
+                           WSE_STATUS.OFFLINE]
+        assert c._reconnector is None or c._reconnector.dead

@@ -491,3 +491,48 @@ def test_message_without_a_valid_type_is_a_protocol_violation(frame):
         ws.shutdown()
         wait_for(lambda: errors)
         assert errors == [WSE_ERROR.PROTOCOL_VIOLATION]
+
+
+def test_internal_types_after_the_welcome_are_plain_messages():
+    from helpers import RawWS
+    server = make_server()
+    got, ignored = [], []
+    server.channel.on("~wse:challenge", lambda conn, p: got.append(p))
+    server.when.ignored(lambda conn, type_, payload: ignored.append((type_, payload)))
+    with inproc_server(server) as url:
+        ws = RawWS(url)
+        ws.send_text('["~wse:hi",{"identity":"raw","meta":{}},null]')
+        assert ws.recv()[0] == "text"
+        ws.send_text('["~wse:hi",{"identity":"other"},null]')
+        ws.send_text('["~wse:challenge",5,null]')
+        ws.send_text('["~wse:response",6,null]')
+        wait_for(lambda: len(ignored) == 2 and got)
+        assert ignored == [("~wse:hi", {"identity": "other"}), ("~wse:response", 6)]
+        assert got == [5]
+        assert list(server.clients) == ["raw"]
+        ws.close()
+        ws.shutdown()
+
+
+def test_clients_is_a_read_only_mapping():
+    server = make_server(conn_per_user=2)
+    with inproc_server(server) as url:
+        a, b = WseClient(url), WseClient(url)
+        a.connect("one", {"first": True})
+        b.connect("one", {"first": False})
+        c = WseClient(url)
+        c.connect(2)
+        assert len(server.clients) == 2
+        assert set(server.clients.keys()) == {"one", 2}
+        assert server.clients.get("nobody") is None
+        ident = server.clients["one"]
+        assert ident.cid == "one" and ident.meta == {"first": True}
+        assert len(ident.conns) == 2
+        assert {conn.meta["first"] for conn in ident.conns.values()} == {True, False}
+        with pytest.raises(TypeError):
+            server.clients["x"] = ident
+        with pytest.raises(KeyError):
+            server.clients["nobody"]
+        for cl in (a, b, c):
+            cl.close()
+        wait_for(lambda: len(server.clients) == 0)

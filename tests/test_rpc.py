@@ -436,3 +436,38 @@ def test_client_call_on_a_closed_client():
             c.call("echo", 1)
         assert info.value.code == WSE_ERROR.CONNECTION_NOT_READY
         assert WSE_REASON.BY_CLIENT == "wse.by-client"
+
+
+def test_a_result_that_cannot_be_packed():
+    server = make_server()
+    server.register("set", lambda conn, p: {1, 2})
+    server.register("echo", lambda conn, p: p)
+    errors = []
+    server.when.error(lambda err, conn: errors.append(err))
+    with inproc_server(server) as url:
+        c = WseClient(url)
+        c.connect("s")
+        with pytest.raises(WseError) as info:
+            c.call("set")
+        assert info.value.code == WSE_ERROR.RP_EXECUTION_FAILED
+        assert info.value.details["rpc"] == "set"
+        wait_for(lambda: errors)
+        assert errors[0].code == WSE_ERROR.RP_EXECUTION_FAILED
+        assert c.call("echo", 1) == 1
+        c.close()
+
+
+def test_client_closing_with_a_call_pending():
+    server = make_server()
+    entered = Event()
+    server.register("hang", lambda conn, p: (entered.set(), Event().wait(10 * UNIT)))
+    with inproc_server(server) as url:
+        c = WseClient(url)
+        c.connect("closer")
+        pending = gevent.spawn(c.call, "hang")
+        assert entered.wait(5 * UNIT)
+        c.close(reason="leaving")
+        with pytest.raises(WseError) as info:
+            pending.get(timeout=5 * UNIT)
+        assert info.value.code == WSE_ERROR.RP_DISCONNECT
+        assert info.value.details["disconnected"][0] == 1000

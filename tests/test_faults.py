@@ -1,0 +1,129 @@
+"""Faults with real processes: SIGKILL a worker, SIGKILL the broker, SIGHUP roll.
+
+Each test starts `wse-sync serve tests/apps/cluster_app.py:server` with several
+workers and checks the outcome the README's "What happens when..." promises.
+"""
+import os
+import signal
+
+import gevent
+import pytest
+
+from helpers import UNIT, broker_of, broker_stats, serve_process, spread_clients, wait_for
+from wse_sync import WSE_ERROR, WSE_STATUS, WseClient, WseError
+
+APP = "tests/apps/cluster_app.py:server"
+pytestmark = pytest.mark.timeout(120)
+
+
+def observer(url, name="observer"):
+    """A client that records the app's joined/left broadcasts."""
+    c = WseClient(url)
+    seen = []
+    c.channel.on("ev", seen.append)
+    c.connect(name)
+    return c, seen
+
+
+def test_worker_killed(monkeypatch):
+    monkeypatch.setenv("WSE_TEST_CPU", "3")
+    with serve_process(APP, workers=2) as sp:
+        _, endpoint = broker_of(sp)
+        by_pid = spread_clients(sp.url, 2, 2)
+        (victim, doomed), (survivor, safe) = list(by_pid.items())[:2]
+        watcher = safe[0]
+        obs, seen = observer(sp.url)
+        # a call from the survivor towards a client on the victim, left hanging
+        hang = doomed[0]
+        hang.register("hang", lambda payload: gevent.sleep(60))
+        pending = gevent.spawn(watcher.call, "call_conn",
+                               {"cid": hang.identity, "rp": "hang", "timeout": 30}, 40)
+        wait_for(lambda: hang._calls or True)
+        gevent.sleep(0.3 * UNIT)  # let the call reach the client (no event to await)
+        total = sum(len(v) for v in by_pid.values()) + 1
+        os.kill(victim, signal.SIGKILL)
+        # the victim's clients see their sockets close; nobody else does
+        wait_for(lambda: all(c.close_status for c in doomed), timeout=5 * UNIT)
+        assert all(c.close_status[0] == 1006 for c in doomed)
+        # the in-flight call fails with RP_DISCONNECT, well before its 30 s timeout
+        result = pending.get(timeout=10 * UNIT)
+        assert list(result.values())[0][:2] == ["err", WSE_ERROR.RP_DISCONNECT]
+        # the broker drops the dead worker's connections (3 s heartbeat timeout)
+        wait_for(lambda: (broker_stats(endpoint) or {}).get("connections")
+                 == total - len(doomed), timeout=10 * UNIT)
+        # 'left' fired exactly once per user of the dead worker, on a survivor
+        wait_for(lambda: len([e for e in seen if e[0] == "left"]) >= len(doomed),
+                 timeout=10 * UNIT)
+        gevent.sleep(0.5 * UNIT)  # a duplicate would arrive in this window
+        lefts = [e for e in seen if e[0] == "left"]
+        assert sorted(e[1] for e in lefts) == sorted(c.identity for c in doomed)
+        assert all(e[2] != victim and e[3] == 1006 for e in lefts)
+        # everyone else is still served
+        assert all(c.status == WSE_STATUS.READY for c in safe)
+        assert watcher.call("pid") == survivor
+        # a replacement worker serves new connections on the same port
+        sp.wait_line(r"worker \d+ serving", count=3)
+        pids = {WseClient(sp.url).connect(f"late{i}")["pid"] for i in range(12)}
+        assert victim not in pids
+
+
+def test_broker_killed(monkeypatch):
+    monkeypatch.setenv("WSE_TEST_CPU", "3")
+    with serve_process(APP, workers=2) as sp:
+        broker_pid, endpoint = broker_of(sp)
+        by_pid = spread_clients(sp.url, 2, 2)
+        (pid_a, side_a), (pid_b, side_b) = list(by_pid.items())[:2]
+        a, b = side_a[0], side_b[0]
+        got = []
+        b.channel.on("hello", got.append)
+        clients = [c for cs in by_pid.values() for c in cs]
+        os.kill(broker_pid, signal.SIGKILL)
+        # local traffic goes on
+        assert a.call("pid") == pid_a
+        # a cross-worker send issued during the outage arrives after the resync
+        a.call("send", {"cid": b.identity, "type": "hello", "payload": "during"})
+        sp.wait_line(r"broker started", count=2)
+        wait_for(lambda: got == ["during"], timeout=15 * UNIT)
+        # the map is rebuilt and equals reality
+        stats = wait_for(lambda: (s := broker_stats(endpoint)) and
+                         s["connections"] == len(clients) and s, timeout=10 * UNIT)
+        assert stats["users"] == len(clients)
+        # no client connection was lost, and no joined/left fired because of it
+        assert all(c.status == WSE_STATUS.READY and c.close_status is None for c in clients)
+        events = a.call("events") + b.call("events")
+        assert sorted(e[1] for e in events if e[0] == "joined") == sorted(
+            c.identity for c in clients)
+        assert [e for e in events if e[0] == "left"] == []
+        # and the cluster works as before
+        c_new = WseClient(sp.url)
+        c_new.connect("newcomer")
+        assert "newcomer" in a.call("clients") and "newcomer" in b.call("clients") or \
+            wait_for(lambda: "newcomer" in a.call("clients") and "newcomer" in b.call("clients"))
+
+
+def test_rolling_restart_never_refuses(monkeypatch):
+    monkeypatch.setenv("WSE_TEST_CPU", "3")
+    with serve_process(APP, workers=2) as sp:
+        _, endpoint = broker_of(sp)
+        by_pid = spread_clients(sp.url, 2, 2, reconnect=True)
+        old = set(by_pid)
+        clients = [c for cs in by_pid.values() for c in cs]
+        statuses, closes = [], []
+        for c in clients:
+            c.when.updated(statuses.append)
+            c.when.closed(lambda code, reason: closes.append(code))
+        sp.proc.send_signal(signal.SIGHUP)
+        sp.wait_line(r"rolling restart done", timeout=60 * UNIT)
+        # every client came back, to a new worker; none was refused or went offline
+        def on_new_worker(c):
+            try:
+                return c.status == WSE_STATUS.READY and c.call("pid") not in old
+            except WseError:  # closed by the roll while we asked
+                return False
+
+        wait_for(lambda: all(on_new_worker(c) for c in clients), timeout=20 * UNIT)
+        assert WSE_STATUS.OFFLINE not in statuses
+        assert closes == [1012] * len(clients)
+        stats = wait_for(lambda: (s := broker_stats(endpoint)) and
+                         s["connections"] == len(clients) and s, timeout=10 * UNIT)
+        assert len(stats["workers"]) == 2
