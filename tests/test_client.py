@@ -505,3 +505,24 @@ def test_reconnect_stops_when_the_server_refuses():
         assert updated == [WSE_STATUS.CONNECTING, WSE_STATUS.READY, WSE_STATUS.RE_CONNECTING,
                            WSE_STATUS.OFFLINE]
         assert c._reconnector is None or c._reconnector.dead
+
+
+def test_a_failed_handshake_closes_the_socket():
+    # The server refuses the connection right after the upgrade (no subprotocol
+    # match); with a long close_timeout, its handler greenlet ends only when the
+    # client closes its socket.
+    from gevent.pool import Pool
+    server = make_server(protocol=AltJSON(), close_timeout=30)
+    pool = Pool()
+    http = make_wsgi_server(server, ("127.0.0.1", 0), spawn=pool)
+    http.start()
+    try:
+        for path in ("/", "/again"):
+            c = WseClient(f"ws://127.0.0.1:{http.server_port}{path}")
+            with pytest.raises(WseError) as info:
+                c.connect("x")
+            assert info.value.code == WSE_ERROR.WS_CLIENT_ERROR
+            wait_for(lambda: len(pool) == 0, timeout=10 * UNIT)
+    finally:
+        server.shutdown(1001, "", timeout=2)
+        http.stop(timeout=2)

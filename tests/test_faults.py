@@ -7,6 +7,7 @@ import os
 import signal
 
 import gevent
+import gevent.event
 import pytest
 
 from helpers import UNIT, broker_of, broker_stats, serve_process, spread_clients, wait_for
@@ -35,11 +36,16 @@ def test_worker_killed(monkeypatch):
         obs, seen = observer(sp.url)
         # a call from the survivor towards a client on the victim, left hanging
         hang = doomed[0]
-        hang.register("hang", lambda payload: gevent.sleep(60))
+        reached = gevent.event.Event()
+
+        def hang_forever(payload):
+            reached.set()
+            gevent.sleep(60)
+
+        hang.register("hang", hang_forever)
         pending = gevent.spawn(watcher.call, "call_conn",
                                {"cid": hang.identity, "rp": "hang", "timeout": 30}, 40)
-        wait_for(lambda: hang._calls or True)
-        gevent.sleep(0.3 * UNIT)  # let the call reach the client (no event to await)
+        assert reached.wait(10 * UNIT)
         total = sum(len(v) for v in by_pid.values()) + 1
         os.kill(victim, signal.SIGKILL)
         # the victim's clients see their sockets close; nobody else does
@@ -97,8 +103,7 @@ def test_broker_killed(monkeypatch):
         # and the cluster works as before
         c_new = WseClient(sp.url)
         c_new.connect("newcomer")
-        assert "newcomer" in a.call("clients") and "newcomer" in b.call("clients") or \
-            wait_for(lambda: "newcomer" in a.call("clients") and "newcomer" in b.call("clients"))
+        wait_for(lambda: "newcomer" in a.call("clients") and "newcomer" in b.call("clients"))
 
 
 def test_rolling_restart_never_refuses(monkeypatch):

@@ -214,6 +214,17 @@ class WseClient:
         host = parts.hostname or "127.0.0.1"
         port = parts.port or (443 if secure else 80)
         sock = gsocket.create_connection((host, port), timeout=self.connect_timeout)
+        try:
+            self._handshake(sock, parts, host, secure)
+        except BaseException:
+            # a refused or broken handshake must not leave the socket open
+            try:
+                sock.close()
+            except OSError:
+                pass
+            raise
+
+    def _handshake(self, sock, parts, host: str, secure: bool) -> None:
         sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
         if secure:
             sock = _ssl.create_default_context().wrap_socket(sock, server_hostname=host)
