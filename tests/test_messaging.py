@@ -536,3 +536,20 @@ def test_clients_is_a_read_only_mapping():
         for cl in (a, b, c):
             cl.close()
         wait_for(lambda: len(server.clients) == 0)
+
+
+def test_messages_from_joined_and_connected_handlers_follow_the_welcome():
+    server = make_server()
+    server.when.joined(lambda client, meta: client.send("from-joined", meta))
+    server.when.connected(lambda conn: conn.send("from-connected", conn.cid))
+    with inproc_server(server) as url:
+        c = WseClient(url)
+        order = []
+        c.when.ready(lambda welcome: order.append(("ready", welcome)))
+        c.channel.on("from-joined", lambda p: order.append(("joined", p)))
+        c.channel.on("from-connected", lambda p: order.append(("connected", p)))
+        c.connect("first", {"m": 1})
+        wait_for(lambda: len(order) == 3)
+        assert order[0] == ("ready", {"hello": "first"})
+        assert sorted(order[1:]) == [("connected", "first"), ("joined", {"m": 1})]
+        c.close()

@@ -471,3 +471,25 @@ def test_client_closing_with_a_call_pending():
             pending.get(timeout=5 * UNIT)
         assert info.value.code == WSE_ERROR.RP_DISCONNECT
         assert info.value.details["disconnected"][0] == 1000
+
+
+def test_a_channel_handler_may_call_the_client():
+    server = make_server()
+    answers = []
+
+    @server.channel.on("ask-me")
+    def ask_me(conn, payload):
+        answers.append(conn.call("answer", payload))
+        conn.send("done", answers[-1])
+
+    with inproc_server(server) as url:
+        c = WseClient(url)
+        done = []
+        c.register("answer", lambda p: p * 10)
+        c.channel.on("done", done.append)
+        c.connect("ch")
+        c.send("ask-me", 1)
+        c.send("ask-me", 2)
+        wait_for(lambda: len(done) == 2)
+        assert answers == done == [10, 20]
+        c.close()

@@ -215,7 +215,10 @@ class WseClient:
         port = parts.port or (443 if secure else 80)
         sock = gsocket.create_connection((host, port), timeout=self.connect_timeout)
         try:
-            self._handshake(sock, parts, host, secure)
+            sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
+            if secure:
+                sock = _ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            self._handshake(sock, parts)
         except BaseException:
             # a refused or broken handshake must not leave the socket open
             try:
@@ -224,10 +227,7 @@ class WseClient:
                 pass
             raise
 
-    def _handshake(self, sock, parts, host: str, secure: bool) -> None:
-        sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
-        if secure:
-            sock = _ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+    def _handshake(self, sock, parts) -> None:
         key = base64.b64encode(os.urandom(16)).decode("ascii")
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         request = (
