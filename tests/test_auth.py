@@ -435,6 +435,7 @@ def test_messages_while_identify_decides_are_ignored():
         ws.send_text('["chat","in time",null]')
         ws.send_text('["echo","after","abcdefghi1"]')
         assert ws.recv() == ("text", '["~wse:response","after","abcdefghi1"]')
+        wait_for(lambda: got)
         assert got == ["in time"]
         assert list(server.clients) == ["w"]
         ws.close()

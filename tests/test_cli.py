@@ -197,7 +197,9 @@ def test_bad_app_spec_is_a_clear_error(spec, name, with_port):
     argv = [sys.executable, "-m", "wse_sync", "serve", spec, "--workers", "1"]
     if with_port:
         argv += ["--host", "127.0.0.1", "--port", str(free_port())]
-    rc, out, err = run_cli(argv)
+    # loading an app takes about a second: a supervisor still up after 15 s
+    # is restarting workers that can never load it
+    rc, out, err = run_cli(argv, timeout=15 * UNIT)
     assert rc != 0
     assert "Traceback" not in err, err
     assert name in err, err

@@ -4,10 +4,8 @@ import os
 import struct
 import zlib
 
-import gevent
 import pytest
 import ujson
-from gevent.event import Event
 
 from helpers import UNIT, RawWS, ServerProcess, inproc_server, serve_process, wait_for
 from wse_sync import WSE_ERROR, WSE_REASON, WSE_STATUS, WseClient, WseError, WseServer
@@ -135,14 +133,10 @@ def exercise_protocol(protocol, types=("chat", "reply")):
             conns[0].call("unknown-on-client")
         assert info.value.code == WSE_ERROR.RP_NOT_REGISTERED
         c.close()
-    return url
 
 
 def test_custom_json_protocol_with_other_type_names():
-    url = None
-    protocol = AltJSON()
-    url = exercise_protocol(protocol)
-    assert url
+    exercise_protocol(AltJSON())
 
 
 def test_custom_json_protocol_on_the_wire():
@@ -311,6 +305,7 @@ def test_reconnect_to_a_restarted_server_on_the_same_port():
         c.connect("phoenix")
         s1.shutdown(1012, "", timeout=2 * UNIT)
         http1.stop(timeout=2 * UNIT)
+        wait_for(lambda: closed)
         assert closed[0] == (1012, "")
         assert c.status == WSE_STATUS.RE_CONNECTING
         http2 = make_wsgi_server(s2, ("127.0.0.1", port))
@@ -375,7 +370,7 @@ def test_close_while_reconnecting_stops_for_good():
     c.connect("gone")
     s1.shutdown(1012, "", timeout=2 * UNIT)
     http1.stop(timeout=2 * UNIT)
-    assert c.status == WSE_STATUS.RE_CONNECTING
+    wait_for(lambda: c.status == WSE_STATUS.RE_CONNECTING)
     c.close()
     assert c.status == WSE_STATUS.OFFLINE
     assert c._reconnector is None

@@ -18,9 +18,10 @@ import pytest
 import zmq
 from gevent.event import Event
 
-from helpers import UNIT, ServerProcess, free_port, serve_process, wait_for
+from helpers import UNIT, RawWS, ServerProcess, free_port, serve_process, wait_for
 from wse_sync import WseClient, WseError
 from wse_sync.errors import WSE_ERROR, WSE_REASON
+from wse_sync.protocol import WseJSON
 
 APP = "tests/apps/cluster_app.py:server"
 # message types the test clients record (payloads in arrival order)
@@ -170,20 +171,39 @@ def test_joined_and_left_fire_once_in_one_worker():
         close_all(*obs.values())
 
 
-def test_joined_and_left_once_for_concurrent_connections_in_both_workers():
-    """A new user's connections accepted at the same time by both workers:
-    one joined; all of them closing at once: one left."""
+def test_joined_and_left_once_for_concurrent_connections_in_both_workers(monkeypatch):
+    """A new user's connections authenticating at the same moment in both
+    workers: one joined; all of them closing at once: one left."""
+    monkeypatch.setenv("WSE_TEST_CPU", "20")
+    proto = WseJSON()
+
+    def welcome_pid(ws: RawWS) -> int:
+        while True:
+            ev = ws.recv(10 * UNIT)
+            assert ev[0] == "text", ev
+            type_, payload, _ = proto.unpack(ev[1])
+            if type_ == "~wse:welcome":
+                return payload["pid"]
+
     with serve_process(APP, workers=2) as sp:
         obs = observers(sp.url, "race-obs")
-        for attempt in range(10):
+        for attempt in range(5):
             cid = f"race{attempt}"
-            jobs = [gevent.spawn(connect, sp.url, cid) for _ in range(3)]
-            gevent.joinall(jobs, timeout=20 * UNIT, raise_error=True)
-            clients = [j.value for j in jobs]
-            spread = len({c.pid for c in clients}) == 2
+            # upgraded sockets opened one by one (they spread over the workers),
+            # then the same new identity sent on all of them at once
+            socks = [RawWS(sp.url) for _ in range(8)]
+            hi = proto.pack("~wse:hi", {"identity": cid, "meta": {}})
+            for ws in socks:
+                ws.send_text(hi)
+            pids = [welcome_pid(ws) for ws in socks]
+            spread = len(set(pids)) == 2
             for o in obs.values():
                 wait_for(lambda o=o: user_events(o, cid))
-            gevent.joinall([gevent.spawn(c.close) for c in clients], timeout=20 * UNIT)
+            for ws in socks:
+                ws.close(1000, "")
+            for ws in socks:
+                assert ws.recv_until_close(10 * UNIT)[0] in ("close", "eof")
+                ws.shutdown()
             for o in obs.values():
                 wait_for(lambda o=o: len(user_events(o, cid)) >= 2)
             barrier(obs, cid)

@@ -3,6 +3,7 @@ from collections import Counter
 
 import gevent
 import pytest
+from gevent.event import Event
 
 from helpers import UNIT, inproc_server, wait_for
 from wse_sync import WSE_ERROR, WSE_REASON, WSE_STATUS, WseClient, WseError, WseServer
@@ -363,7 +364,7 @@ def test_counting_to_1001_by_ping_pong():
     with inproc_server(server) as url:
         c = WseClient(url)
         seen = []
-        done = gevent.event.Event()
+        done = Event()
 
         def on_count(n):
             seen.append(n)

@@ -1,7 +1,7 @@
 """Remote procedure calls: client -> server, server -> client, and both at once."""
 import gevent
 import pytest
-from gevent.event import AsyncResult, Event
+from gevent.event import Event
 
 from helpers import UNIT, inproc_server, wait_for
 from wse_sync import WSE_ERROR, WSE_REASON, WSE_STATUS, WseClient, WseError, WseServer

@@ -213,8 +213,14 @@ class Session:
             decision = AsyncResult()
 
             def accept(cid: Any = None, welcome: Any = None) -> None:
-                if not decision.ready():
-                    decision.set((cid, welcome) if cid else None)
+                if decision.ready():
+                    return
+                if cid and (isinstance(cid, bool) or not isinstance(cid, (str, int))):
+                    server._emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
+                        "message": f"accept() needs a str or int user id, not {type(cid).__name__}"}),
+                        conn)
+                    cid = None
+                decision.set((cid, welcome) if cid else None)
 
             def refuse() -> None:
                 if not decision.ready():

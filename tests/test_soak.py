@@ -1,0 +1,24 @@
+"""The short soak CI runs: churn across 3 workers, one worker and one broker kill."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_short_soak():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "soak.py"),
+                          "--duration", "25", "--kills", "2"],
+                         capture_output=True, text=True, timeout=220)
+    print(out.stdout[-4000:])
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "soak: OK" in out.stdout
+    counts = json.loads(out.stdout[:out.stdout.rindex("}") + 1])
+    assert counts["broker_kills"] >= 1 and counts["worker_kills"] >= 1
+    assert counts["rpcs"] == counts["rpc_ok"] + counts["rpc_err"] > 0
+    assert counts["joined"] == counts["left"] > 0
