@@ -136,6 +136,61 @@ def test_frame_that_is_not_json(when, text):
         e.check_good_still_works()
 
 
+@pytest.mark.parametrize("text", [
+    '["chat", NaN, null]', '["chat", Infinity, null]', '["chat", -Infinity, null]',
+    '["chat", 01, null]', '["chat", 1., null]', '["chat", "a\tb", null]',
+    '["chat", "a\u0001b", null]', '["chat", {"a": 1,}, null]', "['chat']",
+], ids=["NaN", "Infinity", "-Infinity", "leading-zero", "trailing-dot", "raw-tab",
+        "raw-control-char", "trailing-comma", "single-quotes"])
+def test_almost_json_is_not_json(text):
+    """What JSON.parse refuses is a processing error, whatever a lenient parser says."""
+    with env() as e:
+        ws = e.ready_raw()
+        e.server.channel.on("chat", lambda conn, p: None)
+        ws.send_text(text)
+        assert expect_close(ws) == PROTOCOL_ERR
+        wait_error(e, WSE_ERROR.MESSAGE_PROCESSING_ERROR)
+        e.check_good_still_works()
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_lone_surrogates_round_trip():
+    """JSON.stringify escapes lone surrogates; a JS client can send them."""
+    with env() as e:
+        ws = e.ready_raw()
+        ws.send_text('["echo", ["\\ud800", "x\\udfff", "\u00e9"], "abcdefghij"]')
+        ev = ws.recv()
+        assert ev[0] == "text", ev
+        assert _strict_json(ev[1]) == ["~wse:response", ["\ud800", "x\udfff", "\u00e9"],
+                                       "abcdefghij"]
+        assert e.errors == []
+        # the Python client too
+        assert e.good.call("echo", "a\udc00b") == "a\udc00b"
+        e.check_good_still_works()
+
+
+def test_non_finite_numbers_go_out_as_null():
+    """1e400 parses to Infinity; JSON.stringify writes it (and NaN) as null."""
+    with env() as e:
+        e.server.register("nan", lambda conn, p: {"nan": float("nan"), "inf": [float("inf")]})
+        ws = e.ready_raw()
+        ws.send_text('["echo", [1e400, -1e400, 1.5], "abcdefghij"]')
+        ev = ws.recv()
+        assert ev[0] == "text", ev
+        assert _strict_json(ev[1]) == ["~wse:response", [None, None, 1.5], "abcdefghij"]
+        ws.send_text('["nan", null, "klmnopqrst"]')
+        ev = ws.recv()
+        assert _strict_json(ev[1]) == ["~wse:response", {"nan": None, "inf": [None]},
+                                       "klmnopqrst"]
+        assert e.errors == []
+        e.check_good_still_works()
+
+
 @pytest.mark.parametrize("text", ['{"type": "x"}', '"~wse:hi"', "42", "null", "true", "[]"])
 def test_json_that_is_not_a_non_empty_array(text):
     with env() as e:

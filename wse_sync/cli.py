@@ -73,24 +73,21 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .supervisor import Supervisor
-    from .worker import load_app
+    import subprocess
 
-    # Read the app's own listening options without keeping it: workers import it again.
-    host, port = args.host, args.port
-    if host is None or port is None:
-        import subprocess
-        code = ("import json,sys;from wse_sync.worker import load_app;"
-                "s=load_app(sys.argv[1]);print(json.dumps([s.options['host'],s.options['port']]))")
-        out = subprocess.run([sys.executable, "-c", code, args.app], capture_output=True,
-                             text=True)
-        if out.returncode != 0:
-            sys.stderr.write(out.stderr)
-            return 2
-        app_host, app_port = json.loads(out.stdout.strip().splitlines()[-1])
-        host = host if host is not None else app_host
-        port = port if port is not None else app_port
-    del load_app
+    from .supervisor import Supervisor
+
+    # Check the app and read its listening options in a throwaway process:
+    # workers import it again after they start (never before a fork).
+    code = ("import json,sys;from wse_sync.worker import load_app;"
+            "s=load_app(sys.argv[1]);print(json.dumps([s.options['host'],s.options['port']]))")
+    out = subprocess.run([sys.executable, "-c", code, args.app], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr)
+        return 2
+    app_host, app_port = json.loads(out.stdout.strip().splitlines()[-1])
+    host = args.host if args.host is not None else app_host
+    port = args.port if args.port is not None else app_port
     options = {"path": args.path, "max_message_size": args.max_message_size}
     sup = Supervisor(args.app, host, port, args.workers, broker=args.broker, options=options,
                      grace=args.grace, log_level=args.log_level)

@@ -47,6 +47,9 @@ class Supervisor:
         self._tmpdir: Optional[str] = None
         self.sock: Optional[socket.socket] = None
         self.broker_endpoint = broker or ""
+        self._started_at: Dict[int, float] = {}
+        # workers that died soon after starting, in a row
+        self._quick_deaths = 0
 
     # -- processes --------------------------------------------------------------
     def _listen(self) -> socket.socket:
@@ -80,6 +83,7 @@ class Supervisor:
             pass_fds=(fd, ready_w), start_new_session=True)
         os.close(ready_w)
         self.workers[proc.pid] = proc
+        self._started_at[proc.pid] = time.monotonic()
         log.info("worker started (pid %d)", proc.pid)
         if wait_ready:
             ready, _, _ = select.select([ready_r], [], [], wait_ready)
@@ -118,6 +122,9 @@ class Supervisor:
                     sig = self.signals.pop(0)
                     if sig == signal.SIGHUP:
                         self._roll()
+                    elif sig == -1:
+                        self._shutdown(signal.SIGTERM)
+                        return 1
                     else:
                         return self._shutdown(sig)
                 self._reap()
@@ -134,6 +141,13 @@ class Supervisor:
         for pid, proc in list(self.workers.items()):
             if proc.poll() is not None:
                 del self.workers[pid]
+                lived = time.monotonic() - self._started_at.pop(pid, 0.0)
+                self._quick_deaths = self._quick_deaths + 1 if lived < 5 else 0
+                if self._quick_deaths >= 5:
+                    log.error("workers keep dying at start (last exit code %s): giving up",
+                              proc.returncode)
+                    self.signals.append(-1)
+                    return
                 log.error("worker (pid %d) exited with %s: starting a replacement",
                           pid, proc.returncode)
                 self._start_worker()

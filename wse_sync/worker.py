@@ -30,6 +30,8 @@ def load_app(spec: str) -> Any:
         module_name, attr = spec, "server"
     if module_name.endswith(".py") or os.sep in module_name:
         path = os.path.abspath(module_name)
+        if not os.path.isfile(path):
+            raise SystemExit(f"wse-sync: no such file: {module_name}")
         sys.path.insert(0, os.path.dirname(path))
         name = os.path.splitext(os.path.basename(path))[0]
         module_spec = importlib.util.spec_from_file_location(name, path)
@@ -40,7 +42,12 @@ def load_app(spec: str) -> Any:
         module_spec.loader.exec_module(module)
     else:
         sys.path.insert(0, os.getcwd())
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                raise SystemExit(f"wse-sync: no module named {module_name!r}") from None
+            raise
     try:
         obj = getattr(module, attr)
     except AttributeError:
