@@ -153,6 +153,19 @@ def test_almost_json_is_not_json(text):
         e.check_good_still_works()
 
 
+def test_deeply_nested_json_is_a_processing_error():
+    with env() as e:
+        ws = e.ready_raw()
+        ws.send_text('["chat", ' + "[" * 100_000 + "]" * 100_000 + ", null]")
+        assert expect_close(ws) == PROTOCOL_ERR
+        wait_error(e, WSE_ERROR.MESSAGE_PROCESSING_ERROR)
+        # moderately nested data is fine
+        ws2 = e.ready_raw("nested")
+        ws2.send_text('["echo", ' + "[" * 200 + "]" * 200 + ', "abcdefghij"]')
+        assert json.loads(ws2.recv()[1])[2] == "abcdefghij"
+        e.check_good_still_works()
+
+
 def _strict_json(text):
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")
@@ -395,6 +408,26 @@ def test_handshake_timeout():
         assert ws.status == 101
         # never sends ~wse:hi
         assert expect_close(ws, 10 * UNIT) == NOT_AUTHORIZED
+        e.check_good_still_works()
+
+
+def test_handshake_timeout_for_a_peer_that_never_finishes_its_hi_frame():
+    with env(handshake_timeout=0.3) as e:
+        ws = e.raw()
+        frame = build_frame(OP_TEXT, hi("trickle").encode(), mask=True)
+        ws.send_raw(frame[:-5])  # all but the last bytes, never sent
+        assert expect_close(ws, 10 * UNIT) == NOT_AUTHORIZED
+        assert "trickle" not in e.server.clients
+        e.check_good_still_works()
+
+
+def test_a_frame_sent_byte_by_byte_is_read_whole():
+    with env() as e:
+        ws = e.raw()
+        for byte in build_frame(OP_TEXT, hi("bytewise").encode(), mask=True):
+            ws.send_raw(bytes([byte]))
+            gevent.sleep(0)  # let the server read each byte on its own
+        assert json.loads(ws.recv()[1]) == ["~wse:welcome", {"welcome": "bytewise"}, None]
         e.check_good_still_works()
 
 

@@ -180,3 +180,10 @@ def test_commands_are_acked_and_duplicates_dropped():
     assert core.counters["dropped.duplicate"] == 1
     hb = [m.body for w, m in core.tick(0.5) if w == "w1"]
     assert hb == [{"ack": 1}]
+
+
+def test_malformed_hello_changes_nothing():
+    core = BrokerCore()
+    for body in ({"pid": "x"}, {"pid": 1, "table": [["only-id"]]}, {"pid": 1, "limit": "3"}):
+        assert core.handle("w", Message("hello", body), 0) == []
+    assert core.workers == {} and core.counters["dropped.malformed"] == 3

@@ -19,7 +19,7 @@ import zmq
 from gevent.event import Event
 
 from helpers import UNIT, RawWS, ServerProcess, free_port, serve_process, wait_for
-from wse_sync import WseClient, WseError
+from wse_sync import WseClient
 from wse_sync.errors import WSE_ERROR, WSE_REASON
 from wse_sync.protocol import WseJSON
 
@@ -198,14 +198,14 @@ def test_joined_and_left_once_for_concurrent_connections_in_both_workers(monkeyp
             pids = [welcome_pid(ws) for ws in socks]
             spread = len(set(pids)) == 2
             for o in obs.values():
-                wait_for(lambda o=o: user_events(o, cid))
+                wait_for(lambda o=o, cid=cid: user_events(o, cid))
             for ws in socks:
                 ws.close(1000, "")
             for ws in socks:
                 assert ws.recv_until_close(10 * UNIT)[0] in ("close", "eof")
                 ws.shutdown()
             for o in obs.values():
-                wait_for(lambda o=o: len(user_events(o, cid)) >= 2)
+                wait_for(lambda o=o, cid=cid: len(user_events(o, cid)) >= 2)
             barrier(obs, cid)
             for o in obs.values():
                 evs = user_events(o, cid)
@@ -317,7 +317,7 @@ def test_clients_lists_the_cluster_and_remote_connections_work():
             # send on a remote connection object
             before = len(remote.got["n"])
             o.call("send_conns", {"cid": "multi", "type": "n", "count": 1})
-            wait_for(lambda: len(remote.got["n"]) > before)
+            wait_for(lambda r=remote, n=before: len(r.got["n"]) > n)
         release.set()
 
         # drop of a remote connection: only that device closes
@@ -364,9 +364,9 @@ def test_messages_to_a_remote_connection_arrive_in_order():
         obs = observers(sp.url, "ord-obs")
         for pid, o in obs.items():
             dev = connect_where(sp.url, f"ord-{pid}", lambda p, pid=pid: p != pid)
-            wait_for(lambda: f"ord-{pid}" in o.call("clients"))
+            wait_for(lambda o=o, cid=f"ord-{pid}": cid in o.call("clients"))
             o.call("send_conns", {"cid": f"ord-{pid}", "type": "n", "count": 500})
-            wait_for(lambda: len(dev.got["n"]) >= 500, timeout=15 * UNIT)
+            wait_for(lambda dev=dev: len(dev.got["n"]) >= 500, timeout=15 * UNIT)
             assert dev.got["n"] == list(range(500))
             close_all(dev)
         close_all(*obs.values())

@@ -81,7 +81,12 @@ class BrokerCore:
             return [(sender, Message("stats", self.stats()))]
         info = self.workers.get(sender)
         if msg.kind == "hello":
-            out = self._hello(sender, msg.body, now)
+            try:
+                out = self._hello(sender, msg.body, now)
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                self.counters["dropped.malformed"] += 1
+                log.warning("dropped a malformed hello from %r: %r", sender, exc)
+                return []
             _, held = self.limbo.pop(sender, (0.0, []))
             for m in held:
                 if "seq" in m.body:
@@ -134,7 +139,7 @@ class BrokerCore:
             return out
         try:
             out += handler(sender, msg.body, msg.data, now)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             self.counters["dropped.malformed"] += 1
             log.warning("dropped a malformed %r message from worker %s: %r", msg.kind, sender, exc)
         return out
@@ -204,16 +209,23 @@ class BrokerCore:
 
     # -- worker -> broker kinds --------------------------------------
     def _hello(self, sender: str, body: dict, now: float) -> Out:
+        # parse everything before changing anything
+        pid = int(body.get("pid", 0))
+        base = int(body.get("base", 0))
+        limit = body.get("limit")
+        if limit is not None and not isinstance(limit, int):
+            raise TypeError("limit must be an int or null")
+        entries = [ConnEntry(str(c[0]), c[1], sender, c[2], float(c[3]))
+                   for c in body.get("table", [])]
         info = self.workers.get(sender)
         if info is None:
             info = WorkerInfo(sender, acked=self._graveyard.pop(sender, 0))
         # commands after ``base`` are resent right after this hello
-        info.acked = max(info.acked, int(body.get("base", 0)))
-        info.pid = int(body.get("pid", 0))
-        info.limit = body.get("limit")
+        info.acked = max(info.acked, base)
+        info.pid = pid
+        info.limit = limit
         info.last_seen = now
         self.workers[sender] = info
-        entries = [ConnEntry(c[0], c[1], sender, c[2], float(c[3])) for c in body.get("table", [])]
         before = {e.conn_id for e in self.registry.entries_of_worker(sender)}
         _new_users, gone, evicted = self.registry.sync_worker(sender, entries, info.limit)
         log.info("worker %s (pid %s) attached with %d connections", sender, info.pid, len(entries))

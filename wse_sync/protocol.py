@@ -8,6 +8,8 @@ frame. Any exception from ``unpack`` is a message processing error.
 """
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Mapping, Optional, Tuple, Union
 
 import ujson
@@ -15,6 +17,28 @@ import ujson
 __all__ = ["WseJSON", "INTERNAL_TYPE_NAMES", "check_protocol"]
 
 INTERNAL_TYPE_NAMES = ("hi", "challenge", "welcome", "call", "response", "response_error")
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# Strict like JSON.parse (ujson.loads takes NaN, Infinity, 01, 1., raw control
+# characters); the stdlib C decoder is about as fast for wse-sized messages.
+_decode = json.JSONDecoder(parse_constant=_refuse_constant, strict=True).decode
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None, as JSON.stringify does."""
+    if isinstance(value, float):
+        return value if value - value == 0.0 else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class WseJSON:
@@ -32,15 +56,23 @@ class WseJSON:
 
     def pack(self, type: Any, payload: Any = None, stamp: Optional[str] = None) -> str:
         # Same bytes as JSON.stringify: no ASCII escaping, no escaped slashes.
-        return ujson.dumps(
-            [type, payload, stamp], ensure_ascii=False, escape_forward_slashes=False
-        )
+        message = [type, payload, stamp]
+        try:
+            data = ujson.dumps(message, ensure_ascii=False, escape_forward_slashes=False,
+                               allow_nan=False)
+        except OverflowError:  # NaN or an infinity: JSON.stringify writes null
+            message = _finite(message)
+            data = ujson.dumps(message, ensure_ascii=False, escape_forward_slashes=False)
+        if not data.isascii() and _SURROGATE.search(data):
+            # a lone surrogate cannot be sent as UTF-8: escape it, as JSON.stringify does
+            data = ujson.dumps(message, ensure_ascii=True, escape_forward_slashes=False)
+        return data
 
     def unpack(self, data: Union[str, bytes]) -> Tuple[Any, Any, Any]:
         """Parse one frame. Raises ValueError when it is not a JSON array of 1+ items."""
         if isinstance(data, (bytes, bytearray, memoryview)):
             data = bytes(data).decode("utf-8")
-        message = ujson.loads(data)
+        message = _decode(data)
         if not isinstance(message, list) or not message:
             raise ValueError("a wse message is a JSON array [type, payload, stamp]")
         n = len(message)
