@@ -21,6 +21,7 @@ import gevent
 from gevent import socket as gsocket
 from gevent.event import AsyncResult, Event
 
+from . import runner
 from .connection import make_id
 from .errors import WSE_ERROR, WSE_REASON, WSE_STATUS, WseError, rpc_error_payload
 from .events import Emitter
@@ -398,10 +399,10 @@ class WseClient:
             if result is not None and not result.ready():
                 result.set(("ok" if type_ == types["response"] else "err", payload))
         elif stamp is not None:
-            gevent.spawn(self._serve_call, type_, payload, stamp)
+            runner.spawn(self._serve_call, type_, payload, stamp)
         elif self.channel.has(type_):
             for handler in self.channel.handlers(type_):
-                gevent.spawn(self._run_handler, handler, payload)
+                runner.spawn(self._run_handler, handler, payload)
         else:
             self._emit("ignored", type_, payload)
 

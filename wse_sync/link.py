@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Deque, Dict, Hashable, List, Optional, Tu
 import gevent
 from gevent.event import AsyncResult
 
+from . import runner
 from .errors import WSE_ERROR, WseError
 from .messages import Message, SchemaError, decode, encode
 
@@ -321,7 +322,7 @@ class BrokerLink:
                 if conn is not None:
                     conn.close(1000, body.get("reason", ""))
         elif kind == "call":
-            gevent.spawn(self._serve_call, body)
+            runner.spawn(self._serve_call, body)
         elif kind == "reset":
             log.info("broker asked for this worker's table: resending %d connections",
                      len(server._conns))

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Hashable, Iterator, Optional
 
 import gevent
 
+from . import runner
 from .connection import CLOSED, OPEN, RemoteConnection, WseConnection, WseIdentity, make_id
 from .errors import WSE_ERROR, WSE_REASON, WseError
 from .events import Emitter, When
@@ -369,7 +370,7 @@ class WseServer:
 
     def _emit(self, name: str, *args: Any) -> None:
         for handler in self.when.emitter.handlers(name):
-            gevent.spawn(self._run_event, name, handler, args)
+            runner.spawn(self._run_event, name, handler, args)
 
     def _run_event(self, name: str, handler: Callable, args: tuple) -> None:
         try:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import gevent
 from gevent.event import AsyncResult
 
+from . import runner
 from .connection import CLOSED, OPEN, WseConnection
 from .errors import WSE_ERROR, WSE_REASON, WseError, rpc_error_payload
 from .events import call_with_kwargs
@@ -67,7 +68,8 @@ class Session:
         self._t_response_err = types["response_error"]
         self._answer: Optional[AsyncResult] = None
         self._channel_queue: deque = deque()
-        self._channel_worker: Optional[gevent.Greenlet] = None
+        # a task is draining the channel queue (one at a time keeps the order)
+        self._channel_busy = False
         self._auth: Optional[gevent.Greenlet] = None
         self._timer = None
         # True from the moment accept() starts the broker join
@@ -154,15 +156,16 @@ class Session:
         self.conn._resolve(stamp, type_ == self._t_response, payload)
 
     def _rpc(self, type_, payload, stamp) -> None:
-        gevent.spawn(self._run_rpc, type_, payload, stamp)
+        runner.spawn(self._run_rpc, type_, payload, stamp)
 
     def _channel(self, type_, payload, stamp) -> None:
         if not self.server.channel.has(type_):
             self.server._emit("ignored", self.conn, type_, payload)
             return
         self._channel_queue.append((type_, payload))
-        if self._channel_worker is None:
-            self._channel_worker = gevent.spawn(self._drain_channel)
+        if not self._channel_busy:
+            self._channel_busy = True
+            runner.spawn(self._drain_channel)
 
     # -- greenlets -----------------------------------------------------
     def _drain_channel(self) -> None:
@@ -177,7 +180,7 @@ class Session:
                         self.server._emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR, {
                             "type": type_, "exception": exc, "message": str(exc)}), self.conn)
         finally:
-            self._channel_worker = None
+            self._channel_busy = False
 
     def _run_rpc(self, rp: str, payload: Any, stamp: str) -> None:
         server, conn = self.server, self.conn

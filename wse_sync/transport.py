@@ -53,6 +53,10 @@ class Transport:
         self._writer: Optional[gevent.Greenlet] = None
         self._abort_timer = None
         self._discarding = False
+        try:  # small frames must not wait for delayed ACKs (Nagle)
+            sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
 
     # -- writing -------------------------------------------------------
     @property
