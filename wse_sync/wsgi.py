@@ -23,14 +23,33 @@ log = logging.getLogger("wse_sync.wsgi")
 _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
+def _router(app: Any, depth: int = 8):
+    """The wse-aware object (a WseMount or a WseServer) serving requests for
+    ``app``: ``app`` itself, or found through the ``wsgi_app`` (Flask) and
+    ``app`` (most middleware) attributes of the objects wrapping it."""
+    for _ in range(depth):
+        if app is None:
+            return None
+        if hasattr(app, "wse_for_path") or (hasattr(app, "wants") and hasattr(app, "protocol")):
+            return app
+        inner = getattr(app, "wsgi_app", None)
+        if inner is None or getattr(inner, "__self__", None) is app:
+            inner = getattr(app, "app", None)  # Flask's own wsgi_app method: not a wrapper
+        if inner is app:
+            return None
+        app = inner
+    return None
+
+
 def _find_wse(app: Any, path: str):
     """The WseServer that serves ``path`` in ``app`` (an app or a mount), or None."""
-    find = getattr(app, "wse_for_path", None)
+    router = _router(app)
+    if router is None:
+        return None
+    find = getattr(router, "wse_for_path", None)
     if find is not None:
         return find(path)
-    if hasattr(app, "wants") and hasattr(app, "protocol"):
-        return app if app.wants(path) else None
-    return None
+    return router if router.wants(path) else None
 
 
 class WseHandler(WebSocketHandler):
@@ -39,9 +58,8 @@ class WseHandler(WebSocketHandler):
     def run_application(self):
         path = self.environ.get("PATH_INFO", "")
         if (self.environ.get("HTTP_UPGRADE", "").lower() == "websocket"
-                and _find_wse(self.application, path) is None
-                and (hasattr(self.application, "wants")
-                     or hasattr(self.application, "wse_for_path"))):
+                and _router(self.application) is not None
+                and _find_wse(self.application, path) is None):
             # not ours: answer as plain HTTP (404 from the app)
             self.environ.pop("HTTP_UPGRADE", None)
         return super().run_application()
