@@ -249,7 +249,7 @@ class WseServer:
         from .link import BrokerLink
         if worker_id:
             self.worker_id = worker_id
-        endpoint = broker or self.options["broker"]
+        endpoint = broker or self.options["broker"] or os.environ.get("WSE_SYNC_BROKER") or None
         import zmq.green as zmq
         ctx = zmq.Context()
         if endpoint is None:
