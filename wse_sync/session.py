@@ -66,6 +66,8 @@ class Session:
         self._t_challenge = types["challenge"]
         self._t_response = types["response"]
         self._t_response_err = types["response_error"]
+        # a custom protocol may use non-string values for its internal types
+        self._own_types = frozenset(v for v in types.values() if not isinstance(v, str))
         self._answer: Optional[AsyncResult] = None
         self._channel_queue: deque = deque()
         # a task is draining the channel queue (one at a time keeps the order)
@@ -110,11 +112,17 @@ class Session:
         if action != "ignore":
             getattr(self, "_" + action)(type_, payload, stamp)
 
+    def _own_type(self, type_: Any) -> bool:
+        try:
+            return type_ in self._own_types
+        except TypeError:  # unhashable
+            return False
+
     def _classify(self, type_: Any, stamp: Any) -> Optional[str]:
         bad = None
         if stamp is not None and (not isinstance(stamp, str) or not stamp):
             bad = "the stamp must be null or a non-empty string"
-        elif not isinstance(type_, str) and type_ is not None:
+        elif not isinstance(type_, str) and type_ is not None and not self._own_type(type_):
             bad = "the type must be a string"
         elif not type_:
             bad = "a message needs a type"
