@@ -748,6 +748,8 @@ def test_silent_peer_is_cut_and_a_ponging_one_stays():
         try:
             wait_for(lambda: [d for d in e.disconnected if d[0] == "silent"], timeout=10 * UNIT)
             assert [d[1] for d in e.disconnected if d[0] == "silent"] == [1006]
+            # 1006: the socket was cut, without a closing handshake
+            assert silent.recv_until_close() == ("eof",)
             # the ponging peer was pinged, answered, and outlives several silent periods
             n = len(pings)
             wait_for(lambda: len(pings) >= n + 4, timeout=10 * UNIT)

@@ -62,7 +62,8 @@ def run_cli(argv, cwd=ROOT, timeout=30 * UNIT):
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-        raise AssertionError(f"{argv} did not exit within {timeout}s; stderr:\n{err}")
+        raise AssertionError(
+            f"{argv} did not exit within {timeout}s; stderr:\n{err}") from None
     return proc.returncode, out, err
 
 
