@@ -317,3 +317,27 @@ def test_servers_of_finds_servers_through_wrappers():
     lone = WseServer(identify=embed_app.identify)
     assert _find_wse(Middleware(lone), "/any") is lone
     assert make_wsgi_server(wrapped, ("127.0.0.1", 0)).application is wrapped
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() with threads (3.12+)
+def test_a_handle_made_before_a_fork_says_so_in_the_child():
+    with broker_process() as endpoint:
+        cluster = connect_cluster(endpoint)
+        try:
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: the handle's thread did not survive the fork
+                try:
+                    cluster.send("x", "notice")
+                    os.write(w, b"no error")
+                except WseError as exc:
+                    os.write(w, exc.details["reason"].encode())
+                finally:
+                    os._exit(0)
+            os.close(w)
+            os.waitpid(pid, 0)
+            with os.fdopen(r, "rb") as f:
+                assert b"made before a fork" in f.read()
+            cluster.send("x", "notice")  # the parent's handle still works
+        finally:
+            cluster.close()

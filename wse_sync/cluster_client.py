@@ -120,6 +120,7 @@ class ClusterHandle:
         self._thread: Optional[_HubThread] = _HubThread() if background else None
         self._server: Any = None
         self._closed = False
+        self._pid = os.getpid()
         try:
             self._run(self._join, timeout=timeout + 5)
         except BaseException:
@@ -150,6 +151,10 @@ class ClusterHandle:
     def _check_open(self) -> None:
         if self._closed:
             raise WseError(WSE_ERROR.BROKER_UNAVAILABLE, {"reason": "the cluster handle is closed"})
+        if self._pid != os.getpid():
+            raise WseError(WSE_ERROR.BROKER_UNAVAILABLE, {
+                "reason": "this handle was made before a fork (e.g. gunicorn --preload): call"
+                          " connect_cluster() in the process that uses it"})
 
     # -- API -------------------------------------------------------------------
     def send(self, cid: Hashable, type: str, payload: Any = None) -> None:
@@ -204,7 +209,7 @@ class ClusterHandle:
     def close(self, timeout: Optional[float] = None) -> None:
         """Flush, then leave the cluster. Raises BROKER_UNAVAILABLE when
         commands were not confirmed (the handle is closed all the same)."""
-        if self._closed:
+        if self._closed or self._pid != os.getpid():
             return
         try:
             self.flush(timeout)
