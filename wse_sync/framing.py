@@ -89,8 +89,11 @@ class FrameReader:
 
     def feed(self, data: bytes) -> list:
         """Add received bytes; return the complete events they finish."""
-        buf = self._buf
-        buf += data
+        if self._buf:
+            self._buf += data
+            buf = self._buf
+        else:  # the common case: parse the received bytes without copying them
+            buf = data
         events = []
         pos = 0
         n = len(buf)
@@ -129,8 +132,11 @@ class FrameReader:
                 events.append(event)
                 if event[0] == "close":
                     break
-        if pos:
-            del buf[:pos]
+        if buf is self._buf:
+            if pos:
+                del buf[:pos]
+        elif pos < n:
+            self._buf = bytearray(buf[pos:])
         return events
 
     def _check_header(self, b0: int, opcode: int, fin: int, masked: int, length: int) -> None:

@@ -154,12 +154,14 @@ class Transport:
 
         Returns the close (code, reason) to report.
         """
+        # the first read empties what the HTTP parser buffered; then the socket
         read = self.rfile.read1
         reader = self.reader
         try:
             while self.state != _CLOSED:
                 try:
                     data = read(65536)
+                    read = self.sock.recv
                 except (OSError, ValueError):
                     break
                 if not data:
