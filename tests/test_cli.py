@@ -10,10 +10,11 @@ import subprocess
 import sys
 import threading
 
+import gevent
 import pytest
 
 from helpers import APPS, ROOT, UNIT, ServerProcess, free_port, serve_process, wait_for
-from wse_sync import WseClient
+from wse_sync import WseClient, WseError
 
 ECHO = "examples/echo/app.py:server"
 
@@ -251,3 +252,22 @@ def test_stats_without_a_broker_fails_cleanly():
     assert rc != 0
     assert "Traceback" not in err
     assert endpoint in err
+
+
+def test_sigterm_lets_running_handlers_finish(tmp_path, monkeypatch):
+    """Stop: connections get 1012 at once, a handler in flight still completes."""
+    mark = tmp_path / "mark"
+    monkeypatch.setenv("WSE_TEST_MARK", str(mark))
+    with serve_process("tests/apps/slow_app.py:server", extra=["--grace", "10"]) as sp:
+        c = WseClient(sp.url)
+        c.connect("u")
+        closes = []
+        c.when.closed(lambda code, reason: closes.append(code))
+        job = gevent.spawn(c.call, "slow", 1.5)
+        wait_for(lambda: mark.exists() and "started" in mark.read_text())
+        assert sp.stop(signal.SIGTERM) == 0  # blocks this greenlet: the client reads after
+        wait_for(lambda: closes == [1012])
+        assert mark.read_text().split() == ["started", "finished"]
+        with pytest.raises(WseError):
+            job.get(timeout=5)
+        assert "Traceback" not in sp.stderr

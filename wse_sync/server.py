@@ -238,6 +238,8 @@ class WseServer:
         self._embedded_broker = None
         self._sweeper: Optional[gevent.Greenlet] = None
         self._stopping = False
+        # handlers running now (RPC, channel, event), for a graceful stop
+        self._busy = 0
 
     def start(self, broker: Optional[str] = None, worker_id: Optional[str] = None) -> None:
         """Join the cluster (idempotent). Without ``broker`` and no ``broker``
@@ -271,15 +273,19 @@ class WseServer:
     def shutdown(self, code: int = 1012, reason: str = "", timeout: float = 5.0) -> None:
         """Close every connection with ``code`` and leave the cluster.
 
-        Waits up to ``timeout`` seconds for the connections to finish closing.
+        Waits up to ``timeout`` seconds for the connections to finish closing
+        and for running handlers (RPC, channel, events) to return.
         """
         self._stopping = True
         sessions = list(self._sessions)
         for s in sessions:
             s.conn.close(code, reason)
         deadline = time.monotonic() + timeout
-        while self._sessions and time.monotonic() < deadline:
+        while (self._sessions or self._busy) and time.monotonic() < deadline:
             gevent.sleep(0.02)
+        if self._busy:
+            log.warning("%d handler(s) still running after %.1fs: abandoning them",
+                        self._busy, timeout)
         if self._link is not None:
             self._link.stop()
         if self._embedded_broker is not None:
@@ -370,7 +376,18 @@ class WseServer:
 
     def _emit(self, name: str, *args: Any) -> None:
         for handler in self.when.emitter.handlers(name):
-            runner.spawn(self._run_event, name, handler, args)
+            self._spawn(self._run_event, name, handler, args)
+
+    def _spawn(self, fn: Callable, *args: Any) -> None:
+        """Run application code in a greenlet of its own, counted in ``_busy``."""
+        runner.spawn(self._counted, fn, args)
+
+    def _counted(self, fn: Callable, args: tuple) -> None:
+        self._busy += 1
+        try:
+            fn(*args)
+        finally:
+            self._busy -= 1
 
     def _run_event(self, name: str, handler: Callable, args: tuple) -> None:
         try:

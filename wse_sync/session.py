@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Optional
 import gevent
 from gevent.event import AsyncResult
 
-from . import runner
 from .connection import CLOSED, OPEN, WseConnection
 from .errors import WSE_ERROR, WSE_REASON, WseError, rpc_error_payload
 from .events import call_with_kwargs
@@ -164,7 +163,7 @@ class Session:
         self.conn._resolve(stamp, type_ == self._t_response, payload)
 
     def _rpc(self, type_, payload, stamp) -> None:
-        runner.spawn(self._run_rpc, type_, payload, stamp)
+        self.server._spawn(self._run_rpc, type_, payload, stamp)
 
     def _channel(self, type_, payload, stamp) -> None:
         if not self.server.channel.has(type_):
@@ -173,7 +172,7 @@ class Session:
         self._channel_queue.append((type_, payload))
         if not self._channel_busy:
             self._channel_busy = True
-            runner.spawn(self._drain_channel)
+            self.server._spawn(self._drain_channel)
 
     # -- greenlets -----------------------------------------------------
     def _drain_channel(self) -> None:
