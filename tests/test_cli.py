@@ -271,3 +271,29 @@ def test_sigterm_lets_running_handlers_finish(tmp_path, monkeypatch):
         with pytest.raises(WseError):
             job.get(timeout=5)
         assert "Traceback" not in sp.stderr
+
+
+def test_tls_with_certfile_and_keyfile(tmp_path):
+    """`serve` with an app whose options name a certificate speaks wss://."""
+    import ssl
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                           "-keyout", str(key), "-out", str(cert), "-days", "1",
+                           "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                          capture_output=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    app = tmp_path / "tls_app.py"
+    app.write_text(
+        "from wse_sync import WseServer\n"
+        f"server = WseServer(identify=lambda identity, accept, **kw: accept(identity),\n"
+        f"                   certfile={str(cert)!r}, keyfile={str(key)!r})\n"
+        "server.register('echo', lambda conn, p: p)\n")
+    with serve_process(f"{app}:server") as sp:
+        context = ssl.create_default_context(cafile=str(cert))
+        c = WseClient(f"wss://127.0.0.1:{sp.port}/", ssl_context=context)
+        assert c.connect("secure") is None
+        assert c.call("echo", [1, 2]) == [1, 2]
+        c.close()
+        # plain ws:// to a TLS port does not get a WebSocket
+        with pytest.raises(WseError):
+            WseClient(sp.url, connect_timeout=3).connect("plain")

@@ -61,7 +61,8 @@ class WseClient:
 
     def __init__(self, url: str, rpc_timeout: float = 20, reconnect: bool = False,
                  protocol: Any = None, connect_timeout: float = 10.0,
-                 max_message_size: Optional[int] = None, **options: Any) -> None:
+                 max_message_size: Optional[int] = None,
+                 ssl_context: Optional[_ssl.SSLContext] = None, **options: Any) -> None:
         if "tO" in options:
             rpc_timeout = options.pop("tO")
         if "re" in options:
@@ -74,6 +75,8 @@ class WseClient:
         self.protocol = check_protocol(protocol if protocol is not None else WseJSON())
         self.connect_timeout = connect_timeout
         self.max_message_size = max_message_size
+        # for wss://: None means the system's default verification
+        self.ssl_context = ssl_context
         self.channel = Emitter()
         self.when = _ClientWhen()
         self.status = WSE_STATUS.IDLE
@@ -218,7 +221,8 @@ class WseClient:
         try:
             sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
             if secure:
-                sock = _ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+                context = self.ssl_context or _ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=host)
             self._handshake(sock, parts)
         except BaseException:
             # a refused or broken handshake must not leave the socket open

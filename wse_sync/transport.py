@@ -38,7 +38,8 @@ class Transport:
                  mask: bool = False) -> None:
         # the gevent socket; its non-blocking raw socket for the fast path
         self.sock = sock
-        self._raw = getattr(sock, "_sock", None)
+        # (a TLS socket's _sock is the TCP socket under it: never write there)
+        self._raw = None if hasattr(sock, "getpeercert") else getattr(sock, "_sock", None)
         self.rfile = rfile
         self.reader = FrameReader(max_message_size, expect_mask=not mask)
         self.mask = mask
