@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import gevent
 from gevent import socket as gsocket
+from gevent import ssl as gssl
 from gevent.event import AsyncResult, Event
 
 from . import runner
@@ -221,8 +222,10 @@ class WseClient:
         try:
             sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
             if secure:
-                context = self.ssl_context or _ssl.create_default_context()
-                sock = context.wrap_socket(sock, server_hostname=host)
+                # gevent's SSLSocket, whatever kind of context: the stdlib one
+                # would block the whole process on reads
+                context = self.ssl_context or gssl.create_default_context()
+                sock = gssl.SSLSocket(sock=sock, server_hostname=host, _context=context)
             self._handshake(sock, parts)
         except BaseException:
             # a refused or broken handshake must not leave the socket open
