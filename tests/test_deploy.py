@@ -46,9 +46,10 @@ def test_gunicorn_one_command_makes_one_cluster():
         a.channel.on("event", events.append)
         # send to a user held by the other worker; broadcast reaches both workers
         assert a.call("send_to", {"cid": b.identity, "type": "notice", "payload": "a->b"})
+        wait_for(lambda: inbox[b.identity] == ["a->b"])
         b.call("broadcast", {"type": "notice", "payload": "all"})
-        wait_for(lambda: inbox[b.identity] == ["a->b", "all"])
-        wait_for(lambda: all("all" in box for box in inbox.values()))
+        wait_for(lambda: all(box[-1:] == ["all"] for box in inbox.values()))
+        assert inbox[b.identity] == ["a->b", "all"]
         # the user map is the cluster's, in every worker
         cids = sorted(c.identity for c in everyone)
         wait_for(lambda: a.call("clients") == cids and b.call("clients") == cids)

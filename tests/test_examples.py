@@ -109,14 +109,15 @@ def test_chat_in_two_browser_pages(browser):
         return WebDriverWait(browser, timeout, poll_frequency=0.05).until(
             lambda d: cond(), message=f"{what}\nlog: {text('log')!r} online: {text('online')!r}")
 
+    # read the page in one script each: the list is re-rendered under our feet
     def text(element_id):
-        try:
-            return browser.find_element(By.ID, element_id).text
-        except Exception:
-            return None
+        return browser.execute_script(
+            "const e = document.getElementById(arguments[0]); return e ? e.innerText : null",
+            element_id)
 
     def online():
-        return [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#online li")]
+        return browser.execute_script(
+            "return [...document.querySelectorAll('#online li')].map(li => li.textContent)")
 
     def join(name):
         browser.get(base)
