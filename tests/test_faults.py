@@ -17,13 +17,16 @@ APP = "tests/apps/cluster_app.py:server"
 pytestmark = pytest.mark.timeout(120)
 
 
-def observer(url, name="observer"):
-    """A client that records the app's joined/left broadcasts."""
-    c = WseClient(url)
-    seen = []
-    c.channel.on("ev", seen.append)
-    c.connect(name)
-    return c, seen
+def observer(url, pid, name="observer"):
+    """A client on worker ``pid`` that records the app's joined/left broadcasts."""
+    for n in range(100):
+        c = WseClient(url)
+        seen = []
+        c.channel.on("ev", seen.append)
+        if c.connect(f"{name}{n}")["pid"] == pid:
+            return c, seen
+        c.close()
+    raise AssertionError(f"no connection landed on worker {pid}")
 
 
 def test_worker_killed(monkeypatch):
@@ -33,7 +36,7 @@ def test_worker_killed(monkeypatch):
         by_pid = spread_clients(sp.url, 2, 2)
         (victim, doomed), (survivor, safe) = list(by_pid.items())[:2]
         watcher = safe[0]
-        obs, seen = observer(sp.url)
+        obs, seen = observer(sp.url, survivor)
         # a call from the survivor towards a client on the victim, left hanging
         hang = doomed[0]
         reached = gevent.event.Event()
@@ -58,10 +61,13 @@ def test_worker_killed(monkeypatch):
         wait_for(lambda: (broker_stats(endpoint) or {}).get("connections")
                  == total - len(doomed), timeout=10 * UNIT)
         # 'left' fired exactly once per user of the dead worker, on a survivor
-        wait_for(lambda: len([e for e in seen if e[0] == "left"]) >= len(doomed),
-                 timeout=10 * UNIT)
-        gevent.sleep(0.5 * UNIT)  # a duplicate would arrive in this window
-        lefts = [e for e in seen if e[0] == "left"]
+        def lefts():  # (the observer's own probes that landed elsewhere left too)
+            return [e for e in seen if e[0] == "left" and not e[1].startswith("observer")]
+
+        wait_for(lambda: len(lefts()) >= len(doomed), timeout=10 * UNIT)
+        # give a duplicate one more round trip through the cluster to show up
+        obs.call("pid")
+        lefts = lefts()
         assert sorted(e[1] for e in lefts) == sorted(c.identity for c in doomed)
         assert all(e[2] != victim and e[3] == 1006 for e in lefts)
         # everyone else is still served
