@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -164,9 +163,11 @@ def main() -> int:
                               rss_kb_start=mem_start, rss_kb_end=mem_end), indent=1, sort_keys=True))
         ok = True
         if counts["rpcs"] != counts["rpc_ok"] + counts["rpc_err"]:
-            print("FAIL: an RPC neither returned nor raised"); ok = False
+            print("FAIL: an RPC neither returned nor raised")
+            ok = False
         if joined != left:
-            print(f"FAIL: joined {joined} != left {left}"); ok = False
+            print(f"FAIL: joined {joined} != left {left}")
+            ok = False
         for name, end in mem_end.items():
             # generous: the first minutes include imports, caches and pools warming up
             if end > 2 * max(mem_start.get(name, end), 30000):

@@ -2,7 +2,7 @@
 import pytest
 
 from helpers import RawWS, inproc_server, wait_for
-from wse_sync import WSE_ERROR, WSE_REASON, WseClient, WseError, WseServer
+from wse_sync import WSE_REASON, WseClient, WseError, WseServer
 
 
 def make_server(**kw):

@@ -127,7 +127,7 @@ class BrokerLink:
         base = self._outbox[0][0] - 1 if self._outbox else self._seq
         self._send("hello", {"pid": os.getpid(), "limit": self.server.conn_per_user,
                              "table": table, "base": base})
-        for seq, kind, body, data in list(self._outbox):
+        for _seq, kind, body, data in list(self._outbox):
             self._send(kind, body, data)
 
     # -- requests ------------------------------------------------------------
