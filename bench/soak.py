@@ -137,16 +137,28 @@ def main() -> int:
         wait_for(lambda: all(c.ready or c.status == "OFFLINE" for c in clients), timeout=30)
         live = [c for c in clients if c.ready]
         broker_pid, ep = wait_for(lambda: endpoint()[0] and endpoint(), timeout=15)
-        tables = {}
-        for c in live:
-            try:
-                t = c.call("table")
-                tables[t["pid"]] = set(t["conns"])
-            except WseError:
-                pass
-        union = set().union(*tables.values()) if tables else set()
-        stats = wait_for(lambda: (s := broker_stats(ep)) and s["connections"] == len(union)
-                         and s, timeout=15)
+
+        def compare():
+            """(equal?, map per worker pid, table sizes per worker pid, stats)."""
+            tables = {}
+            for c in live:
+                try:
+                    t = c.call("table")
+                    tables[t["pid"]] = len(t["conns"])
+                except WseError:
+                    pass
+            stats = broker_stats(ep) or {"connections": None, "counters": {}, "workers": {}}
+            in_map = {w["pid"]: w["connections"] for w in stats["workers"].values()
+                      if w["connections"]}
+            return in_map == tables, in_map, tables, stats
+
+        try:
+            _, in_map, tables, stats = wait_for(lambda: (r := compare())[0] and r, timeout=20)
+            map_ok = True
+        except AssertionError:
+            map_ok, in_map, tables, stats = compare()
+        union = tables
+        print("map per worker:", in_map, "tables per worker:", tables)
         mem_end = {"broker": rss_kb(broker_pid)}
         for pid in long_lived:
             mem_end[f"worker {pid}"] = rss_kb(pid)
@@ -159,9 +171,11 @@ def main() -> int:
         joined = sum(1 for e in events if e[0] == "joined")
         left = sum(1 for e in events if e[0] == "left")
         print(json.dumps(dict(counts, joined=joined, left=left, map_connections=stats["connections"],
-                              workers_tables=len(union), broker_counters=stats["counters"],
+                              workers_tables=sum(union.values()), broker_counters=stats["counters"],
                               rss_kb_start=mem_start, rss_kb_end=mem_end), indent=1, sort_keys=True))
-        ok = True
+        ok = map_ok
+        if not map_ok:
+            print("FAIL: the broker's map differs from the union of the workers' tables")
         if counts["rpcs"] != counts["rpc_ok"] + counts["rpc_err"]:
             print("FAIL: an RPC neither returned nor raised")
             ok = False
