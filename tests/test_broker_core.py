@@ -187,3 +187,16 @@ def test_malformed_hello_changes_nothing():
     for body in ({"pid": "x"}, {"pid": 1, "table": [["only-id"]]}, {"pid": 1, "limit": "3"}):
         assert core.handle("w", Message("hello", body), 0) == []
     assert core.workers == {} and core.counters["dropped.malformed"] == 3
+
+
+def test_left_of_a_dead_worker_never_goes_to_a_member_without_sockets():
+    core = BrokerCore(worker_timeout=3)
+    core.handle("handle", Message("hello", {"pid": 1, "table": [], "serves": False}), 0)
+    hello(core, "w1", now=0)
+    hello(core, "w2", now=0)
+    for i in range(4):
+        core.handle("w1", Message("join", {"req": i, "conn_id": f"c{i}", "cid": f"u{i}"}), 0)
+    core.handle("w2", Message("hb", {}), 3.5)
+    core.handle("handle", Message("hb", {}), 3.5)
+    out = core.tick(4.0)
+    assert sorted(w for w, m in out if m.kind == "left") == ["w2"] * 4

@@ -45,6 +45,8 @@ class WorkerInfo:
     # highest command seq carried out, and the last one acked to the worker
     acked: int = 0
     ack_sent: int = 0
+    # False for a member without sockets (connect_cluster): never gets 'left'
+    serves: bool = True
 
 
 class BrokerCore:
@@ -185,7 +187,7 @@ class BrokerCore:
                         "value": {"code": WSE_ERROR.RP_DISCONNECT,
                                   "details": {"disconnected": [1006, "wse.worker-died"]}}})))
         out = out_calls + self._delta([], [o.entry.conn_id for o in outcomes])
-        survivors = list(self.workers)
+        survivors = [w for w, i in self.workers.items() if i.serves]
         for i, o in enumerate(outcomes):
             if o.last and survivors:
                 # 'left' fires in one surviving worker, spread round-robin
@@ -224,6 +226,7 @@ class BrokerCore:
         info.acked = max(info.acked, base)
         info.pid = pid
         info.limit = limit
+        info.serves = bool(body.get("serves", True))
         info.last_seen = now
         self.workers[sender] = info
         before = {e.conn_id for e in self.registry.entries_of_worker(sender)}

@@ -137,6 +137,7 @@ class ClusterHandle:
     def _join(self) -> None:
         from .server import WseServer
         server = WseServer(identify=_refuse_all, ping_interval=0)
+        server.serves = False  # the broker sends it no 'left' to fire
         server.start(broker=self.endpoint, worker_id=f"client-{os.getpid()}-{make_id(6)}")
         self._server = server
         deadline = time.monotonic() + self.timeout

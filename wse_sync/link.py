@@ -126,7 +126,7 @@ class BrokerLink:
         table = [[c.conn_id, c.cid, c.meta, c.joined_at] for c in self.server._conns.values()]
         base = self._outbox[0][0] - 1 if self._outbox else self._seq
         self._send("hello", {"pid": os.getpid(), "limit": self.server.conn_per_user,
-                             "table": table, "base": base})
+                             "table": table, "base": base, "serves": self.server.serves})
         for _seq, kind, body, data in list(self._outbox):
             self._send(kind, body, data)
 

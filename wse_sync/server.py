@@ -102,6 +102,8 @@ class WseServer:
         self._rpcs: Dict[str, Callable] = {}
         self._cra_generator: Optional[Callable] = None
         self.clients: Mapping = _Clients(self)
+        # False for a cluster member without sockets (connect_cluster)
+        self.serves = True
         self._reset_runtime()
 
     # -- the original names ---------------------------------------------
