@@ -200,3 +200,15 @@ def test_left_of_a_dead_worker_never_goes_to_a_member_without_sockets():
     core.handle("handle", Message("hb", {}), 3.5)
     out = core.tick(4.0)
     assert sorted(w for w, m in out if m.kind == "left") == ["w2"] * 4
+
+
+def test_batches_split_back_into_their_messages():
+    from wse_sync.messages import batch, split
+    one = encode("hb")
+    assert batch([one]) == one and split(one) == [one]
+    many = [encode("send", {"cid": 1}, "x"), encode("hb"), encode("bcast", {}, b"\x00")]
+    assert [decode(m).kind for m in split(batch(many))] == ["send", "hb", "bcast"]
+    with pytest.raises(SchemaError):
+        split([b"wse1", b"batch", b'{"n": [3, 9]}', b"a", b"b", b"c"])
+    with pytest.raises(SchemaError):
+        split([b"wse1", b"batch", b"nope"])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import WSE_ERROR, WSE_REASON
-from .messages import Message, SchemaError, VERSION, decode, encode
+from .messages import Message, SchemaError, VERSION, batch, decode, encode, split
 from .registry import ConnEntry, Registry
 
 __all__ = ["BrokerCore", "Broker", "HEARTBEAT", "WORKER_TIMEOUT"]
@@ -389,12 +389,15 @@ class Broker:
             while not self._stop:
                 timeout = max(0.0, next_tick - time.monotonic())
                 if poller.poll(min(timeout, 0.2) * 1000):
+                    out: Out = []
                     for _ in range(1000):
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
                         except zmq.Again:
                             break
-                        self._dispatch(frames)
+                        out += self._dispatch(frames)
+                    # everything this round produced: one message per worker
+                    self._send_all(out)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + self.heartbeat
@@ -408,31 +411,48 @@ class Broker:
                 self.ctx.term()
             log.info("broker stopped")
 
-    def _dispatch(self, frames: list) -> None:
+    def _dispatch(self, frames: list) -> Out:
         sender = frames[0]
+        sender_id = sender.decode("latin-1")
         try:
-            sender_id = sender.decode("latin-1")
-            msg = decode(frames[1:])
-        except (SchemaError, UnicodeDecodeError) as exc:
+            parts = split(frames[1:])
+        except SchemaError as exc:
             self.core.counters["dropped.malformed"] += 1
-            if frames[1:2] and frames[1] != VERSION and frames[1][:3] == b"wse":
-                log.error("refused a peer speaking schema %r (this broker speaks %r)",
-                          frames[1][:16], VERSION)
-                self._send(sender, Message("refused", {"version": VERSION.decode()}))
-            else:
-                log.warning("dropped a malformed message on the broker socket: %s", exc)
-            return
-        self._send_all(self.core.handle(sender_id, msg, time.monotonic()))
+            log.warning("dropped a malformed batch on the broker socket: %s", exc)
+            return []
+        out: Out = []
+        for part in parts:
+            try:
+                msg = decode(part)
+            except SchemaError as exc:
+                self.core.counters["dropped.malformed"] += 1
+                if part[:1] and part[0] != VERSION and part[0][:3] == b"wse":
+                    log.error("refused a peer speaking schema %r (this broker speaks %r)",
+                              part[0][:16], VERSION)
+                    out.append((sender_id, Message("refused", {"version": VERSION.decode()})))
+                else:
+                    log.warning("dropped a malformed message on the broker socket: %s", exc)
+                continue
+            out += self.core.handle(sender_id, msg, time.monotonic())
+        return out
 
     def _send_all(self, out: Out) -> None:
+        """Send in order, one ZeroMQ message per worker; a message going to several
+        workers (a broadcast) is encoded once."""
+        per_worker: Dict[str, List[List[bytes]]] = {}
+        encoded: Dict[int, List[bytes]] = {}
         for worker_id, msg in out:
-            self._send(worker_id.encode("latin-1"), msg)
+            frames = encoded.get(id(msg))
+            if frames is None:
+                frames = encoded[id(msg)] = encode(msg.kind, msg.body, msg.data)
+            per_worker.setdefault(worker_id, []).append(frames)
+        for worker_id, messages in per_worker.items():
+            self._send(worker_id.encode("latin-1"), batch(messages), len(messages))
 
-    def _send(self, ident: bytes, msg: Message) -> None:
+    def _send(self, ident: bytes, frames: List[bytes], count: int = 1) -> None:
         try:
-            self.sock.send_multipart([ident] + encode(msg.kind, msg.body, msg.data),
-                                     self.zmq.NOBLOCK)
+            self.sock.send_multipart([ident] + frames, self.zmq.NOBLOCK)
         except self.zmq.ZMQError as exc:
             # unreachable peer (gone) or its queue is full: counted, logged
-            self.core.counters["dropped.unroutable"] += 1
-            log.warning("could not deliver %r to %r: %s", msg.kind, ident, exc)
+            self.core.counters["dropped.unroutable"] += count
+            log.warning("could not deliver %d message(s) to %r: %s", count, ident, exc)

@@ -15,11 +15,12 @@ import time
 from typing import TYPE_CHECKING, Any, Deque, Dict, Hashable, List, Optional, Tuple
 
 import gevent
+from gevent import get_hub
 from gevent.event import AsyncResult
 
 from . import runner
 from .errors import WSE_ERROR, WseError
-from .messages import Message, SchemaError, decode, encode
+from .messages import Message, SchemaError, batch, decode, encode, split
 
 if TYPE_CHECKING:  # pragma: no cover
     from .connection import WseConnection
@@ -92,6 +93,8 @@ class BrokerLink:
         self.down_since: Optional[float] = None
         # cross-worker commands not yet acked by the broker: (seq, kind, body, data)
         self._outbox: Deque[tuple] = deque()
+        # encoded messages waiting for the end of this event-loop turn
+        self._outgoing: List[List[bytes]] = []
         self._seq = 0
 
     # -- life ------------------------------------------------------------
@@ -112,10 +115,8 @@ class BrokerLink:
         if self._stopped:
             return
         self._stopped = True
-        try:
-            self._send("bye")
-        except WseError:
-            pass
+        self._send("bye")
+        self._flush()
         for g in self._greenlets:
             g.kill(block=False)
         if self.sock is not None:
@@ -229,10 +230,25 @@ class BrokerLink:
             outbox.popleft()
 
     def _send(self, kind: str, body: Optional[dict] = None, data: Any = None) -> None:
+        """Queue a message; everything queued in one turn of the event loop goes
+        out as one ZeroMQ message (each send wakes ZeroMQ's I/O thread, which
+        costs far more than encoding)."""
+        self._outgoing.append(encode(kind, body, data))
+        if len(self._outgoing) == 1:
+            get_hub().loop.run_callback(self._flush)
+        elif len(self._outgoing) >= 1000:
+            self._flush()
+
+    def _flush(self) -> None:
+        messages, self._outgoing = self._outgoing, []
+        if not messages or self.sock is None or self.sock.closed:
+            return
         try:
-            self.sock.send_multipart(encode(kind, body, data), self.zmq.NOBLOCK)
+            self.sock.send_multipart(batch(messages), self.zmq.NOBLOCK)
         except self.zmq.ZMQError as exc:
-            raise WseError(WSE_ERROR.BROKER_UNAVAILABLE, {"kind": kind, "error": str(exc)}) from None
+            # commands stay in the outbox (resent with the next hello); a join
+            # waits for its answer and decides locally after broker_timeout
+            log.error("cannot reach the broker (%s): %d message(s) not sent", exc, len(messages))
 
     def _unavailable(self, kind: str, why: str) -> None:
         error = WseError(WSE_ERROR.BROKER_UNAVAILABLE, {"kind": kind, "reason": why})
@@ -274,14 +290,15 @@ class BrokerLink:
                 self.down_since = None
                 self._hello()
             try:
-                msg = decode(frames)
+                messages = [decode(part) for part in split(frames)]
             except SchemaError as exc:
                 log.warning("dropped a malformed message from the broker: %s", exc)
                 continue
-            try:
-                self._handle(msg)
-            except Exception:
-                log.exception("failed to handle a %r message from the broker", msg.kind)
+            for msg in messages:
+                try:
+                    self._handle(msg)
+                except Exception:
+                    log.exception("failed to handle a %r message from the broker", msg.kind)
 
     def _handle(self, msg: Message) -> None:
         server, body = self.server, msg.body

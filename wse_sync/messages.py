@@ -19,7 +19,7 @@ from typing import Any, List, Optional, Union
 
 import ujson
 
-__all__ = ["VERSION", "KINDS", "Message", "SchemaError", "encode", "decode"]
+__all__ = ["VERSION", "KINDS", "Message", "SchemaError", "encode", "decode", "batch", "split"]
 
 VERSION = b"wse1"
 
@@ -52,6 +52,37 @@ def encode(kind: str, body: Optional[dict] = None,
         else:
             frames += [b"b", bytes(data)]
     return frames
+
+
+def batch(messages: List[List[bytes]]) -> List[bytes]:
+    """Several encoded messages as one ZeroMQ message (one send, one wakeup).
+
+    ``[b"wse1", b"batch", {"n": [frames of each]}, frames...]``; a single
+    message goes out as itself.
+    """
+    if len(messages) == 1:
+        return messages[0]
+    sizes = [len(m) for m in messages]
+    head = [VERSION, b"batch", ujson.dumps({"n": sizes}).encode("ascii")]
+    return head + [f for m in messages for f in m]
+
+
+def split(frames: List[Any]) -> List[List[Any]]:
+    """The messages one ZeroMQ message carries (a batch holds several). Raises SchemaError."""
+    if len(frames) < 3 or bytes(frames[1]) != b"batch" or bytes(frames[0]) != VERSION:
+        return [frames]
+    try:
+        sizes = ujson.loads(bytes(frames[2]))["n"]
+    except (ValueError, KeyError, TypeError):
+        raise SchemaError("batch header is not {\"n\": [sizes]}") from None
+    if (not isinstance(sizes, list) or not all(isinstance(n, int) and n > 0 for n in sizes)
+            or sum(sizes) != len(frames) - 3):
+        raise SchemaError("batch sizes do not match its frames")
+    out, pos = [], 3
+    for n in sizes:
+        out.append(frames[pos:pos + n])
+        pos += n
+    return out
 
 
 def decode(frames: List[Any]) -> Message:
