@@ -321,6 +321,7 @@ class WseServer:
         if first:
             self._emit("joined", identity, conn.meta)
         self._emit("connected", conn)
+        session.joining = False
 
     def _connection_closed(self, conn: WseConnection, code: int, reason: str) -> None:
         accepted = self._conns.pop(conn.conn_id, None) is not None

@@ -68,12 +68,13 @@ class Session:
         # a custom protocol may use non-string values for its internal types
         self._own_types = frozenset(v for v in types.values() if not isinstance(v, str))
         self._answer: Optional[AsyncResult] = None
-        self._channel_queue: deque = deque()
+        # channel messages waiting for their handler, in order (created on first use)
+        self._channel_queue: Optional[deque] = None
         # a task is draining the channel queue (one at a time keeps the order)
         self._channel_busy = False
         self._auth: Optional[gevent.Greenlet] = None
         self._timer = None
-        # True from the moment accept() starts the broker join
+        # True while accept() joins the cluster (the auth greenlet must not be killed)
         self.joining = False
 
     # -- the reading greenlet -----------------------------------------
@@ -169,6 +170,8 @@ class Session:
         if not self.server.channel.has(type_):
             self.server._emit("ignored", self.conn, type_, payload)
             return
+        if self._channel_queue is None:
+            self._channel_queue = deque()
         self._channel_queue.append((type_, payload))
         if not self._channel_busy:
             self._channel_busy = True
@@ -254,6 +257,9 @@ class Session:
         except _Refused:
             self._cancel_deadline()
             conn.close(1000, WSE_REASON.NOT_AUTHORIZED)
+        finally:
+            if not self.joining:
+                self._auth = None  # a finished greenlet holds ~3 KB per connection
 
     def _run_challenge(self) -> dict:
         server, conn = self.server, self.conn

@@ -49,7 +49,8 @@ class Transport:
         # (code, reason) of the close: the peer's when it closed first
         self.close_status: Optional[Tuple[int, str]] = None
         self.last_recv = time.monotonic()
-        self._queue: deque = deque()
+        # frames waiting for the socket; created on first need (idle sockets are many)
+        self._queue: Optional[deque] = None
         self._queued = 0
         self._writer: Optional[gevent.Greenlet] = None
         self._abort_timer = None
@@ -86,7 +87,7 @@ class Transport:
                             self._queued)
                 self.abort((1008, SEND_QUEUE_FULL))
                 return False
-            self._queue.append(frame)
+            self._queue.append(frame)  # type: ignore[union-attr]
             self._queued += len(frame)
             return True
         sent = 0
@@ -100,6 +101,8 @@ class Transport:
                 return False
         if sent < len(frame):
             rest = frame[sent:] if sent else frame
+            if self._queue is None:
+                self._queue = deque()
             self._queue.append(rest)
             self._queued += len(rest)
             self._writer = gevent.spawn(self._drain)
@@ -135,7 +138,8 @@ class Transport:
         if self.close_status is None:
             self.close_status = status
         self.state = _CLOSED
-        self._queue.clear()
+        if self._queue:
+            self._queue.clear()
         self._queued = 0
         if self._abort_timer is not None:
             self._abort_timer.stop()

@@ -55,6 +55,15 @@ def _find_wse(app: Any, path: str):
 class WseHandler(WebSocketHandler):
     """gevent-websocket's handler with exact subprotocol selection."""
 
+    # pywsgi reads requests through an 8 KiB buffer that a WebSocket keeps for
+    # its whole life; upgrade requests are a few hundred bytes.
+    RFILE_BUFFER = 1024
+
+    def __init__(self, sock, address, server, rfile=None):
+        if rfile is None:
+            rfile = sock.makefile("rb", self.RFILE_BUFFER)
+        super().__init__(sock, address, server, rfile)
+
     def run_application(self):
         path = self.environ.get("PATH_INFO", "")
         if (self.environ.get("HTTP_UPGRADE", "").lower() == "websocket"
