@@ -18,7 +18,8 @@ def test_short_soak():
     print(out.stdout[-4000:])
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "soak: OK" in out.stdout
-    counts = json.loads(out.stdout[:out.stdout.rindex("}") + 1])
+    text = out.stdout
+    counts = json.loads(text[text.index("\n{\n") + 1:text.rindex("\n}") + 2])
     assert counts["broker_kills"] >= 1 and counts["worker_kills"] >= 1
     assert counts["rpcs"] == counts["rpc_ok"] + counts["rpc_err"] > 0
     assert counts["joined"] == counts["left"] > 0
