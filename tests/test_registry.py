@@ -71,3 +71,16 @@ def test_snapshot_in_join_order():
     r.join("y", "v", "w", joined_at=1.0)
     assert [e[0] for e in r.snapshot()] == ["y", "x"]
     assert r.snapshot()[1] == ["x", "u", "w", {"m": 1}, 5.0]
+
+
+def test_cluster_view_reports_users_that_are_gone():
+    from wse_sync.link import ClusterView
+    view = ClusterView()
+    view.load([["a1", "alice", "w1", {}, 1.0], ["a2", "alice", "w2", {}, 2.0],
+               ["b1", "bob", "w1", None, 3.0]])
+    assert view.apply([], ["a1"]) == []
+    assert sorted(view.apply([], ["a2", "b1"])) == ["alice", "bob"]
+    assert view.users == {}
+    # a user who comes back in the same delta is not gone
+    view.apply([["c1", "carol", "w1", None]], [])
+    assert view.apply([["c2", "carol", "w2", None]], ["c1"]) == []

@@ -43,7 +43,9 @@ class ClusterView:
         self._cid_of.clear()
         self.apply(entries, [])
 
-    def apply(self, add: List[list], remove: List[str]) -> None:
+    def apply(self, add: List[list], remove: List[str]) -> List[Hashable]:
+        """Apply a delta; returns the cids that have no connection left."""
+        gone = []
         for conn_id in remove:
             cid = self._cid_of.pop(conn_id, None)
             user = self.users.get(cid)
@@ -51,9 +53,11 @@ class ClusterView:
                 user.pop(conn_id, None)
                 if not user:
                     del self.users[cid]
+                    gone.append(cid)
         for conn_id, cid, worker, meta, *_ in add:
             self.users.setdefault(cid, {})[conn_id] = (worker, meta)
             self._cid_of[conn_id] = cid
+        return [cid for cid in gone if cid not in self.users]
 
     def meta_of(self, cid: Hashable) -> Any:
         user = self.users.get(cid)
@@ -162,6 +166,7 @@ class BrokerLink:
         return first, evicted
 
     def leave(self, conn: "WseConnection", code: int, reason: str, quiet: bool = False) -> None:
+        # (the identity object is kept for the 'left' event that may follow)
         self.view.apply([], [conn.conn_id])
         body = {"conn_id": conn.conn_id, "cid": conn.cid, "meta": conn.meta, "code": code,
                 "reason": reason, "quiet": quiet, "epoch": self.epoch}
@@ -323,7 +328,8 @@ class BrokerLink:
             if pending is not None:
                 pending.set(body)
         elif kind == "delta":
-            self.view.apply(body.get("add", []), body.get("remove", []))
+            for cid in self.view.apply(body.get("add", []), body.get("remove", [])):
+                server._forget_identity(cid)
         elif kind == "snapshot":
             self.view.load(body.get("entries", []))
             previous, self.epoch = self.epoch, body.get("epoch")
