@@ -5,6 +5,7 @@ alice sends bob a direct message through the broker.
 """
 import sys
 
+import gevent
 from gevent.event import AsyncResult
 
 from wse_sync import WseClient
@@ -26,7 +27,13 @@ else:
 received = AsyncResult()
 bob.channel.on("dm", received.set)
 print(f"alice is on worker {alice_pid}, bob on worker {bob_pid}")
-print("online:", alice.call("online"))
+# another worker's users reach server.clients within a second (a replica)
+for _ in range(40):
+    online = alice.call("online")
+    if "bob" in online:
+        break
+    gevent.sleep(0.05)
+print("online:", online)
 print("dm ->", alice.call("dm", {"to": "bob", "text": "hello from the other worker"}))
 msg = received.get(timeout=10)
 print(f"bob got: {msg['text']!r} from {msg['from']} (sent by worker {msg['sender_pid']})")
