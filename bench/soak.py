@@ -166,10 +166,17 @@ def main() -> int:
         for c in clients:
             c.close()
         wait_for(lambda: (s := broker_stats(ep)) and s["users"] == 0, timeout=15)
-        gevent.sleep(1)
-        events = [json.loads(line) for line in open(log_path)]
-        joined = sum(1 for e in events if e[0] == "joined")
-        left = sum(1 for e in events if e[0] == "left")
+
+        def balance():
+            events = [json.loads(line) for line in open(log_path)]
+            return (sum(1 for e in events if e[0] == "joined"),
+                    sum(1 for e in events if e[0] == "left"))
+
+        # the last 'left' handlers may still be writing
+        try:
+            joined, left = wait_for(lambda: (b := balance())[0] == b[1] and b, timeout=10)
+        except AssertionError:
+            joined, left = balance()
         print(json.dumps(dict(counts, joined=joined, left=left, map_connections=stats["connections"],
                               workers_tables=sum(union.values()), broker_counters=stats["counters"],
                               rss_kb_start=mem_start, rss_kb_end=mem_end), indent=1, sort_keys=True))

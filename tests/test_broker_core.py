@@ -212,3 +212,26 @@ def test_batches_split_back_into_their_messages():
         split([b"wse1", b"batch", b'{"n": [3, 9]}', b"a", b"b", b"c"])
     with pytest.raises(SchemaError):
         split([b"wse1", b"batch", b"nope"])
+
+
+def test_joins_decided_during_an_outage_fire_joined_once_after_the_resync():
+    core = BrokerCore(sync_window=2.0, epoch="new")
+    # both workers accepted "u" while the broker was away; "v" was known before
+    core.handle("w1", Message("hello", {"pid": 1, "table": [
+        ["a", "u", None, 2.0, True], ["v1", "v", None, 0.5, False]]}), 0.0)
+    core.handle("w2", Message("hello", {"pid": 2, "table": [
+        ["b", "u", None, 1.0, True], ["v2", "v", None, 3.0, True]]}), 0.5)
+    assert [m.kind for w, m in core.tick(1.0) if m.kind == "resolved"] == []  # still syncing
+    out = {w: m.body for w, m in core.tick(2.5) if m.kind == "resolved"}
+    # 'u' is new: joined fires once, for its oldest connection (b, on w2); 'v' existed
+    assert out == {"w1": {"conns": ["a"], "first": []},
+                   "w2": {"conns": ["b", "v2"], "first": ["b"]}}
+    assert core.announced == {"u", "v"}
+
+
+def test_no_left_for_a_user_whose_joined_never_fired():
+    core = BrokerCore(sync_window=5.0)
+    core.handle("w1", Message("hello", {"pid": 1, "table": [["a", "u", None, 1.0, True]]}), 0)
+    out = core.handle("w1", Message("leave", {"conn_id": "a", "cid": "u", "pending": True}), 1)
+    assert [m.body["last"] for w, m in out if m.kind == "left"] == [False]
+    assert [m.kind for w, m in core.tick(6.0) if m.kind != "hb"] == []  # nothing to resolve

@@ -72,6 +72,11 @@ class BrokerCore:
         self.sync_window = sync_window
         self._sync_until: Optional[float] = None
         self._deferred: List[Tuple[str, Message]] = []
+        # users whose 'joined' has fired and whose 'left' has not
+        self.announced: set = set()
+        # connections accepted while their worker could not reach us: their
+        # user's 'joined' is decided once the map is whole again
+        self._pending: Dict[str, None] = {}
         # server -> client calls on their way: (origin, call id) -> holder worker
         self._calls: Dict[Tuple[str, Any], str] = {}
 
@@ -149,6 +154,8 @@ class BrokerCore:
     def tick(self, now: float) -> Out:
         """Heartbeats out, dead workers removed."""
         out: Out = []
+        if self._pending and not self._syncing(now):
+            out += self._resolve_pending()
         if self._deferred and not self._syncing(now):
             deferred, self._deferred = self._deferred, []
             log.info("map rebuilt from %d worker table(s): carrying out %d held command(s)",
@@ -188,8 +195,13 @@ class BrokerCore:
                                   "details": {"disconnected": [1006, "wse.worker-died"]}}})))
         out = out_calls + self._delta([], [o.entry.conn_id for o in outcomes])
         survivors = [w for w, i in self.workers.items() if i.serves]
+        for o in outcomes:
+            self._pending.pop(o.entry.conn_id, None)
         for i, o in enumerate(outcomes):
-            if o.last and survivors:
+            announced = o.entry.cid in self.announced
+            if o.last:
+                self.announced.discard(o.entry.cid)
+            if o.last and announced and survivors:
                 # 'left' fires in one surviving worker, spread round-robin
                 target = survivors[i % len(survivors)]
                 out.append((target, Message("left", {
@@ -217,8 +229,9 @@ class BrokerCore:
         limit = body.get("limit")
         if limit is not None and not isinstance(limit, int):
             raise TypeError("limit must be an int or null")
-        entries = [ConnEntry(str(c[0]), c[1], sender, c[2], float(c[3]))
-                   for c in body.get("table", [])]
+        table = body.get("table", [])
+        entries = [ConnEntry(str(c[0]), c[1], sender, c[2], float(c[3])) for c in table]
+        pending = [str(c[0]) for c in table if len(c) > 4 and c[4]]
         info = self.workers.get(sender)
         if info is None:
             info = WorkerInfo(sender, acked=self._graveyard.pop(sender, 0))
@@ -238,7 +251,37 @@ class BrokerCore:
         out += self._delta(added, [o.entry.conn_id for o in gone] + [e.conn_id for e in evicted],
                            skip=sender)
         out += self._drops(evicted, WSE_REASON.CLIENTS_CONCURRENCY)
+        pending_set = set(pending)
+        for e in entries:
+            if e.conn_id not in pending_set and e.conn_id in self.registry.conns:
+                self.announced.add(e.cid)  # its 'joined' fired before
+        for conn_id in pending:
+            self._pending[conn_id] = None
+        if pending and not self._syncing(now):
+            out += self._resolve_pending()
         return out
+
+    def _resolve_pending(self) -> Out:
+        """Fire 'joined' (in one worker) for users that only pending connections
+        brought in, now that every worker's table is in."""
+        pending, self._pending = list(self._pending), {}
+        by_user: Dict[Any, List[ConnEntry]] = {}
+        for conn_id in pending:
+            entry = self.registry.conns.get(conn_id)
+            if entry is not None:
+                by_user.setdefault(entry.cid, []).append(entry)
+        first: Dict[str, List[str]] = {}
+        for cid, entries in by_user.items():
+            if cid not in self.announced:
+                self.announced.add(cid)
+                oldest = min(entries, key=ConnEntry.order)
+                first.setdefault(oldest.worker, []).append(oldest.conn_id)
+        conns: Dict[str, List[str]] = {}
+        for entries in by_user.values():
+            for e in entries:
+                conns.setdefault(e.worker, []).append(e.conn_id)
+        return [(w, Message("resolved", {"conns": ids, "first": first.get(w, [])}))
+                for w, ids in conns.items()]
 
     def _on_hb(self, sender, body, data, now) -> Out:
         return []
@@ -252,6 +295,8 @@ class BrokerCore:
         res = self.registry.join(body["conn_id"], body["cid"], sender, body.get("meta"),
                                  limit, float(body.get("at", now)))
         entry = self.registry.conns[body["conn_id"]]
+        if res.first:
+            self.announced.add(entry.cid)
         out: Out = [(sender, Message("joined", {
             "req": body["req"], "first": res.first,
             "evicted": [e.conn_id for e in res.evicted]}))]
@@ -265,14 +310,20 @@ class BrokerCore:
         conn_id = body["conn_id"]
         res = self.registry.leave(conn_id)
         out: Out = []
+        self._pending.pop(conn_id, None)
         if res is not None:
             out += self._delta([], [conn_id], skip=sender)
-            cid, meta, last = res.entry.cid, res.entry.meta, res.last
+            cid, meta = res.entry.cid, res.entry.meta
+            # 'left' only for a user whose 'joined' fired
+            last = res.last and cid in self.announced
+            if res.last:
+                self.announced.discard(cid)
         else:
             # Not in the map: evicted or dropped here (no 'left'), or known only
             # to a previous broker, whose map was rebuilt without it.
             cid, meta = body.get("cid"), body.get("meta")
-            last = body.get("epoch") not in (None, self.epoch) and cid not in self.registry.users
+            last = (body.get("epoch") not in (None, self.epoch) and not body.get("pending")
+                    and cid not in self.registry.users)
         out.append((sender, Message("left", {
             "conn_id": conn_id, "last": bool(last) and not body.get("quiet"), "cid": cid,
             "code": body.get("code", 1005), "reason": body.get("reason", ""), "meta": meta})))

@@ -63,6 +63,8 @@ class WseConnection:
         # monotonic order of acceptance, for conn_per_user (oldest first)
         self.joined_at = 0.0
         self._calls: Dict[str, AsyncResult] = {}
+        # accepted while the broker was away: 'joined' waits for its verdict
+        self._pending_join = False
 
     @property
     def readyState(self) -> int:  # noqa: N802 - the original name

@@ -97,6 +97,8 @@ class BrokerLink:
         self.down_since: Optional[float] = None
         # cross-worker commands not yet acked by the broker: (seq, kind, body, data)
         self._outbox: Deque[tuple] = deque()
+        # joins we stopped waiting for: req -> conn_id (their answer may still come)
+        self._late_joins: Dict[int, str] = {}
         # encoded messages waiting for the end of this event-loop turn
         self._outgoing: List[List[bytes]] = []
         self._seq = 0
@@ -128,7 +130,8 @@ class BrokerLink:
 
     def _hello(self) -> None:
         """Send this worker's table, then every command the broker has not acked."""
-        table = [[c.conn_id, c.cid, c.meta, c.joined_at] for c in self.server._conns.values()]
+        table = [[c.conn_id, c.cid, c.meta, c.joined_at, c._pending_join]
+                 for c in self.server._conns.values()]
         base = self._outbox[0][0] - 1 if self._outbox else self._seq
         self._send("hello", {"pid": os.getpid(), "limit": self.server.conn_per_user,
                              "table": table, "base": base, "serves": self.server.serves})
@@ -137,7 +140,12 @@ class BrokerLink:
 
     # -- requests ------------------------------------------------------------
     def join(self, conn: "WseConnection", limit: Optional[int]) -> Tuple[bool, List[str]]:
-        """One broker round trip: (is the user new?, conn_ids evicted here)."""
+        """One broker round trip: (is the user new?, conn_ids evicted here).
+
+        When the broker does not answer, the join is decided locally and the
+        connection is *pending*: first is False, and the broker fires the
+        user's 'joined' later (a ``joined`` answer or ``resolved``) once it knows.
+        """
         if self.down_since is not None:
             # the broker is away: decide with what this worker knows; the
             # table sent on resync reconciles (conn_per_user included)
@@ -151,6 +159,7 @@ class BrokerLink:
         except (gevent.Timeout, WseError):
             log.error("broker did not answer a join in %.1fs: deciding locally",
                       self.request_timeout)
+            self._late_joins[req] = conn.conn_id
             return self._join_locally(conn, limit)
         finally:
             self._pending.pop(req, None)
@@ -159,17 +168,18 @@ class BrokerLink:
 
     def _join_locally(self, conn: "WseConnection", limit: Optional[int]) -> Tuple[bool, List[str]]:
         local = sorted(self.server._by_cid.get(conn.cid, {}).values(), key=lambda c: c.joined_at)
-        first = not local and conn.cid not in self.view.users
+        conn._pending_join = True
         evicted: List[str] = []
         if limit and len(local) + 1 > limit:
             evicted = [c.conn_id for c in local[: len(local) + 1 - limit]]
-        return first, evicted
+        return False, evicted
 
     def leave(self, conn: "WseConnection", code: int, reason: str, quiet: bool = False) -> None:
         # (the identity object is kept for the 'left' event that may follow)
         self.view.apply([], [conn.conn_id])
         body = {"conn_id": conn.conn_id, "cid": conn.cid, "meta": conn.meta, "code": code,
-                "reason": reason, "quiet": quiet, "epoch": self.epoch}
+                "reason": reason, "quiet": quiet, "epoch": self.epoch,
+                "pending": conn._pending_join}
         self._unacked[conn.conn_id] = body
         self._send_quietly("leave", body)
 
@@ -327,6 +337,12 @@ class BrokerLink:
             pending = self._pending.get(body.get("req", body.get("call")))
             if pending is not None:
                 pending.set(body)
+            elif kind == "joined" and body.get("req") in self._late_joins:
+                # the answer to a join we stopped waiting for
+                conn_id = self._late_joins.pop(body["req"])
+                self._resolved([conn_id], [conn_id] if body.get("first") else [])
+        elif kind == "resolved":
+            self._resolved(body.get("conns", []), body.get("first", []))
         elif kind == "delta":
             for cid in self.view.apply(body.get("add", []), body.get("remove", [])):
                 server._forget_identity(cid)
@@ -354,6 +370,15 @@ class BrokerLink:
             log.error("the broker refused this worker: it speaks schema %s", body.get("version"))
         elif kind in ("hb", "ack"):
             self._acked(int(body.get("ack", body.get("seq", 0))))
+
+    def _resolved(self, conn_ids: List[str], first: List[str]) -> None:
+        """Pending joins decided by the broker: fire 'joined' where it says."""
+        for conn_id in conn_ids:
+            conn = self.server._conns.get(conn_id)
+            if conn is not None and conn._pending_join:
+                conn._pending_join = False
+                if conn_id in first:
+                    self.server._emit("joined", conn.client, conn.meta)
 
     def _serve_call(self, body: dict) -> None:
         conn = self.server._conns.get(body["conn_id"])

@@ -29,6 +29,7 @@ KINDS = frozenset({
     "conn_drop", "call", "result", "stats", "bye",
     # broker -> worker
     "snapshot", "delta", "joined", "left", "deliver", "drop", "reset", "refused", "ack",
+    "resolved",
 })
 
 
