@@ -235,3 +235,18 @@ def test_no_left_for_a_user_whose_joined_never_fired():
     out = core.handle("w1", Message("leave", {"conn_id": "a", "cid": "u", "pending": True}), 1)
     assert [m.body["last"] for w, m in out if m.kind == "left"] == [False]
     assert [m.kind for w, m in core.tick(6.0) if m.kind != "hb"] == []  # nothing to resolve
+
+
+def test_a_worker_declared_dead_that_comes_back_gets_joined_again():
+    core = BrokerCore(worker_timeout=3)
+    hello(core, "w1", now=0)
+    hello(core, "w2", now=0)
+    core.handle("w1", Message("join", {"req": 1, "conn_id": "a", "cid": "u"}), 0)
+    core.handle("w2", Message("hb", {}), 3.5)
+    out = core.tick(4.0)  # w1 silent: removed, 'left' for u on w2
+    assert [(w, m.body["cid"]) for w, m in out if m.kind == "left"] == [("w2", "u")]
+    out = core.handle("w1", Message("hb", {}), 5.0)  # it was only blocked
+    assert [m.kind for w, m in out] == ["reset"]
+    out = core.handle("w1", Message("hello", {"pid": 1, "table": [["a", "u", None, 1.0]]}), 5.1)
+    assert [(w, m.body) for w, m in out if m.kind == "resolved"] == [
+        ("w1", {"conns": ["a"], "first": ["a"]})]

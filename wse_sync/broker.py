@@ -232,6 +232,10 @@ class BrokerCore:
         table = body.get("table", [])
         entries = [ConnEntry(str(c[0]), c[1], sender, c[2], float(c[3])) for c in table]
         pending = [str(c[0]) for c in table if len(c) > 4 and c[4]]
+        if sender in self._graveyard:
+            # declared dead, yet alive (its loop was blocked): its users got
+            # 'left' then, so their 'joined' is decided again
+            pending = [e.conn_id for e in entries]
         info = self.workers.get(sender)
         if info is None:
             info = WorkerInfo(sender, acked=self._graveyard.pop(sender, 0))
