@@ -232,9 +232,12 @@ def test_joins_decided_during_an_outage_fire_joined_once_after_the_resync():
 def test_no_left_for_a_user_whose_joined_never_fired():
     core = BrokerCore(sync_window=5.0)
     core.handle("w1", Message("hello", {"pid": 1, "table": [["a", "u", None, 1.0, True]]}), 0)
-    out = core.handle("w1", Message("leave", {"conn_id": "a", "cid": "u", "pending": True}), 1)
+    # held while the map is rebuilt, answered after
+    assert core.handle("w1", Message("leave", {"conn_id": "a", "cid": "u", "pending": True}), 1) == []
+    out = core.tick(6.0)
     assert [m.body["last"] for w, m in out if m.kind == "left"] == [False]
-    assert [m.kind for w, m in core.tick(6.0) if m.kind != "hb"] == []  # nothing to resolve
+    assert [m.kind for w, m in out if m.kind not in ("hb", "left", "delta")] == []
+    assert core.announced == set()
 
 
 def test_a_worker_declared_dead_that_comes_back_gets_joined_again():
@@ -250,3 +253,15 @@ def test_a_worker_declared_dead_that_comes_back_gets_joined_again():
     out = core.handle("w1", Message("hello", {"pid": 1, "table": [["a", "u", None, 1.0]]}), 5.1)
     assert [(w, m.body) for w, m in out if m.kind == "resolved"] == [
         ("w1", {"conns": ["a"], "first": ["a"]})]
+
+
+
+def test_a_leave_while_the_map_is_rebuilt_waits_for_every_table():
+    core = BrokerCore(sync_window=2.0, epoch="new")
+    hello(core, "w1", now=0.0)
+    # a leave known only to the old broker, for a user still connected on w2
+    old = {"conn_id": "gone", "cid": "u", "code": 1000, "reason": "", "epoch": "old"}
+    assert core.handle("w1", Message("leave", old), 0.5) == []
+    hello(core, "w2", table=[["b", "u", None, 1.0]], now=1.0)
+    out = core.tick(2.5)
+    assert [m.body["last"] for w, m in out if m.kind == "left"] == [False]

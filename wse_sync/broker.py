@@ -27,8 +27,9 @@ HEARTBEAT = 1.0
 WORKER_TIMEOUT = 3.0
 # messages held per unknown worker until it resends its table
 LIMBO_MAX = 10000
-# kinds that route by the map (held while the map is being rebuilt)
-ROUTED = frozenset({"send", "bcast", "drop_cid", "conn_send", "conn_drop", "call"})
+# kinds that route by the map or decide joined/left (held while the map is rebuilt)
+HELD_WHILE_SYNCING = frozenset({"send", "bcast", "drop_cid", "conn_send", "conn_drop", "call",
+                                "join", "leave"})
 # a worker's commands are acked at least every ACK_EVERY seqs (and with each heartbeat)
 ACK_EVERY = 256
 
@@ -121,7 +122,7 @@ class BrokerCore:
         return now < self._sync_until
 
     def _process(self, sender: str, msg: Message, now: float) -> Out:
-        if msg.kind in ROUTED and (self._deferred or self._syncing(now)):
+        if msg.kind in HELD_WHILE_SYNCING and (self._deferred or self._syncing(now)):
             self._deferred.append((sender, msg))
             return []
         return self._carry_out(sender, msg, now)
@@ -154,14 +155,15 @@ class BrokerCore:
     def tick(self, now: float) -> Out:
         """Heartbeats out, dead workers removed."""
         out: Out = []
-        if self._pending and not self._syncing(now):
-            out += self._resolve_pending()
         if self._deferred and not self._syncing(now):
             deferred, self._deferred = self._deferred, []
             log.info("map rebuilt from %d worker table(s): carrying out %d held command(s)",
                      len(self.workers), len(deferred))
             for sender, msg in deferred:
                 out += self._carry_out(sender, msg, now)
+        # after the held leaves: a pending connection that is gone gets no 'joined'
+        if self._pending and not self._syncing(now):
+            out += self._resolve_pending()
         for sender, (since, held) in list(self.limbo.items()):
             if now - since > 3 * self.worker_timeout:
                 del self.limbo[sender]

@@ -99,6 +99,8 @@ class BrokerLink:
         self._outbox: Deque[tuple] = deque()
         # joins we stopped waiting for: req -> conn_id (their answer may still come)
         self._late_joins: Dict[int, str] = {}
+        # pending connections that closed before the broker decided them
+        self._closed_pending: Dict[str, "WseConnection"] = {}
         # encoded messages waiting for the end of this event-loop turn
         self._outgoing: List[List[bytes]] = []
         self._seq = 0
@@ -181,6 +183,9 @@ class BrokerLink:
                 "reason": reason, "quiet": quiet, "epoch": self.epoch,
                 "pending": conn._pending_join}
         self._unacked[conn.conn_id] = body
+        if conn._pending_join and len(self._closed_pending) < 10000:
+            # the broker may still say this user's 'joined' is ours to fire
+            self._closed_pending[conn.conn_id] = conn
         self._send_quietly("leave", body)
 
     def send_cid(self, cid: Hashable, data: Any) -> None:
@@ -374,10 +379,10 @@ class BrokerLink:
     def _resolved(self, conn_ids: List[str], first: List[str]) -> None:
         """Pending joins decided by the broker: fire 'joined' where it says."""
         for conn_id in conn_ids:
-            conn = self.server._conns.get(conn_id)
+            conn = self.server._conns.get(conn_id) or self._closed_pending.pop(conn_id, None)
             if conn is not None and conn._pending_join:
                 conn._pending_join = False
-                if conn_id in first:
+                if conn_id in first:  # (a closed one too: its 'left' follows)
                     self.server._emit("joined", conn.client, conn.meta)
 
     def _serve_call(self, body: dict) -> None:
