@@ -161,6 +161,8 @@ def test_calls_towards_a_dead_worker_fail_with_rp_disconnect():
 
 def test_routed_commands_wait_for_the_map_after_a_restart():
     core = BrokerCore(sync_window=2.0)
+    # a worker that knew the previous broker speaks before its hello
+    assert [m.kind for w, m in core.handle("w1", Message("hb", {}), 0.0)] == ["reset"]
     hello(core, "w1", now=0.0)
     out = core.handle("w1", Message("send", {"cid": "bob", "seq": 1}, "x"), 0.5)
     assert out == []  # bob's worker has not sent its table yet
@@ -258,6 +260,7 @@ def test_a_worker_declared_dead_that_comes_back_gets_joined_again():
 
 def test_a_leave_while_the_map_is_rebuilt_waits_for_every_table():
     core = BrokerCore(sync_window=2.0, epoch="new")
+    core.handle("w1", Message("hb", {}), 0.0)  # it knew the previous broker
     hello(core, "w1", now=0.0)
     # a leave known only to the old broker, for a user still connected on w2
     old = {"conn_id": "gone", "cid": "u", "code": 1000, "reason": "", "epoch": "old"}
@@ -265,3 +268,12 @@ def test_a_leave_while_the_map_is_rebuilt_waits_for_every_table():
     hello(core, "w2", table=[["b", "u", None, 1.0]], now=1.0)
     out = core.tick(2.5)
     assert [m.body["last"] for w, m in out if m.kind == "left"] == [False]
+
+
+
+def test_a_fresh_cluster_is_not_held():
+    core = BrokerCore(sync_window=2.0)
+    hello(core, "w1", now=0.0)
+    hello(core, "w2", table=[], now=0.0)
+    out = core.handle("w1", Message("join", {"req": 1, "conn_id": "a", "cid": "u"}), 0.1)
+    assert [m.body["first"] for w, m in out if m.kind == "joined"] == [True]

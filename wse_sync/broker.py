@@ -69,7 +69,10 @@ class BrokerCore:
         self._graveyard: Dict[str, int] = {}
         # After a restart the map is rebuilt from the workers' tables: commands
         # that route by the map wait until every live worker had time to send
-        # its table (a heartbeat or two), then run in arrival order.
+        # its table (a heartbeat or two), then run in arrival order. The window
+        # opens when a worker shows it knew an earlier broker (a message before
+        # its hello, or a hello with connections or commands): never on a fresh
+        # cluster.
         self.sync_window = sync_window
         self._sync_until: Optional[float] = None
         self._deferred: List[Tuple[str, Message]] = []
@@ -105,6 +108,7 @@ class BrokerCore:
             # A worker we do not know (we restarted, or it was declared dead):
             # hold its messages until it has resent its table.
             if sender not in self.limbo:
+                self._restarted(now)
                 out.append((sender, Message("reset", {})))
             since, held = self.limbo.setdefault(sender, (now, []))
             if msg.kind != "hb":
@@ -117,9 +121,12 @@ class BrokerCore:
         return self._process(sender, msg, now)
 
     def _syncing(self, now: float) -> bool:
+        return self._sync_until is not None and now < self._sync_until
+
+    def _restarted(self, now: float) -> None:
+        """A worker shows it knew an earlier broker: open the sync window (once)."""
         if self._sync_until is None:
             self._sync_until = now + self.sync_window
-        return now < self._sync_until
 
     def _process(self, sender: str, msg: Message, now: float) -> Out:
         if msg.kind in HELD_WHILE_SYNCING and (self._deferred or self._syncing(now)):
@@ -234,6 +241,8 @@ class BrokerCore:
         table = body.get("table", [])
         entries = [ConnEntry(str(c[0]), c[1], sender, c[2], float(c[3])) for c in table]
         pending = [str(c[0]) for c in table if len(c) > 4 and c[4]]
+        if table or base:
+            self._restarted(now)
         if sender in self._graveyard:
             # declared dead, yet alive (its loop was blocked): its users got
             # 'left' then, so their 'joined' is decided again
