@@ -57,7 +57,6 @@ WSE_ERROR = _Constants(
     MESSAGE_PROCESSING_ERROR="wse.server.msg-processing-error",
     # added by wse_sync (the reference has no cluster)
     BROKER_UNAVAILABLE="wse.server.broker-unavailable",
-    SEND_QUEUE_FULL="wse.server.send-queue-full",
 )
 
 WSE_STATUS = _Constants(

@@ -9,7 +9,6 @@ disconnected (close code 1008, reason ``wse.send-queue-full``).
 """
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from collections import deque
@@ -223,6 +222,3 @@ class Transport:
         except OSError:  # pragma: no cover - already closed
             pass
 
-
-def is_disconnect(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET)
