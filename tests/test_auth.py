@@ -483,6 +483,25 @@ def test_remote_addr_from_x_forwarded_for_and_null_meta():
         ws.shutdown()
 
 
+def test_x_forwarded_for_is_ignored_from_a_peer_that_is_not_a_trusted_proxy():
+    server = WseServer(identify=accept_all, trusted_proxies="10.0.0.0/8")
+    conns = []
+    server.when.connected(conns.append)
+    with inproc_server(server) as url:
+        ws = RawWS(url, headers={"X-Forwarded-For": "203.0.113.7"})
+        ws.send_text('["~wse:hi",{"identity":"fw","meta":{}},null]')
+        assert ws.recv() == ("text", '["~wse:welcome",{"hello":"fw"},null]')
+        wait_for(lambda: conns)
+        assert conns[0].remote_addr == "127.0.0.1"
+        ws.close()
+        ws.shutdown()
+
+
+def test_a_bad_trusted_proxies_entry_fails_at_construction():
+    with pytest.raises(ValueError, match="nope"):
+        WseServer(identify=accept_all, trusted_proxies=["127.0.0.1", "nope"])
+
+
 def test_a_refused_client_may_connect_again():
     server = WseServer(identify=lambda identity, accept, refuse:
                        accept(identity) if identity == "good" else refuse())

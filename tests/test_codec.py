@@ -92,9 +92,14 @@ def test_rpc_error_from_plain_exception():
         raise KeyError("nope")
     except KeyError as exc:
         out = rpc_error_payload(exc, "get", {"k": 1})
+        full = rpc_error_payload(exc, "get", {"k": 1}, traceback_in_stack=True)
     assert out["code"] == WSE_ERROR.RP_EXECUTION_FAILED
     assert out["message"] == "'nope'"
     origin = out["details"]["origin"]
     assert origin["name"] == "KeyError" and origin["message"] == "'nope'"
-    assert "Traceback" in origin["stack"] and "KeyError" in origin["stack"]
+    # no traceback unless asked: it names the server's files
+    assert origin["stack"] == "KeyError: 'nope'"
     assert out["details"]["rpc"] == "get" and out["details"]["payload"] == {"k": 1}
+    stack = full["details"]["origin"]["stack"]
+    assert stack.startswith("Traceback") and "test_codec.py" in stack and "KeyError" in stack
+    assert set(full["details"]["origin"]) == set(origin)

@@ -146,6 +146,23 @@ def test_handler_raising_wse_error_sends_code_and_details():
         c.close()
 
 
+def test_rpc_tracebacks_option_sends_the_full_stack():
+    server = make_server(rpc_tracebacks=True)
+
+    @server.register("crash")
+    def crash(conn, payload):
+        raise KeyError("missing thing")
+
+    with inproc_server(server) as url:
+        c = WseClient(url)
+        c.connect("x")
+        with pytest.raises(WseError) as info:
+            c.call("crash")
+        stack = info.value.details["origin"]["stack"]
+        assert stack.startswith("Traceback") and "in crash" in stack
+        c.close()
+
+
 def test_handler_raising_an_exception_gives_rp_execution_failed():
     server = make_server()
 
@@ -167,7 +184,7 @@ def test_handler_raising_an_exception_gives_rp_execution_failed():
         origin = err.details["origin"]
         assert origin["name"] == "KeyError"
         assert "missing thing" in origin["message"]
-        assert "KeyError" in origin["stack"] and "crash" in origin["stack"]
+        assert origin["stack"] == "KeyError: 'missing thing'"  # no server paths by default
         wait_for(lambda: errors)
         server_err, conn = errors[0]
         assert server_err.code == WSE_ERROR.RP_EXECUTION_FAILED

@@ -88,10 +88,13 @@ class WseError(Exception):
         return f"WseError({self.code!r}, {self.details!r})"
 
 
-def rpc_error_payload(exc: BaseException, rp: str, payload: Any) -> dict:
+def rpc_error_payload(exc: BaseException, rp: str, payload: Any,
+                      traceback_in_stack: bool = False) -> dict:
     """The ``~wse:response-err`` payload for an RPC handler that raised ``exc``.
 
-    Pure: follows the table "RPC error objects" of protocol.md.
+    Pure: follows the table "RPC error objects" of protocol.md. ``origin.stack``
+    is the one line ``"<name>: <message>"`` unless ``traceback_in_stack`` asks
+    for the full traceback (it names the server's files and source lines).
     """
     if isinstance(exc, WseError):
         details = exc.details
@@ -102,7 +105,10 @@ def rpc_error_payload(exc: BaseException, rp: str, payload: Any) -> dict:
             details.setdefault("rpc", rp)
             details.setdefault("payload", payload)
         return {"code": exc.code, "details": details}
-    stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if traceback_in_stack:
+        stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    else:
+        stack = f"{type(exc).__name__}: {exc}"
     return {
         "code": WSE_ERROR.RP_EXECUTION_FAILED,
         "message": str(exc),

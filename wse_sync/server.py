@@ -20,6 +20,7 @@ from . import runner
 from .connection import CLOSED, OPEN, RemoteConnection, WseConnection, WseIdentity, make_id
 from .errors import WSE_ERROR, WSE_REASON, WseError
 from .events import Emitter, When
+from .forwarded import client_address, parse_trusted
 from .protocol import WseJSON, check_protocol
 from .session import Session
 from .transport import Transport
@@ -45,6 +46,11 @@ DEFAULTS: Dict[str, Any] = {
     "heartbeat": 1.0,
     "certfile": None,
     "keyfile": None,
+    # addresses whose X-Forwarded-For is believed (uvicorn's forwarded_allow_ips);
+    # a string "a,b" or an iterable; "*" trusts everyone
+    "trusted_proxies": ("127.0.0.1", "::1"),
+    # send the handler's full traceback in RPC errors (names server files)
+    "rpc_tracebacks": False,
 }
 
 
@@ -97,6 +103,7 @@ class WseServer:
         self.rpc_timeout = rpc_timeout
         self.protocol = check_protocol(protocol if protocol is not None else WseJSON())
         self.options: Dict[str, Any] = dict(DEFAULTS, **options)
+        self._trusted = parse_trusted(self.options["trusted_proxies"])
         self.channel = Emitter()
         self.when = When()
         self._rpcs: Dict[str, Callable] = {}
@@ -207,7 +214,8 @@ class WseServer:
                               self.options["max_send_queue"], self.options["close_timeout"])
         requested = [p.strip() for p in
                      environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",")]
-        remote = environ.get("HTTP_X_FORWARDED_FOR") or environ.get("REMOTE_ADDR")
+        remote = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),
+                                self._trusted)
         conn = WseConnection(self, transport, remote_addr=remote)
         if self._stopping:
             transport.close(1012, "")

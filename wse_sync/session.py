@@ -202,7 +202,7 @@ class Session:
             try:
                 answer = (self._t_response, handler(conn, payload))
             except Exception as exc:
-                error = rpc_error_payload(exc, rp, payload)
+                error = rpc_error_payload(exc, rp, payload, server.options["rpc_tracebacks"])
                 answer = (self._t_response_err, error)
                 if not isinstance(exc, WseError):
                     server._emit_error(WseError(error["code"], error["details"]), conn)

@@ -1,0 +1,60 @@
+"""Who the client is: the socket peer, or X-Forwarded-For from a trusted proxy. Pure."""
+from __future__ import annotations
+
+import ipaddress
+from typing import FrozenSet, Iterable, Optional, Union
+
+__all__ = ["parse_trusted", "client_address", "Trusted"]
+
+# "*" (everyone) or a set of networks
+Trusted = Union[str, FrozenSet[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]]]
+
+
+def parse_trusted(spec: Union[str, Iterable[str], None]) -> Trusted:
+    """``"127.0.0.1,::1"``, an iterable of addresses/networks, ``"*"`` or None (nobody).
+
+    Raises ValueError naming an entry that is neither an address nor a network.
+    """
+    if spec is None:
+        return frozenset()
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    items = [i.strip() for i in items if i and i.strip()]
+    if "*" in items:
+        return "*"
+    nets = set()
+    for item in items:
+        try:
+            nets.add(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"trusted_proxies: {item!r} is not an IP address or network") from None
+    return frozenset(nets)
+
+
+def _is_trusted(addr: Optional[str], trusted: Trusted) -> bool:
+    if trusted == "*":
+        return True
+    if not addr or not trusted:
+        return False
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in trusted)  # type: ignore[union-attr]
+
+
+def client_address(peer: Optional[str], forwarded_for: Optional[str], trusted: Trusted) -> Optional[str]:
+    """The client's address.
+
+    The peer itself unless it is a trusted proxy; then the right-most entry
+    of ``X-Forwarded-For`` that is not itself a trusted proxy (a client can
+    prepend anything, so entries left of the last untrusted one are ignored).
+    """
+    if not forwarded_for or not _is_trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
