@@ -698,7 +698,7 @@ def test_client_close_code_is_echoed_and_reported():
         ws = e.ready_raw()
         ws.close(4001, "going away now")
         ev = ws.recv_until_close()
-        assert ev[:2] == ("close", 4001), ev
+        assert ev == ("close", 4001, "going away now"), ev
         assert ws.recv() == ("eof",)
         wait_for(lambda: e.disconnected)
         assert e.disconnected == [("raw", 4001, "going away now")]
@@ -787,3 +787,24 @@ def test_slow_reader_is_dropped_when_its_send_queue_is_full():
         e.good.channel.on("news", got.append)
         e.server.broadcast("news", 1)
         wait_for(lambda: got == [1])
+
+
+def test_a_message_before_a_bad_frame_in_the_same_read_is_delivered_and_tcp_ends():
+    got = []
+    with env(close_timeout=30 * UNIT) as e:
+        e.server.channel.on("note", lambda conn, payload: got.append(payload))
+        ws = e.ready_raw()
+        bad = bytearray(build_frame(OP_TEXT, b"x", mask=True))
+        bad[0] |= 0x40  # a reserved bit
+        ws.send_raw(build_frame(OP_TEXT, b'["note","before",null]', mask=True) + bytes(bad))
+        ev = ws.recv_until_close()
+        assert ev[:2] == ("close", 1002), ev
+        # the server ends TCP after failing the connection: no wait for close_timeout
+        # (30 units) even though this peer never answers the close frame
+        assert ws.recv(timeout=5 * UNIT) == ("eof",)
+        wait_for(lambda: got)
+        assert got == ["before"]
+        ws.shutdown()  # our FIN ends the server's discarding at once
+        wait_for(lambda: e.disconnected)
+        assert e.disconnected[0][:2] == ("raw", 1002)
+        e.check_good_still_works()

@@ -84,3 +84,37 @@ def test_mask_matches_bytewise_xor():
     expected = bytes(b ^ key[i % 4] for i, b in enumerate(data))
     assert apply_mask(data, key) == expected
     assert apply_mask(data[:7], key) == expected[:7]
+
+
+def test_events_before_a_violation_come_with_the_error():
+    # a valid message and a ping, then a bad frame, all in one read (Autobahn 3.2, 5.15)
+    data = masked(OP_TEXT, b"ok") + masked(OP_PING, b"p") + masked(OP_TEXT, b"x", rsv=0x20)
+    with pytest.raises(FrameError) as info:
+        FrameReader().feed(data)
+    assert info.value.code == 1002
+    assert info.value.events == [("text", "ok"), ("ping", b"p")]
+
+
+def test_invalid_utf8_fails_on_the_fragment_that_carries_it():
+    r = FrameReader()
+    assert r.feed(masked(OP_TEXT, "é".encode(), fin=False)) == []
+    # a character split across fragments is fine
+    euro = "€".encode()
+    assert r.feed(masked(OP_CONT, euro[:1], fin=False)) == []
+    assert r.feed(masked(OP_CONT, euro[1:], fin=False)) == []
+    with pytest.raises(FrameError) as info:
+        r.feed(masked(OP_CONT, b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80", fin=False))
+    assert info.value.code == 1007
+    # a message that ends in the middle of a character fails on its last fragment
+    r = FrameReader()
+    assert r.feed(masked(OP_TEXT, b"a", fin=False)) == []
+    with pytest.raises(FrameError) as info:
+        r.feed(masked(OP_CONT, b"\xe2\x82"))
+    assert info.value.code == 1007
+
+
+def test_fragmented_text_and_binary_are_joined():
+    r = FrameReader()
+    data = (masked(OP_TEXT, "κό".encode()[:3], fin=False) + masked(OP_CONT, "κό".encode()[3:])
+            + masked(OP_BINARY, b"\x00", fin=False) + masked(OP_CONT, b"\xff"))
+    assert r.feed(data) == [("text", "κό"), ("binary", b"\x00\xff")]

@@ -417,13 +417,14 @@ def test_drop_client(flows):
 
 def test_client_close_code(flows):
     out = flow(flows, "client_close_code")
-    assert out["close"]["code"] == 4321  # the server's close frame echoes the client's code
+    # the server's close frame echoes the client's code and reason, as ws does
+    assert out["close"]["code"] == 4321 and out["close"]["reason"] == "bye-bye"
     assert out["disconnected"] == [4321, "bye-bye"]
 
 
 def test_client_close_default(flows):
     out = flow(flows, "client_close_default")
-    assert out["closes"] == [[1000, ""]]
+    assert out["closes"] == [[1000, "wse.by-client"]]  # the closed event: the echo
     assert out["disconnected"] == [1000, "wse.by-client"]
 
 

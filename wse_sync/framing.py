@@ -4,11 +4,14 @@
 ``("text", str)``, ``("binary", bytes)``, ``("ping", bytes)``,
 ``("pong", bytes)`` and ``("close", code, reason)``. A violation raises
 ``FrameError`` carrying the close code the peer must be sent (1002 protocol
-error, 1007 invalid UTF-8, 1009 too big). The size limit is checked against
-the announced length, before anything is buffered.
+error, 1007 invalid UTF-8, 1009 too big) and, in ``events``, what the same
+``feed`` call completed before the violation (deliver those first). The size
+limit is checked against the announced length, before anything is buffered;
+the UTF-8 of a fragmented text message is checked fragment by fragment.
 """
 from __future__ import annotations
 
+import codecs
 import os
 import struct
 from typing import List, Optional, Tuple
@@ -52,6 +55,8 @@ class FrameError(Exception):
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
+        # events completed by the same feed() before the violation
+        self.events: list = []
 
 
 def parse_close_payload(payload: bytes) -> Tuple[int, str]:
@@ -82,19 +87,32 @@ class FrameReader:
         self.max_message_size = max_message_size
         self.expect_mask = expect_mask
         self._buf = bytearray()
-        # opcode and fragments of a fragmented message in progress
+        # opcode and fragments of a fragmented message in progress (a text
+        # message's fragments are decoded as they come, to fail on the bad one)
         self._frag_op: Optional[int] = None
-        self._frags: List[bytes] = []
+        self._frags: list = []
         self._frag_len = 0
+        self._decoder: Optional[codecs.IncrementalDecoder] = None
 
     def feed(self, data: bytes) -> list:
-        """Add received bytes; return the complete events they finish."""
+        """Add received bytes; return the complete events they finish.
+
+        Raises FrameError on a violation, with the events completed before it.
+        """
+        events: list = []
+        try:
+            self._feed(data, events)
+        except FrameError as exc:
+            exc.events = events
+            raise
+        return events
+
+    def _feed(self, data: bytes, events: list) -> None:
         if self._buf:
             self._buf += data
             buf = self._buf
         else:  # the common case: parse the received bytes without copying them
             buf = data
-        events = []
         pos = 0
         n = len(buf)
         while True:
@@ -137,7 +155,6 @@ class FrameReader:
                 del buf[:pos]
         elif pos < n:
             self._buf = bytearray(buf[pos:])
-        return events
 
     def _check_header(self, b0: int, opcode: int, fin: int, masked: int, length: int) -> None:
         if b0 & 0x70:
@@ -170,16 +187,26 @@ class FrameReader:
             if fin:
                 return self._message(opcode, payload)
             self._frag_op = opcode
-            self._frags = [payload]
-            self._frag_len = len(payload)
-            return None
-        self._frags.append(payload)
+            self._frags = []
+            self._frag_len = 0
+            if opcode == OP_TEXT:
+                self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._frag_len += len(payload)
+        decoder = self._decoder
+        if decoder is not None:
+            try:
+                self._frags.append(decoder.decode(payload, final=bool(fin)))
+            except UnicodeDecodeError:
+                raise FrameError(1007, "text message is not UTF-8") from None
+        else:
+            self._frags.append(payload)
         if not fin:
             return None
-        op, data = self._frag_op, b"".join(self._frags)
-        self._frag_op, self._frags, self._frag_len = None, [], 0
-        return self._message(op, data)
+        frags = self._frags
+        self._frag_op, self._frags, self._frag_len, self._decoder = None, [], 0, None
+        if decoder is not None:
+            return ("text", "".join(frags))
+        return ("binary", b"".join(frags))
 
     @staticmethod
     def _message(opcode: int, data: bytes):

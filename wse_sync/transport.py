@@ -176,30 +176,40 @@ class Transport:
                 try:
                     events = reader.feed(data)
                 except FrameError as exc:
-                    self._protocol_failure(exc)
+                    # what arrived before the violation is still delivered
+                    self._dispatch(exc.events, on_message)
+                    if self.state != _CLOSED:
+                        self._protocol_failure(exc)
                     continue
-                for ev in events:
-                    kind = ev[0]
-                    if kind == "text" or kind == "binary":
-                        if self.state == _OPEN:
-                            on_message(ev[1])
-                    elif kind == "ping":
-                        if self.state == _OPEN:
-                            self.write_raw(build_frame(OP_PONG, ev[1], self.mask))
-                    elif kind == "close":
-                        self._peer_closed(ev[1], ev[2])
-                        break
+                if self._dispatch(events, on_message):
+                    break
         finally:
             self.abort(self.close_status or (1006, ""))
             self._drop_socket()
         return self.close_status or (1006, "")
 
+    def _dispatch(self, events: list, on_message: Callable[[object], None]) -> bool:
+        """Act on parsed events; True once the peer's close frame was handled."""
+        for ev in events:
+            kind = ev[0]
+            if kind == "text" or kind == "binary":
+                if self.state == _OPEN:
+                    on_message(ev[1])
+            elif kind == "ping":
+                if self.state == _OPEN:
+                    self.write_raw(build_frame(OP_PONG, ev[1], self.mask))
+            elif kind == "close":
+                self._peer_closed(ev[1], ev[2])
+                return True
+        return False
+
     def _peer_closed(self, code: int, reason: str) -> None:
         if self.state == _OPEN:
-            # the peer closed first: echo its code (RFC 6455 5.5.1)
+            # the peer closed first: echo its code and reason (RFC 6455 5.5.1;
+            # the ws library does the same and the JS client reports what it gets)
             self.close_status = (code, reason)
             self.state = _CLOSING
-            self.write_raw(build_close(code, "", self.mask))
+            self.write_raw(build_close(code, reason, self.mask))
         self._finish_after_flush()
 
     def _finish_after_flush(self) -> None:
@@ -209,12 +219,32 @@ class Transport:
         self.abort(self.close_status or (1006, ""))
 
     def _protocol_failure(self, exc: FrameError) -> None:
-        # Tell the peer why, then discard what it still sends for a short while
-        # so that it reads our close frame instead of a TCP reset.
+        # Fail the connection (RFC 6455 7.1.7): send the close frame, then end
+        # our half of TCP, as the server closes TCP first. What the peer still
+        # sends (its close reply among it) is read and discarded until its FIN
+        # or close_timeout, so that it reads our close frame, not a TCP reset.
         self._discarding = True
         if self.state == _OPEN:
             self.close(exc.code, exc.reason if exc.code != 1009 else "message too big")
         self._arm_abort(self.close_timeout)
+        if self._writer is None:
+            self._end_writing()
+        else:
+            gevent.spawn(self._end_writing_after_flush)
+
+    def _end_writing_after_flush(self) -> None:
+        writer = self._writer
+        if writer is not None:
+            writer.join(self.close_timeout)
+        self._end_writing()
+
+    def _end_writing(self) -> None:
+        if self.state == _CLOSED:
+            return
+        try:
+            self.sock.shutdown(gsocket.SHUT_WR)
+        except OSError:
+            pass
 
     def _drop_socket(self) -> None:
         try:
