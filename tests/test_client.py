@@ -282,8 +282,9 @@ def test_reconnect_after_a_1012_close():
         assert ready == [1, 2]
         assert identified == [("back", {"m": 1}), ("back", {"m": 1})]
         assert disconnected == [(1012, "")]
-        assert updated == [WSE_STATUS.CONNECTING, WSE_STATUS.READY, WSE_STATUS.RE_CONNECTING,
-                           WSE_STATUS.READY]
+        # OFFLINE between READY and RE_CONNECTING, as the JS client reports it
+        assert updated == [WSE_STATUS.CONNECTING, WSE_STATUS.READY, WSE_STATUS.OFFLINE,
+                           WSE_STATUS.RE_CONNECTING, WSE_STATUS.READY]
         assert c.call("echo", "again") == "again"
         c.close()
         assert c.status == WSE_STATUS.OFFLINE
@@ -497,8 +498,8 @@ def test_reconnect_stops_when_the_server_refuses():
         conns[0].close(1012, "")
         wait_for(lambda: c.status == WSE_STATUS.OFFLINE and updated[-1] == WSE_STATUS.OFFLINE,
                  timeout=10 * UNIT)
-        assert updated == [WSE_STATUS.CONNECTING, WSE_STATUS.READY, WSE_STATUS.RE_CONNECTING,
-                           WSE_STATUS.OFFLINE]
+        assert updated == [WSE_STATUS.CONNECTING, WSE_STATUS.READY, WSE_STATUS.OFFLINE,
+                           WSE_STATUS.RE_CONNECTING, WSE_STATUS.OFFLINE]
         assert c._reconnector is None or c._reconnector.dead
 
 

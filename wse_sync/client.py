@@ -37,17 +37,28 @@ log = logging.getLogger("wse_sync.client")
 RECONNECT_CODES = frozenset({1005, 1006, 1011, 1012, 1013, 1014, 4000})
 
 _CLIENT_EVENTS = ("ready", "closed", "error", "updated", "ignored", "connected")
+# events whose last value a late subscriber gets at once (the JS client's
+# memorable signals)
+_MEMORABLE = frozenset({"ready", "updated"})
 
 
 class _ClientWhen:
     def __init__(self) -> None:
         self.emitter = Emitter()
+        # name -> the arguments of its last emit, for the memorable events
+        self.last: Dict[str, tuple] = {}
         for name in _CLIENT_EVENTS:
             setattr(self, name, self._binder(name))
 
     def _binder(self, name: str) -> Callable:
         def bind(handler: Callable) -> Callable:
-            return self.emitter.on(name, handler)
+            self.emitter.on(name, handler)
+            if name in self.last:
+                try:
+                    handler(*self.last[name])
+                except Exception:
+                    log.exception("client %s handler failed", name)
+            return handler
         bind.__name__ = name
         return bind
 
@@ -90,7 +101,9 @@ class WseClient:
         self._sock = None
         self._reader: Optional[gevent.Greenlet] = None
         self._ready: Optional[AsyncResult] = None
+        # set while no socket is open (a client that never connected is closed)
         self._closed_event = Event()
+        self._closed_event.set()
         self._user_closed = False
         self._reconnector: Optional[gevent.Greenlet] = None
         self.close_status: Optional[tuple] = None
@@ -114,7 +127,13 @@ class WseClient:
         self._write_message(self.protocol.pack(type, payload, None))
 
     def call(self, rp: str, payload: Any = None, timeout: Optional[float] = None) -> Any:
-        """Call a server procedure and return its result (raises WseError)."""
+        """Call a server procedure and return its result.
+
+        ``timeout`` defaults to ``rpc_timeout``; 0 (or less) waits forever, as
+        in the JS client. Raises WseError with the server's code and details
+        (``{}`` when it sent none), RP_TIMEOUT (details ``{}``), RP_DISCONNECT
+        (``{"disconnected": [code, reason]}``) or CONNECTION_NOT_READY.
+        """
         self._require_ready()
         stamp = make_id(10)
         result = self._calls[stamp] = AsyncResult()
@@ -122,17 +141,18 @@ class WseClient:
         try:
             self._write_message(self.protocol.pack(rp, payload, stamp))
             try:
-                ok, value = result.get(timeout=timeout)
+                ok, value = result.get(timeout=timeout if timeout and timeout > 0 else None)
             except gevent.Timeout:
-                raise WseError(WSE_ERROR.RP_TIMEOUT, {"rpc": rp, "timeout": timeout}) from None
+                raise WseError(WSE_ERROR.RP_TIMEOUT, {}) from None
         finally:
             self._calls.pop(stamp, None)
         if ok == "ok":
             return value
         if ok == "closed":
-            raise WseError(WSE_ERROR.RP_DISCONNECT, {"rpc": rp, "disconnected": list(value)})
+            raise WseError(WSE_ERROR.RP_DISCONNECT, {"disconnected": list(value)})
         if isinstance(value, dict) and isinstance(value.get("code"), str):
-            raise WseError(value["code"], value.get("details", value.get("message")))
+            details = value.get("details")
+            raise WseError(value["code"], details if details is not None else {})
         raise WseError(WSE_ERROR.RP_EXECUTION_FAILED, {"rpc": rp, "error": value})
 
     def register(self, rp: str, handler: Optional[Callable] = None):
@@ -162,14 +182,15 @@ class WseClient:
             self._reconnector.kill()
             self._reconnector = None
         self._close(code, reason)
-        self._closed_event.wait(timeout=5)
+        self._closed_event.wait(timeout=5)  # set at once when nothing was open
         self._set_status(WSE_STATUS.OFFLINE)
 
     def jump(self, url: str, identity: Any = None, meta: Optional[dict] = None) -> Any:
         """Close with 4000 ``jump`` and connect to ``url``; returns the new welcome."""
         self._user_closed = True
         self._close(4000, "jump")
-        self._closed_event.wait(timeout=5)
+        self._closed_event.wait(timeout=5)  # set at once when nothing was open
+        self.when.last.pop("ready", None)  # a late ready() subscriber waits for the new welcome
         self.url = url
         if identity is not None:
             self.identity = identity
@@ -197,11 +218,16 @@ class WseClient:
         try:
             self._open_socket()
         except (OSError, WseError) as exc:
-            self._set_status(WSE_STATUS.OFFLINE)
             err = exc if isinstance(exc, WseError) else WseError(
                 WSE_ERROR.WS_CLIENT_ERROR, {"message": str(exc)})
+            # as the JS client over ws: an error, then closed 1006, then OFFLINE
+            self._emit("error", err)
+            self.close_status = (1006, "")
+            self._emit("closed", 1006, "")
+            self._set_status(WSE_STATUS.OFFLINE)
             raise err from None
         self._closed_event.clear()
+        self._emit("connected")
         self._reader = gevent.spawn(self._read_loop)
         self._write_message(self.protocol.pack(
             self.protocol.internal_types["hi"], {"identity": self.identity, "meta": self.meta},
@@ -299,6 +325,16 @@ class WseClient:
         # the reader finishes when the server answers (or the socket dies)
         gevent.spawn_later(3, self._abort)
 
+    def _fail(self, exc: FrameError) -> None:
+        """The server broke the framing rules (or sent too much): tell it why."""
+        self._emit("error", WseError(WSE_ERROR.WS_CLIENT_ERROR, {"message": exc.reason}))
+        if not self._closing:
+            self._closing = True
+            try:
+                self._write(build_close(exc.code, exc.reason, mask=True))
+            except WseError:
+                pass
+
     def _abort(self) -> None:
         if self._sock is not None:
             try:
@@ -313,13 +349,11 @@ class WseClient:
         try:
             while True:
                 if data:
+                    failure = None
                     try:
                         events = self._frames.feed(data)
                     except FrameError as exc:
-                        self._emit("error", WseError(WSE_ERROR.WS_CLIENT_ERROR, {
-                            "message": exc.reason}))
-                        code, reason = exc.code, exc.reason
-                        break
+                        events, failure = exc.events, exc
                     done = False
                     for ev in events:
                         if ev[0] in ("text", "binary"):
@@ -331,12 +365,16 @@ class WseClient:
                             if not self._closing:
                                 self._closing = True
                                 try:
-                                    self._write(build_close(code, "", mask=True))
+                                    self._write(build_close(code, reason, mask=True))
                                 except WseError:
                                     pass
                             done = True
                             break
                     if done:
+                        break
+                    if failure is not None:
+                        self._fail(failure)
+                        code, reason = failure.code, failure.reason
                         break
                 try:
                     data = sock.recv(65536)
@@ -365,6 +403,8 @@ class WseClient:
         self._emit("closed", code, reason)
         if (was_ready and self.reconnect and not self._user_closed
                 and code in RECONNECT_CODES):
+            # OFFLINE first, as the JS client reports it between READY and RE_CONNECTING
+            self._set_status(WSE_STATUS.OFFLINE)
             self._set_status(WSE_STATUS.RE_CONNECTING)
             self._reconnector = gevent.spawn(self._reconnect_loop)
         elif self.status != WSE_STATUS.RE_CONNECTING or self._user_closed:
@@ -459,6 +499,8 @@ class WseClient:
             self._emit("updated", status)
 
     def _emit(self, name: str, *args: Any) -> None:
+        if name in _MEMORABLE:
+            self.when.last[name] = args
         for handler in self.when.emitter.handlers(name):
             try:
                 handler(*args)

@@ -77,6 +77,7 @@ ensure_venv() {
         exit 2
     fi
     echo "run.sh: building $VENV with $py2" >&2
+    export PIP_NO_PYTHON_VERSION_WARNING=1 PIP_DISABLE_PIP_VERSION_CHECK=1
     local t0=$SECONDS
     "$py2" -m pip install -q 'virtualenv<20.22'
     [[ -x "$VENV/bin/python" ]] || "$py2" -m virtualenv -q "$VENV"
@@ -95,7 +96,12 @@ fi
 # -- the echo server ---------------------------------------------------------------
 TMP="$(mktemp -d)"
 SERVER_PID=""
+WSTEST_PID=""
 cleanup() {
+    if [[ -n "$WSTEST_PID" ]] && kill -0 "$WSTEST_PID" 2>/dev/null; then
+        kill "$WSTEST_PID" 2>/dev/null || true
+        wait "$WSTEST_PID" 2>/dev/null || true
+    fi
     if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
         kill "$SERVER_PID" 2>/dev/null || true
         wait "$SERVER_PID" 2>/dev/null || true
@@ -162,11 +168,17 @@ EOF
 
 WSTEST_LOG="$(dirname "$OUTDIR")/wstest-$MODE.log"
 t0=$SECONDS
-(cd "$TMP" && "$VENV/bin/wstest" -m fuzzingclient -s "$SPEC") >"$WSTEST_LOG" 2>&1 || {
-    echo "run.sh: wstest failed (log: $WSTEST_LOG):" >&2
+# in the background, so that a TERM reaches the trap (and ends wstest) at once
+(cd "$TMP" && exec "$VENV/bin/wstest" -m fuzzingclient -s "$SPEC") >"$WSTEST_LOG" 2>&1 &
+WSTEST_PID=$!
+wstest_rc=0
+wait "$WSTEST_PID" || wstest_rc=$?
+WSTEST_PID=""
+if (( wstest_rc != 0 )); then
+    echo "run.sh: wstest failed with $wstest_rc (log: $WSTEST_LOG):" >&2
     tail -n 30 "$WSTEST_LOG" >&2
     exit 2
-}
+fi
 echo "run.sh: wstest took $((SECONDS - t0))s (log: $WSTEST_LOG, server log: $SERVER_LOG)"
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then
     echo "run.sh: WARNING: echo_app.py exited during the run:" >&2
