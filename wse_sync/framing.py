@@ -14,7 +14,7 @@ from __future__ import annotations
 import codecs
 import os
 import struct
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 __all__ = [
     "FrameError", "FrameReader", "build_frame", "build_close", "parse_close_payload",
