@@ -20,7 +20,7 @@ from typing import Any, Iterator, List, Optional
 import gevent
 from gevent import socket as gsocket
 
-from wse_sync.framing import OP_TEXT, FrameReader, build_close, build_frame
+from wse_sync.core.frames import OP_TEXT, FrameReader, build_close, build_frame
 from wse_sync.wsgi import make_wsgi_server
 
 UNIT = float(os.environ.get("WSE_TEST_UNIT", "1.0"))

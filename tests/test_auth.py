@@ -5,7 +5,7 @@ from gevent.event import Event
 
 from helpers import UNIT, RawWS, inproc_server, wait_for
 from wse_sync import WSE_ERROR, WSE_REASON, WSE_STATUS, WseClient, WseError, WseServer
-from wse_sync.framing import OP_TEXT, build_frame
+from wse_sync.core.frames import OP_TEXT, build_frame
 
 
 def accept_all(identity, accept, **_):

@@ -16,7 +16,7 @@ import pytest
 
 from helpers import UNIT, RawWS, inproc_server, wait_for
 from wse_sync import WSE_ERROR, WSE_REASON, WseClient, WseError, WseServer
-from wse_sync.framing import (OP_BINARY, OP_CONT, OP_PING, OP_PONG, OP_TEXT, build_close,
+from wse_sync.core.frames import (OP_BINARY, OP_CONT, OP_PING, OP_PONG, OP_TEXT, build_close,
                               build_frame)
 
 PROTOCOL_ERR = ("close", 1000, WSE_REASON.PROTOCOL_ERR)

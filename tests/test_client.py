@@ -9,7 +9,7 @@ import ujson
 
 from helpers import UNIT, RawWS, ServerProcess, inproc_server, serve_process, wait_for
 from wse_sync import WSE_ERROR, WSE_REASON, WSE_STATUS, WseClient, WseError, WseServer
-from wse_sync.framing import OP_BINARY
+from wse_sync.core.frames import OP_BINARY
 from wse_sync.wsgi import make_wsgi_server
 
 

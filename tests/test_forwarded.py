@@ -1,7 +1,7 @@
 """Who the client is (pure): X-Forwarded-For believed only from trusted proxies."""
 import pytest
 
-from wse_sync.forwarded import client_address, parse_trusted
+from wse_sync.core.forwarded import client_address, parse_trusted
 
 LOOPBACK = parse_trusted(("127.0.0.1", "::1"))
 

@@ -3,7 +3,7 @@ import struct
 
 import pytest
 
-from wse_sync.framing import (OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, FrameError,
+from wse_sync.core.frames import (OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, FrameError,
                               FrameReader, apply_mask, build_close, build_frame)
 
 
@@ -118,3 +118,28 @@ def test_fragmented_text_and_binary_are_joined():
     data = (masked(OP_TEXT, "κό".encode()[:3], fin=False) + masked(OP_CONT, "κό".encode()[3:])
             + masked(OP_BINARY, b"\x00", fin=False) + masked(OP_CONT, b"\xff"))
     assert r.feed(data) == [("text", "κό"), ("binary", b"\x00\xff")]
+
+
+def test_invalid_utf8_fails_while_its_frame_is_still_arriving():
+    # Autobahn 6.4.3/6.4.4: one frame in pieces; fail on the piece with the bad bytes
+    payload = "κόσμε".encode() + b"\xf4\x90\x80\x80" + b"edited"
+    frame = masked(OP_TEXT, payload)
+    head = 6  # 2 header bytes + 4 mask bytes
+    r = FrameReader()
+    assert r.feed(frame[:head + 5]) == []
+    with pytest.raises(FrameError) as info:
+        r.feed(frame[head + 5:head + 12])
+    assert info.value.code == 1007
+    # a valid frame in pieces, a character split between them, a continuation too
+    r = FrameReader()
+    good = masked(OP_TEXT, "aé€".encode(), fin=False) + masked(OP_CONT, "€x".encode())
+    events = []
+    for i in range(len(good)):
+        events += r.feed(good[i:i + 1])
+    assert events == [("text", "aé€€x")]
+    r = FrameReader()
+    cont = masked(OP_CONT, b"\x80\xff")
+    assert r.feed(masked(OP_TEXT, b"\xe2\x82", fin=False)) == []
+    with pytest.raises(FrameError):  # \xe2\x82 + \x80 is the euro sign; \xff is not
+        r.feed(cont[:head + 1])
+        r.feed(cont[head + 1:])

@@ -26,7 +26,7 @@ from . import runner
 from .connection import make_id
 from .errors import WSE_ERROR, WSE_REASON, WSE_STATUS, WseError, rpc_error_payload
 from .events import Emitter
-from .framing import OP_BINARY, OP_PONG, OP_TEXT, FrameError, FrameReader, build_close, build_frame
+from .core.websocket import CLIENT, Message, Protocol
 from .protocol import WseJSON, check_protocol
 
 __all__ = ["WseClient", "RECONNECT_CODES"]
@@ -99,6 +99,7 @@ class WseClient:
         self._solver: Optional[Callable] = None
         self._calls: Dict[str, AsyncResult] = {}
         self._sock = None
+        self._ws: Optional[Protocol] = None
         self._reader: Optional[gevent.Greenlet] = None
         self._ready: Optional[AsyncResult] = None
         # set while no socket is open (a client that never connected is closed)
@@ -296,44 +297,40 @@ class WseClient:
                            {"message": "server did not select the subprotocol"})
         sock.settimeout(None)
         self._sock = sock
-        self._frames = FrameReader(self.max_message_size, expect_mask=False)
+        self._ws = Protocol(CLIENT, self.max_message_size)
         self._pending_bytes = rest
-        self._closing = False
 
     def _write_message(self, data: Any) -> None:
-        op = OP_TEXT if isinstance(data, str) else OP_BINARY
-        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-        self._write(build_frame(op, raw, mask=True))
-
-    def _write(self, frame: bytes) -> None:
-        sock = self._sock
-        if sock is None:
+        ws = self._ws
+        if self._sock is None or ws is None:
             raise WseError(WSE_ERROR.CONNECTION_NOT_READY)
-        try:
-            sock.sendall(frame)
-        except OSError as exc:
-            raise WseError(WSE_ERROR.WS_CLIENT_ERROR, {"message": str(exc)}) from None
+        if not (ws.send_text(data) if isinstance(data, str) else ws.send_binary(data)):
+            raise WseError(WSE_ERROR.CONNECTION_NOT_READY)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write what the protocol has to send (raises WS_CLIENT_ERROR)."""
+        sock, ws = self._sock, self._ws
+        if sock is None or ws is None:
+            return
+        for chunk in ws.data_to_send():
+            try:
+                if chunk:
+                    sock.sendall(chunk)
+                else:
+                    sock.shutdown(gsocket.SHUT_WR)
+            except OSError as exc:
+                raise WseError(WSE_ERROR.WS_CLIENT_ERROR, {"message": str(exc)}) from None
 
     def _close(self, code: int, reason: str) -> None:
-        if self._sock is None or self._closing:
+        if self._sock is None or self._ws is None or not self._ws.send_close(code, reason):
             return
-        self._closing = True
         try:
-            self._write(build_close(code, reason, mask=True))
+            self._flush()
         except WseError:
             self._sock.close()
         # the reader finishes when the server answers (or the socket dies)
         gevent.spawn_later(3, self._abort)
-
-    def _fail(self, exc: FrameError) -> None:
-        """The server broke the framing rules (or sent too much): tell it why."""
-        self._emit("error", WseError(WSE_ERROR.WS_CLIENT_ERROR, {"message": exc.reason}))
-        if not self._closing:
-            self._closing = True
-            try:
-                self._write(build_close(exc.code, exc.reason, mask=True))
-            except WseError:
-                pass
 
     def _abort(self) -> None:
         if self._sock is not None:
@@ -343,38 +340,25 @@ class WseClient:
                 pass
 
     def _read_loop(self) -> None:
-        sock = self._sock
-        code, reason = 1006, ""
+        sock, ws = self._sock, self._ws
         data = self._pending_bytes
         try:
             while True:
                 if data:
-                    failure = None
+                    ws.receive_data(data)
+                    for ev in ws.events_received():
+                        if type(ev) is Message:
+                            self._on_message(ev.data)
+                    ws.settle()
+                    if ws.failure is not None:
+                        # the server broke the framing rules or sent too much: say why
+                        self._emit("error", WseError(WSE_ERROR.WS_CLIENT_ERROR, {
+                            "message": ws.failure.reason}))
                     try:
-                        events = self._frames.feed(data)
-                    except FrameError as exc:
-                        events, failure = exc.events, exc
-                    done = False
-                    for ev in events:
-                        if ev[0] in ("text", "binary"):
-                            self._on_message(ev[1])
-                        elif ev[0] == "ping":
-                            self._write(build_frame(OP_PONG, ev[1], mask=True))
-                        elif ev[0] == "close":
-                            code, reason = ev[1], ev[2]
-                            if not self._closing:
-                                self._closing = True
-                                try:
-                                    self._write(build_close(code, reason, mask=True))
-                                except WseError:
-                                    pass
-                            done = True
-                            break
-                    if done:
+                        self._flush()  # pongs, the close echo, our failure's close
+                    except WseError:
                         break
-                    if failure is not None:
-                        self._fail(failure)
-                        code, reason = failure.code, failure.reason
+                    if ws.handshake_done() or ws.failure is not None:
                         break
                 try:
                     data = sock.recv(65536)
@@ -383,11 +367,17 @@ class WseClient:
                 if not data:
                     break
         finally:
+            ws.receive_eof()
             try:
                 sock.close()
             except OSError:
                 pass
             self._sock = None
+            if ws.failure is not None:
+                code, reason = ws.failure.code, ws.failure.reason
+            else:
+                # what the server said (its echo when we closed first), as the JS client
+                code, reason = ws.close_rcvd or (1006, "")
             self._on_closed(code, reason)
 
     def _on_closed(self, code: int, reason: str) -> None:

@@ -20,7 +20,7 @@ from . import runner
 from .connection import CLOSED, OPEN, RemoteConnection, WseConnection, WseIdentity, make_id
 from .errors import WSE_ERROR, WSE_REASON, WseError
 from .events import Emitter, When
-from .forwarded import client_address, parse_trusted
+from .core.forwarded import client_address, parse_trusted
 from .protocol import WseJSON, check_protocol
 from .session import Session
 from .transport import Transport

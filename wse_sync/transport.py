@@ -17,8 +17,7 @@ from typing import Callable, Optional, Tuple
 import gevent
 from gevent import socket as gsocket
 
-from .framing import (OP_BINARY, OP_PING, OP_PONG, OP_TEXT, FrameError, FrameReader,
-                      build_close, build_frame)
+from .core.websocket import SERVER, Close, Message, Protocol, State
 
 __all__ = ["Transport", "SEND_QUEUE_FULL"]
 
@@ -26,60 +25,74 @@ log = logging.getLogger("wse_sync.transport")
 
 SEND_QUEUE_FULL = "wse.send-queue-full"
 
-_OPEN, _CLOSING, _CLOSED = 1, 2, 3
-
 
 class Transport:
-    """One server-side WebSocket connection over a gevent socket."""
+    """The I/O shell of one server-side WebSocket connection over a gevent socket.
+
+    Every rule of the connection lives in ``self.protocol`` (sans-I/O); this
+    class moves its bytes and keeps the close deadline.
+    """
 
     def __init__(self, sock, rfile, max_message_size: Optional[int],
-                 max_send_queue: int = 4 * 1024 * 1024, close_timeout: float = 2.0,
-                 mask: bool = False) -> None:
+                 max_send_queue: int = 4 * 1024 * 1024, close_timeout: float = 2.0) -> None:
         # the gevent socket; its non-blocking raw socket for the fast path
         self.sock = sock
         # (a TLS socket's _sock is the TCP socket under it: never write there)
         self._raw = None if hasattr(sock, "getpeercert") else getattr(sock, "_sock", None)
         self.rfile = rfile
-        self.reader = FrameReader(max_message_size, expect_mask=not mask)
-        self.mask = mask
+        self.protocol = Protocol(SERVER, max_message_size)
         self.max_send_queue = max_send_queue
         self.close_timeout = close_timeout
-        self.state = _OPEN
-        # (code, reason) of the close: the peer's when it closed first
-        self.close_status: Optional[Tuple[int, str]] = None
+        self._cut = False
+        # set when the transport cut TCP with a status of its own (ping timeout, full queue)
+        self._cut_status: Optional[Tuple[int, str]] = None
         self.last_recv = time.monotonic()
         # frames waiting for the socket; created on first need (idle sockets are many)
         self._queue: Optional[deque] = None
         self._queued = 0
         self._writer: Optional[gevent.Greenlet] = None
         self._abort_timer = None
-        self._discarding = False
         try:  # small frames must not wait for delayed ACKs (Nagle)
             sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
         except (OSError, AttributeError):
             pass
 
-    # -- writing -------------------------------------------------------
     @property
     def open(self) -> bool:
-        return self.state == _OPEN
+        return self.protocol.state == State.OPEN and not self._cut
 
+    @property
+    def close_status(self) -> Optional[Tuple[int, str]]:
+        """(code, reason) of the close: the peer's when it closed first."""
+        return self._cut_status or self.protocol.close_status
+
+    # -- writing -------------------------------------------------------
     def frame_for(self, data) -> bytes:
         """Wire bytes of one message: text frame for str, binary for bytes."""
-        if isinstance(data, str):
-            return build_frame(OP_TEXT, data.encode("utf-8"), self.mask)
-        return build_frame(OP_BINARY, bytes(data), self.mask)
+        return self.protocol.frame(data)
 
     def write_message(self, data) -> bool:
         """Queue one message (str or bytes); False when the connection is not open."""
-        if self.state != _OPEN:
+        if not self.open:
             return False
-        return self.write_raw(self.frame_for(data))
+        return self.write_raw(self.protocol.frame(data))
 
     def write_raw(self, frame: bytes) -> bool:
         """Queue already-framed bytes (the same bytes may go to many sockets)."""
-        if self.state == _CLOSED:
+        if self._cut or not self.protocol.send_frame(frame):
             return False
+        return self._flush()
+
+    def _flush(self) -> bool:
+        """Write what the protocol has to send; False when the socket is gone."""
+        for chunk in self.protocol.data_to_send():
+            if not chunk:
+                self._after_queue(self._end_writing)
+            elif not self._write(chunk):
+                return False
+        return True
+
+    def _write(self, frame: bytes) -> bool:
         if self._writer is not None or self._queue:
             if self._queued + len(frame) > self.max_send_queue:
                 log.warning("send queue of a connection is full (%d bytes): dropping it",
@@ -118,25 +131,45 @@ class Transport:
         finally:
             self._writer = None
 
+    def _after_queue(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once everything queued so far is written."""
+        if self._writer is None:
+            action()
+        else:
+            gevent.spawn(self._run_after_writer, self._writer, action)
+
+    def _run_after_writer(self, writer: gevent.Greenlet, action: Callable[[], None]) -> None:
+        writer.join(self.close_timeout)
+        action()
+
+    def _end_writing(self) -> None:
+        if self._cut:
+            return
+        try:
+            self.sock.shutdown(gsocket.SHUT_WR)
+        except OSError:
+            pass
+
     def ping(self, payload: bytes = b"") -> None:
-        self.write_raw(build_frame(OP_PING, payload, self.mask))
+        if self.protocol.send_ping(payload):
+            self._flush()
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake; the socket is cut after ``close_timeout``."""
-        if self.state != _OPEN:
+        if self._cut or not self.protocol.send_close(code, reason):
             return
-        self.state = _CLOSING
-        self.close_status = (code, reason)
-        self.write_raw(build_close(code, reason, self.mask))
+        self._flush()
         self._arm_abort(self.close_timeout)
 
     def abort(self, status: Tuple[int, str] = (1006, "")) -> None:
-        """Cut the TCP connection now."""
-        if self.state == _CLOSED:
+        """Cut the TCP connection now; ``status`` is reported unless a close
+        handshake has already given one."""
+        if self._cut:
             return
-        if self.close_status is None:
-            self.close_status = status
-        self.state = _CLOSED
+        if self.protocol.close_status is None or status[1] in (SEND_QUEUE_FULL, "wse.ping-timeout"):
+            self._cut_status = self._cut_status or status
+        self._cut = True
+        self.protocol.receive_eof()
         if self._queue:
             self._queue.clear()
         self._queued = 0
@@ -160,9 +193,9 @@ class Transport:
         """
         # the first read empties what the HTTP parser buffered; then the socket
         read = self.rfile.read1
-        reader = self.reader
+        protocol = self.protocol
         try:
-            while self.state != _CLOSED:
+            while not self._cut:
                 try:
                     data = read(65536)
                     read = self.sock.recv
@@ -171,84 +204,29 @@ class Transport:
                 if not data:
                     break
                 self.last_recv = time.monotonic()
-                if self._discarding:
-                    continue
-                try:
-                    events = reader.feed(data)
-                except FrameError as exc:
-                    # what arrived before the violation is still delivered
-                    self._dispatch(exc.events, on_message)
-                    if self.state != _CLOSED:
-                        self._protocol_failure(exc)
-                    continue
-                if self._dispatch(events, on_message):
-                    break
+                protocol.receive_data(data)
+                for ev in protocol.events_received():
+                    if type(ev) is Message:  # (only those received while open)
+                        on_message(ev.data)
+                    elif type(ev) is Close:
+                        break
+                protocol.settle()  # a violation behind those events fails the connection now
+                if protocol.has_data_to_send():  # pongs, the close echo, a failure
+                    self._flush()
+                if protocol.handshake_done():
+                    # both close frames passed: TCP ends once the echo is written
+                    self._after_queue(self.abort)
+                    if self._writer is None:
+                        break
+                if protocol.close_expected():
+                    self._arm_abort(self.close_timeout)
         finally:
-            self.abort(self.close_status or (1006, ""))
+            self.abort((1006, ""))
             self._drop_socket()
         return self.close_status or (1006, "")
-
-    def _dispatch(self, events: list, on_message: Callable[[object], None]) -> bool:
-        """Act on parsed events; True once the peer's close frame was handled."""
-        for ev in events:
-            kind = ev[0]
-            if kind == "text" or kind == "binary":
-                if self.state == _OPEN:
-                    on_message(ev[1])
-            elif kind == "ping":
-                if self.state == _OPEN:
-                    self.write_raw(build_frame(OP_PONG, ev[1], self.mask))
-            elif kind == "close":
-                self._peer_closed(ev[1], ev[2])
-                return True
-        return False
-
-    def _peer_closed(self, code: int, reason: str) -> None:
-        if self.state == _OPEN:
-            # the peer closed first: echo its code and reason (RFC 6455 5.5.1;
-            # the ws library does the same and the JS client reports what it gets)
-            self.close_status = (code, reason)
-            self.state = _CLOSING
-            self.write_raw(build_close(code, reason, self.mask))
-        self._finish_after_flush()
-
-    def _finish_after_flush(self) -> None:
-        writer = self._writer
-        if writer is not None:
-            writer.join(self.close_timeout)
-        self.abort(self.close_status or (1006, ""))
-
-    def _protocol_failure(self, exc: FrameError) -> None:
-        # Fail the connection (RFC 6455 7.1.7): send the close frame, then end
-        # our half of TCP, as the server closes TCP first. What the peer still
-        # sends (its close reply among it) is read and discarded until its FIN
-        # or close_timeout, so that it reads our close frame, not a TCP reset.
-        self._discarding = True
-        if self.state == _OPEN:
-            self.close(exc.code, exc.reason if exc.code != 1009 else "message too big")
-        self._arm_abort(self.close_timeout)
-        if self._writer is None:
-            self._end_writing()
-        else:
-            gevent.spawn(self._end_writing_after_flush)
-
-    def _end_writing_after_flush(self) -> None:
-        writer = self._writer
-        if writer is not None:
-            writer.join(self.close_timeout)
-        self._end_writing()
-
-    def _end_writing(self) -> None:
-        if self.state == _CLOSED:
-            return
-        try:
-            self.sock.shutdown(gsocket.SHUT_WR)
-        except OSError:
-            pass
 
     def _drop_socket(self) -> None:
         try:
             self.sock.close()
         except OSError:  # pragma: no cover - already closed
             pass
-

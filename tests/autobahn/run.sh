@@ -248,6 +248,9 @@ for agent, cases in sorted(index.items()):
             c, entry["behavior"], entry["behaviorClose"], entry.get("remoteCloseCode")))
         if entry["behavior"] not in GOOD:
             print("            result:      %s" % one_line(detail.get("result")))
+            if detail.get("expected") is not None:  # "result" alone rarely says why
+                print("            expected:    %s" % one_line(json.dumps(detail.get("expected"))))
+                print("            received:    %s" % one_line(json.dumps(detail.get("received"))))
         if entry["behaviorClose"] not in GOOD:
             print("            resultClose: %s" % one_line(detail.get("resultClose")))
 sys.exit(1 if bad_total else 0)

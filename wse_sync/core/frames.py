@@ -14,15 +14,50 @@ from __future__ import annotations
 import codecs
 import os
 import struct
+from enum import IntEnum
 from typing import Optional, Tuple
 
 __all__ = [
-    "FrameError", "FrameReader", "build_frame", "build_close", "parse_close_payload",
+    "Opcode", "CloseCode", "FrameError", "FrameReader", "build_frame", "build_close",
+    "parse_close_payload", "apply_mask",
     "OP_CONT", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
 ]
 
-OP_CONT, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
-OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+
+class Opcode(IntEnum):
+    """RFC 6455 §5.2 opcodes."""
+
+    CONT = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+class CloseCode(IntEnum):
+    """The close codes this package sends or gives meaning to (RFC 6455 §7.4)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    NO_STATUS = 1005        # never on the wire: the close frame had no code
+    ABNORMAL = 1006         # never on the wire: TCP ended without a close frame
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    MANDATORY_EXTENSION = 1010
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+    BAD_GATEWAY = 1014
+    JUMP = 4000             # wse: the client moves to another server
+
+
+# plain ints on the hot path: comparing an int with an IntEnum member is slower
+OP_CONT, OP_TEXT, OP_BINARY = int(Opcode.CONT), int(Opcode.TEXT), int(Opcode.BINARY)
+OP_CLOSE, OP_PING, OP_PONG = int(Opcode.CLOSE), int(Opcode.PING), int(Opcode.PONG)
 _DATA_OPS = (OP_CONT, OP_TEXT, OP_BINARY)
 _CONTROL_OPS = (OP_CLOSE, OP_PING, OP_PONG)
 
@@ -93,6 +128,10 @@ class FrameReader:
         self._frags: list = []
         self._frag_len = 0
         self._decoder: Optional[codecs.IncrementalDecoder] = None
+        # the UTF-8 check of a text frame still arriving: its decoder and how
+        # many payload bytes it has seen (invalid text fails before the frame ends)
+        self._probe: Optional[codecs.IncrementalDecoder] = None
+        self._probed = 0
 
     def feed(self, data: bytes) -> list:
         """Add received bytes; return the complete events they finish.
@@ -139,7 +178,11 @@ class FrameReader:
             if masked:
                 head += 4
             if n - pos < head + length:
+                if opcode == OP_TEXT or (opcode == OP_CONT and self._decoder is not None):
+                    self._probe_text(buf, pos + head, n, length, opcode, masked)
                 break
+            if self._probe is not None:
+                self._probe, self._probed = None, 0
             start = pos + head
             payload = bytes(buf[start:start + length])
             if masked:
@@ -155,6 +198,28 @@ class FrameReader:
                 del buf[:pos]
         elif pos < n:
             self._buf = bytearray(buf[pos:])
+
+    def _probe_text(self, buf, start: int, n: int, length: int, opcode: int,
+                    masked: int) -> None:
+        avail = min(n - start, length)
+        done = self._probed
+        if avail <= done:
+            return
+        probe = self._probe
+        if probe is None:
+            probe = self._probe = codecs.getincrementaldecoder("utf-8")()
+            if opcode == OP_CONT and self._decoder is not None:
+                probe.setstate(self._decoder.getstate())
+        chunk = bytes(buf[start + done:start + avail])
+        if masked:
+            key = bytes(buf[start - 4:start])
+            k = done % 4
+            chunk = apply_mask(chunk, key[k:] + key[:k])
+        try:
+            probe.decode(chunk)
+        except UnicodeDecodeError:
+            raise FrameError(1007, "text message is not UTF-8") from None
+        self._probed = avail
 
     def _check_header(self, b0: int, opcode: int, fin: int, masked: int, length: int) -> None:
         if b0 & 0x70:
