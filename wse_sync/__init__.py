@@ -1,11 +1,12 @@
-"""wse_sync: a wse 4.x compatible WebSocket server on gevent, clustered with ZeroMQ."""
-from .client import WseClient
-from .cluster_client import ClusterHandle, connect_cluster
-from .connection import WseConnection, WseIdentity
-from .errors import WSE_ERROR, WSE_REASON, WSE_STATUS, WseError
-from .mount import WseMount, mount
-from .protocol import WseJSON
-from .server import WseServer
+"""wse_sync: a wse 4.x compatible WebSocket server on gevent, clustered with ZeroMQ.
+
+The public names are imported on first use, so importing a pure module
+(``wse_sync.core.*``) does not pull in gevent or ZeroMQ.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "WseServer", "WseConnection", "WseIdentity", "WseError", "WseJSON",
@@ -14,3 +15,37 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_LAZY = {
+    "WseClient": ".client",
+    "ClusterHandle": ".cluster_client", "connect_cluster": ".cluster_client",
+    "WseConnection": ".connection", "WseIdentity": ".connection",
+    "WSE_ERROR": ".errors", "WSE_REASON": ".errors", "WSE_STATUS": ".errors",
+    "WseError": ".errors",
+    "WseMount": ".mounting", "mount": ".mounting",
+    "WseJSON": ".protocol",
+    "WseServer": ".server",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .client import WseClient
+    from .cluster_client import ClusterHandle, connect_cluster
+    from .connection import WseConnection, WseIdentity
+    from .errors import WSE_ERROR, WSE_REASON, WSE_STATUS, WseError
+    from .mounting import WseMount, mount
+    from .protocol import WseJSON
+    from .server import WseServer
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wse_sync' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(__all__))

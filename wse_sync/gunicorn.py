@@ -24,7 +24,7 @@ from typing import Any, List
 import gevent
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, GeventWorker
 
-from .mount import mounted_servers
+from .mounting import mounted_servers
 from .wsgi import WseHandler, _router
 
 __all__ = ["Worker", "prepare_worker", "servers_of", "WorkerSetupError"]

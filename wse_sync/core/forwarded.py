@@ -41,7 +41,7 @@ def _is_trusted(addr: Optional[str], trusted: Trusted) -> bool:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return any(ip in net for net in trusted)  # type: ignore[union-attr]
+    return any(ip in net for net in trusted)
 
 
 def client_address(peer: Optional[str], forwarded_for: Optional[str], trusted: Trusted) -> Optional[str]:

@@ -15,7 +15,11 @@ import codecs
 import os
 import struct
 from enum import IntEnum
-from typing import Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
+
+# what FrameReader.feed returns: ("text", str), ("binary", bytes), ("ping", bytes),
+# ("pong", bytes), ("close", code, reason)
+RawEvent = Tuple[Any, ...]
 
 __all__ = [
     "Opcode", "CloseCode", "FrameError", "FrameReader", "build_frame", "build_close",
@@ -76,7 +80,7 @@ def apply_mask(data: bytes, mask: bytes) -> bytes:
     if n == 0:
         return b""
     if _XorMasker is not None and n > 64:
-        return _XorMasker(mask).process(data)
+        return bytes(_XorMasker(mask).process(data))
     key = mask * (n // 4 + 1)
     return (int.from_bytes(data, "little") ^ int.from_bytes(key[:n], "little")).to_bytes(
         n, "little"
@@ -91,7 +95,7 @@ class FrameError(Exception):
         self.code = code
         self.reason = reason
         # events completed by the same feed() before the violation
-        self.events: list = []
+        self.events: List[RawEvent] = []
 
 
 def parse_close_payload(payload: bytes) -> Tuple[int, str]:
@@ -125,7 +129,7 @@ class FrameReader:
         # opcode and fragments of a fragmented message in progress (a text
         # message's fragments are decoded as they come, to fail on the bad one)
         self._frag_op: Optional[int] = None
-        self._frags: list = []
+        self._frags: List[Any] = []
         self._frag_len = 0
         self._decoder: Optional[codecs.IncrementalDecoder] = None
         # the UTF-8 check of a text frame still arriving: its decoder and how
@@ -133,12 +137,12 @@ class FrameReader:
         self._probe: Optional[codecs.IncrementalDecoder] = None
         self._probed = 0
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: bytes) -> List[RawEvent]:
         """Add received bytes; return the complete events they finish.
 
         Raises FrameError on a violation, with the events completed before it.
         """
-        events: list = []
+        events: List[RawEvent] = []
         try:
             self._feed(data, events)
         except FrameError as exc:
@@ -146,7 +150,8 @@ class FrameReader:
             raise
         return events
 
-    def _feed(self, data: bytes, events: list) -> None:
+    def _feed(self, data: bytes, events: List[RawEvent]) -> None:
+        buf: Union[bytes, bytearray]
         if self._buf:
             self._buf += data
             buf = self._buf
@@ -199,7 +204,7 @@ class FrameReader:
         elif pos < n:
             self._buf = bytearray(buf[pos:])
 
-    def _probe_text(self, buf, start: int, n: int, length: int, opcode: int,
+    def _probe_text(self, buf: Union[bytes, bytearray], start: int, n: int, length: int, opcode: int,
                     masked: int) -> None:
         avail = min(n - start, length)
         done = self._probed
@@ -240,7 +245,7 @@ class FrameReader:
         if limit is not None and self._frag_len + length > limit:
             raise FrameError(1009, "message too big")
 
-    def _frame(self, opcode: int, fin: int, payload: bytes):
+    def _frame(self, opcode: int, fin: int, payload: bytes) -> Optional[RawEvent]:
         if opcode == OP_PING:
             return ("ping", payload)
         if opcode == OP_PONG:
@@ -274,7 +279,7 @@ class FrameReader:
         return ("binary", b"".join(frags))
 
     @staticmethod
-    def _message(opcode: int, data: bytes):
+    def _message(opcode: int, data: bytes) -> RawEvent:
         if opcode == OP_TEXT:
             try:
                 return ("text", data.decode("utf-8"))

@@ -27,7 +27,7 @@ from enum import IntEnum
 from typing import List, NamedTuple, Optional, Tuple, Union
 
 from .frames import (OP_BINARY, OP_PING, OP_PONG, OP_TEXT, CloseCode, FrameError, FrameReader,
-                     build_close, build_frame)
+                     RawEvent, build_close, build_frame)
 
 __all__ = ["Protocol", "State", "Message", "Ping", "Pong", "Close", "Event", "SERVER", "CLIENT"]
 
@@ -138,7 +138,7 @@ class Protocol:
         events, self._events = self._events, []
         return events
 
-    def _take(self, raw: list) -> None:
+    def _take(self, raw: List[RawEvent]) -> None:
         events = self._events
         for ev in raw:
             kind = ev[0]

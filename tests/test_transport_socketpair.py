@@ -1,0 +1,101 @@
+"""The server transport over a socketpair: the protocol's rules reach the socket."""
+import gevent
+import pytest
+from gevent import socket as gsocket
+
+from helpers import UNIT
+from wse_sync.core.frames import OP_TEXT, FrameReader, build_close, build_frame
+from wse_sync.transport import SEND_QUEUE_FULL, Transport
+
+
+class Peer:
+    """The client end: writes masked frames, reads what the transport sends."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.reader = FrameReader(expect_mask=False)
+        self.events = []
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self, timeout=5 * UNIT):
+        with gevent.Timeout(timeout):
+            while not self.events:
+                data = self.sock.recv(65536)
+                if not data:
+                    return ("eof",)
+                self.events += self.reader.feed(data)
+        return self.events.pop(0)
+
+
+@pytest.fixture
+def pair():
+    a, b = gsocket.socketpair()
+    yield a, Peer(b)
+    a.close()
+    b.close()
+
+
+def run_transport(sock, on_message=None, **kw):
+    t = Transport(sock, sock.makefile("rb"), kw.pop("max_message_size", 1 << 20), **kw)
+    got = []
+    g = gevent.spawn(t.run, on_message or (lambda data: (got.append(data), t.write_message(data))))
+    return t, g, got
+
+
+def test_echo_and_client_close(pair):
+    sock, peer = pair
+    t, g, got = run_transport(sock)
+    peer.send(build_frame(OP_TEXT, b"hello", mask=True))
+    assert peer.recv() == ("text", "hello")
+    peer.send(build_close(4100, "done", mask=True))
+    assert peer.recv() == ("close", 4100, "done")
+    assert peer.recv() == ("eof",)  # the server ends TCP after the handshake
+    assert g.get(timeout=5 * UNIT) == (4100, "done")
+    assert got == ["hello"]
+
+
+def test_server_close_waits_for_the_answer_then_ends_tcp(pair):
+    sock, peer = pair
+    t, g, _ = run_transport(sock, close_timeout=30 * UNIT)
+    t.close(1000, "wse.by-server")
+    assert peer.recv() == ("close", 1000, "wse.by-server")
+    assert not t.open and not t.write_message("after close")
+    peer.send(build_close(1000, "", mask=True))
+    assert g.get(timeout=5 * UNIT) == (1000, "wse.by-server")
+    assert peer.recv() == ("eof",)
+
+
+def test_a_silent_peer_is_cut_after_close_timeout(pair):
+    sock, peer = pair
+    t, g, _ = run_transport(sock, close_timeout=0.2 * UNIT)
+    t.close(1001, "")
+    assert peer.recv() == ("close", 1001, "")
+    assert g.get(timeout=5 * UNIT) == (1001, "")
+    assert peer.recv() == ("eof",)
+
+
+def test_a_violation_sends_1002_and_ends_tcp_at_once(pair):
+    sock, peer = pair
+    t, g, got = run_transport(sock, close_timeout=30 * UNIT)
+    bad = bytearray(build_frame(OP_TEXT, b"x", mask=True))
+    bad[0] |= 0x10
+    peer.send(build_frame(OP_TEXT, b"before", mask=True) + bytes(bad))
+    assert peer.recv() == ("text", "before")  # answered before the close
+    assert peer.recv()[:2] == ("close", 1002)
+    assert peer.recv() == ("eof",)  # no wait for close_timeout (30 units)
+    peer.sock.shutdown(gsocket.SHUT_WR)
+    assert g.get(timeout=5 * UNIT)[0] == 1002
+
+
+def test_a_peer_that_does_not_read_is_cut_when_the_queue_is_full(pair):
+    sock, peer = pair
+    t, g, _ = run_transport(sock, max_send_queue=64 * 1024)
+    chunk = "x" * 32768
+    ok = True
+    with gevent.Timeout(10 * UNIT):
+        while ok:
+            ok = t.write_message(chunk)
+            gevent.sleep(0)
+    assert g.get(timeout=5 * UNIT) == (1008, SEND_QUEUE_FULL)
