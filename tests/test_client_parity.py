@@ -4,18 +4,8 @@ import pytest
 from gevent.event import Event
 
 from helpers import UNIT, inproc_server, wait_for
-from test_client import AltJSON
-from wse_sync import WSE_ERROR, WSE_STATUS, WseClient, WseError, WseServer
-
-
-def accept_all(identity, accept, **_):
-    accept(identity, {"hello": identity})
-
-
-def make_server(**kw):
-    server = WseServer(identify=accept_all, **kw)
-    server.register("echo", lambda conn, payload: payload)
-    return server
+from test_client import AltJSON, make_server
+from wse_sync import WSE_ERROR, WSE_STATUS, WseClient, WseError
 
 
 @pytest.mark.parametrize("option", [{"rpc_timeout": 0}, {"tO": 0}])

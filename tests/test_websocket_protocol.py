@@ -3,16 +3,9 @@ import struct
 
 import pytest
 
+from test_framing import masked as from_client
 from wse_sync.core.frames import OP_CONT, OP_PING, OP_PONG, OP_TEXT, FrameReader, build_close, build_frame
 from wse_sync.core.websocket import CLIENT, SERVER, Close, Message, Ping, Protocol, State
-
-
-def from_client(opcode, payload, fin=True, rsv=0):
-    frame = bytearray(build_frame(opcode, payload, mask=True))
-    if not fin:
-        frame[0] &= 0x7F
-    frame[0] |= rsv
-    return bytes(frame)
 
 
 def sent_frames(proto, expect_mask=False):

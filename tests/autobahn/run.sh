@@ -13,6 +13,8 @@
 #                  repository, i.e. outside it); created when missing
 #   PYTHON2        the Python 2.7 to build it with (default: pyenv's newest 2.7.x)
 #   PORT           the echo server's port on 127.0.0.1 (default 9001)
+#   ECHO_APP       the echo server script to start (default tests/autobahn/echo_app.py;
+#                  tests/autobahn/echo_geventwebsocket.py is stock gevent-websocket)
 #   OUTDIR         where wstest writes its reports (default tests/autobahn/reports/<mode>)
 #   FAIL_BY_DROP   Autobahn's failByDrop option (default true, Autobahn's own default)
 #
@@ -38,6 +40,9 @@ fi
 PY="${PYTHON:-python3}"
 VENV="${AUTOBAHN_VENV:-$(dirname "$ROOT")/autobahn-venv}"
 PORT="${PORT:-9001}"
+ECHO_APP="${ECHO_APP:-$HERE/echo_app.py}"
+[[ "$ECHO_APP" == /* || -f "$ECHO_APP" ]] || ECHO_APP="$ROOT/$ECHO_APP"
+ECHO_NAME="$(basename "$ECHO_APP")"
 OUTDIR="${OUTDIR:-$HERE/reports/$MODE}"
 FAIL_BY_DROP="${FAIL_BY_DROP:-true}"
 
@@ -129,15 +134,15 @@ if port_open; then
     exit 2
 fi
 mkdir -p "$OUTDIR"
-SERVER_LOG="$(dirname "$OUTDIR")/echo_app-$MODE.log"
-"$PY" "$HERE/echo_app.py" "$PORT" >"$SERVER_LOG" 2>&1 &
+SERVER_LOG="$(dirname "$OUTDIR")/${ECHO_NAME%.py}-$MODE.log"
+"$PY" "$ECHO_APP" "$PORT" >"$SERVER_LOG" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 1 100); do
     port_open && break
-    kill -0 "$SERVER_PID" 2>/dev/null || { echo "run.sh: echo_app.py died:" >&2; cat "$SERVER_LOG" >&2; exit 2; }
+    kill -0 "$SERVER_PID" 2>/dev/null || { echo "run.sh: $ECHO_NAME died:" >&2; cat "$SERVER_LOG" >&2; exit 2; }
     sleep 0.1
 done
-port_open || { echo "run.sh: echo_app.py did not listen on $PORT" >&2; exit 2; }
+port_open || { echo "run.sh: $ECHO_NAME did not listen on $PORT" >&2; exit 2; }
 
 # -- the spec and the run ----------------------------------------------------------
 # a previous run's reports only: never wipe a folder that holds anything else
@@ -181,7 +186,7 @@ if (( wstest_rc != 0 )); then
 fi
 echo "run.sh: wstest took $((SECONDS - t0))s (log: $WSTEST_LOG, server log: $SERVER_LOG)"
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-    echo "run.sh: WARNING: echo_app.py exited during the run:" >&2
+    echo "run.sh: WARNING: $ECHO_NAME exited during the run:" >&2
     tail -n 30 "$SERVER_LOG" >&2
 fi
 
