@@ -138,7 +138,7 @@ def test_welcome(flows):
         ["in", wire("~wse:welcome", {"hello": identity, "conn_id": welcome["conn_id"]})],
     ]
     assert out["statuses"] == ["CONNECTING", "READY", "OFFLINE"]
-    assert out["closes"] == [[1000, ""]]
+    assert out["closes"] == [[1000, "wse.by-client"]]  # the server echoes the reason
 
 
 def test_welcome_null(flows):
@@ -431,7 +431,7 @@ def test_client_close_default(flows):
 def test_jump(flows):
     out = flow(flows, "jump")
     assert out["disconnected"] == [4000, "jump"]
-    assert out["closes"][0] == [4000, ""]
+    assert out["closes"][0] == [4000, "jump"]
     assert out["url"] == out["target"]
     assert out["second"]["conn_id"] != out["first"]["conn_id"]
     assert out["whoami"]["conn_id"] == out["second"]["conn_id"]
