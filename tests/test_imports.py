@@ -5,6 +5,7 @@ import sys
 import pytest
 
 PURE = ["wse_sync.core.frames", "wse_sync.core.websocket", "wse_sync.core.forwarded",
+        "wse_sync.core.session",
         "wse_sync.errors", "wse_sync.protocol", "wse_sync.messages", "wse_sync.registry"]
 
 

@@ -1,13 +1,9 @@
-"""One connection's life: handshake, authentication, message dispatch.
+"""One connection's life at run time: authentication and dispatch in greenlets.
 
-Everything that decides what a client message means lives in ``RULES``: a
-table from (auth state, kind of message) to an action. ``Session`` carries
-the actions out; handlers run in greenlets of their own so the reading
-greenlet never blocks on application code.
-
-States: ``AWAIT_HI`` -> (``~wse:hi``) -> ``DECIDING`` (challenge generator
-or identify running) <-> ``CHALLENGED`` (quest sent, answer awaited) ->
-``READY`` (welcome sent) -> ``CLOSED``.
+What a client message means, and in which state, is decided by the pure
+``core.session.SessionCore`` (its ``TRANSITIONS`` table); ``Session`` carries
+the decided actions out. Handlers run in greenlets of their own so the
+reading greenlet never blocks on application code.
 """
 from __future__ import annotations
 
@@ -19,35 +15,16 @@ import gevent
 from gevent.event import AsyncResult
 
 from .connection import CLOSED, OPEN, WseConnection
+from .core.session import ACCEPTED, QUEST, VIOLATION, SessionCore
 from .errors import WSE_ERROR, WSE_REASON, WseError, rpc_error_payload
 from .events import call_with_kwargs
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import WseServer
 
-__all__ = ["Session", "RULES"]
+__all__ = ["Session"]
 
 log = logging.getLogger("wse_sync.session")
-
-AWAIT_HI, DECIDING, CHALLENGED, READY = "AWAIT_HI", "DECIDING", "CHALLENGED", "READY"
-
-# Kinds of a well-formed message, as classify() names them.
-HI, CHALLENGE, RESPONSE, CALL, CHANNEL = "hi", "challenge", "response", "call", "channel"
-
-# (state, kind) -> action. Missing pairs are protocol errors.
-RULES = {
-    (AWAIT_HI, HI): "start_auth",
-    **{(DECIDING, k): "ignore" for k in (HI, CHALLENGE, RESPONSE, CALL, CHANNEL)},
-    # once challenged, anything but the answer is a protocol error (as in the reference)
-    (CHALLENGED, CHALLENGE): "challenge_answer",
-    (READY, RESPONSE): "resolve_call",
-    (READY, CALL): "rpc",
-    (READY, CHANNEL): "channel",
-    # after the welcome, internal types without a stamp are plain messages
-    (READY, HI): "channel",
-    (READY, CHALLENGE): "channel",
-}
-
 
 class _Refused(Exception):
     pass
@@ -59,14 +36,11 @@ class Session:
     def __init__(self, server: "WseServer", conn: WseConnection) -> None:
         self.server = server
         self.conn = conn
-        self.state = AWAIT_HI
         types = server.protocol.internal_types
-        self._t_hi = types["hi"]
+        self.core = SessionCore(types)
         self._t_challenge = types["challenge"]
         self._t_response = types["response"]
         self._t_response_err = types["response_error"]
-        # a custom protocol may use non-string values for its internal types
-        self._own_types = frozenset(v for v in types.values() if not isinstance(v, str))
         self._answer: Optional[AsyncResult] = None
         # channel messages waiting for their handler, in order (created on first use)
         self._channel_queue: Optional[deque] = None
@@ -83,7 +57,7 @@ class Session:
         self._set_deadline(self.server.handshake_timeout)
         code, reason = self.conn.transport.run(self.on_data)
         self._cancel_deadline()
-        self.state = "CLOSED"
+        self.core.close()
         if self._auth is not None:
             if self.joining:
                 self._auth.join()  # bounded by the broker request timeout
@@ -100,63 +74,24 @@ class Session:
                                         {"exception": exc, "message": str(exc)}), self.conn)
             self.conn.close(1000, WSE_REASON.PROTOCOL_ERR)
             return
-        kind = self._classify(type_, stamp)
-        if kind is None:
-            return
-        action = RULES.get((self.state, kind))
-        if action is None:
-            server._emit_error(WseError(WSE_ERROR.PROTOCOL_VIOLATION, {
-                "reason": f"{type_!r} is not allowed in state {self.state}"}), self.conn)
+        decision = self.core.message(type_, payload, stamp)
+        action = decision.action
+        if action == VIOLATION:
+            server._emit_error(WseError(WSE_ERROR.PROTOCOL_VIOLATION,
+                                        {"reason": decision.reason}), self.conn)
             self.conn.close(1000, WSE_REASON.PROTOCOL_ERR)
-            return
-        if action != "ignore":
+        elif action != "ignore":
             getattr(self, "_" + action)(type_, payload, stamp)
-
-    def _own_type(self, type_: Any) -> bool:
-        try:
-            return type_ in self._own_types
-        except TypeError:  # unhashable
-            return False
-
-    def _classify(self, type_: Any, stamp: Any) -> Optional[str]:
-        bad = None
-        if stamp is not None and (not isinstance(stamp, str) or not stamp):
-            bad = "the stamp must be null or a non-empty string"
-        elif not isinstance(type_, str) and type_ is not None and not self._own_type(type_):
-            bad = "the type must be a string"
-        elif not type_:
-            bad = "a message needs a type"
-        if bad is not None:
-            self.server._emit_error(WseError(WSE_ERROR.PROTOCOL_VIOLATION, {"reason": bad}),
-                                    self.conn)
-            self.conn.close(1000, WSE_REASON.PROTOCOL_ERR)
-            return None
-        if type_ == self._t_response or type_ == self._t_response_err:
-            return RESPONSE if stamp is not None else CHANNEL
-        if stamp is not None:
-            return CALL
-        if type_ == self._t_hi:
-            return HI
-        if type_ == self._t_challenge:
-            return CHALLENGE
-        return CHANNEL
 
     # -- actions -------------------------------------------------------
     def _start_auth(self, type_, payload, stamp) -> None:
-        if not isinstance(payload, dict) or not isinstance(payload.get("meta", {}), (dict, type(None))):
-            self.server._emit_error(WseError(WSE_ERROR.PROTOCOL_VIOLATION, {
-                "reason": "~wse:hi payload must be {identity, meta}"}), self.conn)
-            self.conn.close(1000, WSE_REASON.PROTOCOL_ERR)
-            return
         self.conn.identity = payload.get("identity", "")
         meta = payload.get("meta")
         self.conn.meta = meta if meta is not None else {}
-        self.state = DECIDING
         self._set_deadline(self.server.auth_timeout)
         self._auth = gevent.spawn(self._authenticate)
 
     def _challenge_answer(self, type_, payload, stamp) -> None:
-        self.state = DECIDING
         if self._answer is not None:
             self._answer.set(payload)
 
@@ -269,7 +204,7 @@ class Session:
         def quest(data: Any = None) -> None:
             if not quest_sent.ready() and conn.transport.open:
                 quest_sent.set(("quest", data))
-                self.state = CHALLENGED
+                self.core.fire(QUEST)
                 conn.transport.write_message(server.protocol.pack(self._t_challenge, data, None))
 
         def refuse() -> None:
@@ -294,7 +229,7 @@ class Session:
     def ready(self) -> None:
         """Called by the server once the welcome is out."""
         self._cancel_deadline()
-        self.state = READY
+        self.core.fire(ACCEPTED)
 
     def _set_deadline(self, seconds: Optional[float]) -> None:
         self._cancel_deadline()
@@ -310,7 +245,7 @@ class Session:
 
     def _deadline_passed(self) -> None:
         self._timer = None
-        if self.state in (AWAIT_HI, DECIDING, CHALLENGED) and self.conn.ready_state != CLOSED:
+        if self.core.authenticating and self.conn.ready_state != CLOSED:
             log.info("connection %s did not authenticate in time", self.conn.conn_id)
             if self._auth is not None and not self.joining:
                 self._auth.kill(block=False)
