@@ -44,7 +44,7 @@ class Transport:
         self.max_send_queue = max_send_queue
         self.close_timeout = close_timeout
         self._cut = False
-        # set when the transport cut TCP with a status of its own (ping timeout, full queue)
+        # the status of a cut before any close frame passed (ping timeout, full queue)
         self._cut_status: Optional[Tuple[int, str]] = None
         self.last_recv = time.monotonic()
         # frames waiting for the socket; created on first need (idle sockets are many)
@@ -166,8 +166,8 @@ class Transport:
         handshake has already given one."""
         if self._cut:
             return
-        if self.protocol.close_status is None or status[1] in (SEND_QUEUE_FULL, "wse.ping-timeout"):
-            self._cut_status = self._cut_status or status
+        if self.protocol.close_status is None:
+            self._cut_status = status
         self._cut = True
         self.protocol.receive_eof()
         if self._queue:
