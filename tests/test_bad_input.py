@@ -808,3 +808,22 @@ def test_a_message_before_a_bad_frame_in_the_same_read_is_delivered_and_tcp_ends
         wait_for(lambda: e.disconnected)
         assert e.disconnected[0][:2] == ("raw", 1002)
         e.check_good_still_works()
+
+
+def test_a_flood_of_empty_continuation_frames_is_closed_1008():
+    with env(max_fragments=100) as e:
+        ws = e.ready_raw()
+        first = bytearray(build_frame(OP_TEXT, b"", mask=True))
+        first[0] &= 0x7F  # a text message that goes on in continuation frames
+        ws.send_raw(bytes(first))
+        empty_cont = bytearray(build_frame(OP_CONT, b"", mask=True))
+        empty_cont[0] &= 0x7F  # not the last fragment
+        try:
+            ws.send_raw(bytes(empty_cont) * 5000)
+        except OSError:
+            pass  # the server may have cut us while we were still sending
+        ev = expect_close(ws)
+        assert ev == ("close", 1008, "too many fragments"), ev
+        wait_for(lambda: e.disconnected)
+        assert e.disconnected[0][:2] == ("raw", 1008)
+        e.check_good_still_works()

@@ -143,3 +143,12 @@ def test_invalid_utf8_fails_while_its_frame_is_still_arriving():
     with pytest.raises(FrameError):  # \xe2\x82 + \x80 is the euro sign; \xff is not
         r.feed(cont[:head + 1])
         r.feed(cont[head + 1:])
+
+
+def test_a_message_in_too_many_fragments_fails_with_1008():
+    r = FrameReader(max_fragments=3)
+    data = masked(OP_TEXT, b"", fin=False) + masked(OP_CONT, b"", fin=False) + masked(OP_CONT, b"")
+    assert r.feed(data) == [("text", "")]  # three frames are allowed
+    with pytest.raises(FrameError) as info:
+        r.feed(masked(OP_TEXT, b"a", fin=False) + masked(OP_CONT, b"", fin=False) * 3)
+    assert info.value.code == 1008 and info.value.reason == "too many fragments"

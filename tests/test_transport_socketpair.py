@@ -99,3 +99,11 @@ def test_a_peer_that_does_not_read_is_cut_when_the_queue_is_full(pair):
             ok = t.write_message(chunk)
             gevent.sleep(0)
     assert g.get(timeout=5 * UNIT) == (1008, SEND_QUEUE_FULL)
+
+
+def test_a_first_frame_larger_than_the_send_queue_cuts_the_peer(pair):
+    sock, peer = pair
+    t, g, _ = run_transport(sock, max_send_queue=64 * 1024)
+    # far more than a socketpair's kernel buffers take at once
+    assert not t.write_message("x" * (16 * 1024 * 1024))
+    assert g.get(timeout=5 * UNIT) == (1008, SEND_QUEUE_FULL)

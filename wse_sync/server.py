@@ -40,7 +40,8 @@ DEFAULTS: Dict[str, Any] = {
     "ping_interval": 20.0,      # idle seconds before the server pings
     "ping_timeout": 20.0,       # further silent seconds before the socket is cut
     "close_timeout": 2.0,       # seconds to wait for the peer's close frame
-    "max_send_queue": 4 * 1024 * 1024,  # bytes queued per slow client
+    "max_send_queue": 4 * 1024 * 1024,  # bytes queued per slow client (every frame counts)
+    "max_fragments": 1000,      # frames one message may arrive in (1008 beyond)
     "broker": None,             # endpoint; None = embedded broker
     "broker_timeout": 5.0,      # seconds to wait for a broker answer
     "heartbeat": 1.0,
@@ -211,7 +212,8 @@ class WseServer:
         # From here on the socket is ours: keep gevent-websocket from writing to it.
         ws.closed = True
         transport = Transport(handler.socket, handler.rfile, self.options["max_message_size"],
-                              self.options["max_send_queue"], self.options["close_timeout"])
+                              self.options["max_send_queue"], self.options["close_timeout"],
+                              self.options["max_fragments"])
         requested = [p.strip() for p in
                      environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",")]
         remote = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),

@@ -34,13 +34,14 @@ class Transport:
     """
 
     def __init__(self, sock, rfile, max_message_size: Optional[int],
-                 max_send_queue: int = 4 * 1024 * 1024, close_timeout: float = 2.0) -> None:
+                 max_send_queue: int = 4 * 1024 * 1024, close_timeout: float = 2.0,
+                 max_fragments: Optional[int] = None) -> None:
         # the gevent socket; its non-blocking raw socket for the fast path
         self.sock = sock
         # (a TLS socket's _sock is the TCP socket under it: never write there)
         self._raw = None if hasattr(sock, "getpeercert") else getattr(sock, "_sock", None)
         self.rfile = rfile
-        self.protocol = Protocol(SERVER, max_message_size)
+        self.protocol = Protocol(SERVER, max_message_size, max_fragments)
         self.max_send_queue = max_send_queue
         self.close_timeout = close_timeout
         self._cut = False
@@ -113,6 +114,11 @@ class Transport:
                 return False
         if sent < len(frame):
             rest = frame[sent:] if sent else frame
+            if len(rest) > self.max_send_queue:  # the first frame counts too
+                log.warning("a %d-byte frame does not fit a connection's send queue"
+                            " (%d bytes): dropping it", len(rest), self.max_send_queue)
+                self.abort((1008, SEND_QUEUE_FULL))
+                return False
             if self._queue is None:
                 self._queue = deque()
             self._queue.append(rest)

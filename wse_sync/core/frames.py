@@ -121,10 +121,13 @@ class FrameReader:
     on the client side (servers must not).
     """
 
-    def __init__(self, max_message_size: Optional[int] = None, expect_mask: bool = True) -> None:
+    def __init__(self, max_message_size: Optional[int] = None, expect_mask: bool = True,
+                 max_fragments: Optional[int] = None) -> None:
         # largest accepted message (sum of its fragments); None = unlimited
         self.max_message_size = max_message_size
         self.expect_mask = expect_mask
+        # most frames one message may arrive in (empty fragments cost memory too); None = no limit
+        self.max_fragments = max_fragments
         self._buf = bytearray()
         # opcode and fragments of a fragmented message in progress (a text
         # message's fragments are decoded as they come, to fail on the bad one)
@@ -262,6 +265,8 @@ class FrameReader:
             if opcode == OP_TEXT:
                 self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._frag_len += len(payload)
+        if self.max_fragments is not None and len(self._frags) >= self.max_fragments:
+            raise FrameError(1008, "too many fragments")
         decoder = self._decoder
         if decoder is not None:
             try:

@@ -74,13 +74,15 @@ class Protocol:
     ``side`` is ``SERVER`` (expects masked frames, ends TCP first) or
     ``CLIENT`` (masks its frames, waits for the server to end TCP).
     ``max_message_size`` (bytes, None = unlimited) is checked against the
-    announced length before anything is buffered.
+    announced length before anything is buffered; a message in more than
+    ``max_fragments`` frames fails the connection with 1008.
     """
 
     __slots__ = ("side", "state", "close_status", "close_sent", "close_rcvd", "failure",
                  "_reader", "_mask", "_events", "_out", "_eof_sent", "_discarding", "_pending")
 
-    def __init__(self, side: str = SERVER, max_message_size: Optional[int] = None) -> None:
+    def __init__(self, side: str = SERVER, max_message_size: Optional[int] = None,
+                 max_fragments: Optional[int] = None) -> None:
         if side not in (SERVER, CLIENT):
             raise ValueError(f"side must be {SERVER!r} or {CLIENT!r}")
         self.side = side
@@ -93,7 +95,8 @@ class Protocol:
         # the violation that failed the connection, if one did
         self.failure: Optional[FrameError] = None
         self._mask = side == CLIENT
-        self._reader = FrameReader(max_message_size, expect_mask=side == SERVER)
+        self._reader = FrameReader(max_message_size, expect_mask=side == SERVER,
+                                   max_fragments=max_fragments)
         self._events: List[Event] = []
         self._out: List[bytes] = []
         self._eof_sent = False
