@@ -31,7 +31,7 @@ def echo(conn, payload):
 @server.register("table")
 def table(conn, payload):
     """This worker's own connections, and its pid."""
-    return {"pid": os.getpid(), "conns": sorted(server._conns)}
+    return {"pid": os.getpid(), "conns": sorted(c.conn_id for c in server.hub.connections())}
 
 
 @server.register("bcast")

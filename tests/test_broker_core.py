@@ -1,8 +1,8 @@
 """Pure tests of the broker's decisions and of the message schema."""
 import pytest
 
-from wse_sync.broker import BrokerCore
-from wse_sync.messages import VERSION, Message, SchemaError, decode, encode
+from wse_sync.core.broker import BrokerCore
+from wse_sync.core.messages import VERSION, Message, SchemaError, decode, encode
 
 
 def hello(core, w, table=(), limit=1, now=0.0):
@@ -205,7 +205,7 @@ def test_left_of_a_dead_worker_never_goes_to_a_member_without_sockets():
 
 
 def test_batches_split_back_into_their_messages():
-    from wse_sync.messages import batch, split
+    from wse_sync.core.messages import batch, split
     one = encode("hb")
     assert batch([one]) == one and split(one) == [one]
     many = [encode("send", {"cid": 1}, "x"), encode("hb"), encode("bcast", {}, b"\x00")]

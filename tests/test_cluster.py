@@ -20,8 +20,8 @@ from gevent.event import Event
 
 from helpers import UNIT, RawWS, ServerProcess, free_port, serve_process, wait_for
 from wse_sync import WseClient
-from wse_sync.errors import WSE_ERROR, WSE_REASON
-from wse_sync.protocol import WseJSON
+from wse_sync.core.errors import WSE_ERROR, WSE_REASON
+from wse_sync.core.protocol import WseJSON
 
 APP = "tests/apps/cluster_app.py:server"
 # message types the test clients record (payloads in arrival order)

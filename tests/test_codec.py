@@ -3,8 +3,8 @@ import pytest
 
 import wse_sync
 from wse_sync import WSE_ERROR, WSE_REASON, WSE_STATUS, WseError, WseJSON
-from wse_sync.errors import rpc_error_payload
-from wse_sync.protocol import check_protocol
+from wse_sync.core.errors import rpc_error_payload
+from wse_sync.core.protocol import check_protocol
 
 
 def test_public_names():

@@ -198,7 +198,7 @@ def test_embedded_servers_join_the_broker_named_by_the_environment(monkeypatch):
             cb.channel.on("hi", got_b.append)
             ca.connect("on-a")
             cb.connect("on-b")
-            assert a._embedded_broker is None and b._embedded_broker is None
+            assert a.hub.embedded_broker is None and b.hub.embedded_broker is None
             wait_for(lambda: "on-a" in b.clients and "on-b" in a.clients)
             b.send("on-a", "hi", "from b")
             a.send("on-b", "hi", "from a")
@@ -299,7 +299,7 @@ def test_connect_cluster_errors_are_clear(monkeypatch, tmp_path):
 
 
 def test_servers_of_finds_servers_through_wrappers():
-    from wse_sync.wsgi import _find_wse, _router
+    from wse_sync.integrations.wsgi import _find_wse, _router
     server = embed_app.make_server()
     m = mount(embed_app.plain_app, server, "/ws")
 

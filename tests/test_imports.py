@@ -1,12 +1,12 @@
 """The pure modules import nothing of gevent or ZeroMQ; the public names still work."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-PURE = ["wse_sync.core.frames", "wse_sync.core.websocket", "wse_sync.core.forwarded",
-        "wse_sync.core.session",
-        "wse_sync.errors", "wse_sync.protocol", "wse_sync.messages", "wse_sync.registry"]
+CORE = Path(__file__).resolve().parent.parent / "wse_sync" / "core"
+PURE = sorted("wse_sync.core." + p.stem for p in CORE.glob("*.py") if p.stem != "__init__")
 
 
 @pytest.mark.parametrize("module", PURE)

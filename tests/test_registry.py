@@ -1,5 +1,5 @@
 """Pure tests of the broker's map and its rules."""
-from wse_sync.registry import ConnEntry, Registry
+from wse_sync.core.registry import ConnEntry, Registry
 
 
 def test_first_join_and_last_leave():
@@ -74,7 +74,7 @@ def test_snapshot_in_join_order():
 
 
 def test_cluster_view_reports_users_that_are_gone():
-    from wse_sync.link import ClusterView
+    from wse_sync.cluster.link import ClusterView
     view = ClusterView()
     view.load([["a1", "alice", "w1", {}, 1.0], ["a2", "alice", "w2", {}, 2.0],
                ["b1", "bob", "w1", None, 3.0]])

@@ -4,7 +4,7 @@ import pytest
 from wse_sync.core.session import (ACCEPTED, AWAIT_HI, CHALLENGE_ANSWER, CHALLENGED, CLOSED,
                                    DECIDING, DISPATCH, IGNORE, QUEST, READY, RESOLVE_CALL, RPC,
                                    START_AUTH, TRANSITIONS, VIOLATION, SessionCore)
-from wse_sync.protocol import WseJSON
+from wse_sync.core.protocol import WseJSON
 
 TYPES = WseJSON().internal_types
 HI = ("~wse:hi", {"identity": "u", "meta": {}}, None)

@@ -18,24 +18,24 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _LAZY = {
-    "WseClient": ".client",
-    "ClusterHandle": ".cluster_client", "connect_cluster": ".cluster_client",
-    "WseConnection": ".connection", "WseIdentity": ".connection",
-    "WSE_ERROR": ".errors", "WSE_REASON": ".errors", "WSE_STATUS": ".errors",
-    "WseError": ".errors",
-    "WseMount": ".mounting", "mount": ".mounting",
-    "WseJSON": ".protocol",
-    "WseServer": ".server",
+    "WseClient": ".runtime.client",
+    "ClusterHandle": ".cluster.handle", "connect_cluster": ".cluster.handle",
+    "WseConnection": ".runtime.connection", "WseIdentity": ".runtime.connection",
+    "WSE_ERROR": ".core.errors", "WSE_REASON": ".core.errors", "WSE_STATUS": ".core.errors",
+    "WseError": ".core.errors",
+    "WseMount": ".integrations.mounting", "mount": ".integrations.mounting",
+    "WseJSON": ".core.protocol",
+    "WseServer": ".runtime.server",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .client import WseClient
-    from .cluster_client import ClusterHandle, connect_cluster
-    from .connection import WseConnection, WseIdentity
-    from .errors import WSE_ERROR, WSE_REASON, WSE_STATUS, WseError
-    from .mounting import WseMount, mount
-    from .protocol import WseJSON
-    from .server import WseServer
+    from .runtime.client import WseClient
+    from .cluster.handle import ClusterHandle, connect_cluster
+    from .runtime.connection import WseConnection, WseIdentity
+    from .core.errors import WSE_ERROR, WSE_REASON, WSE_STATUS, WseError
+    from .integrations.mounting import WseMount, mount
+    from .core.protocol import WseJSON
+    from .runtime.server import WseServer
 
 
 def __getattr__(name: str) -> Any:

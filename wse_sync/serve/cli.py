@@ -79,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     # Check the app and read its listening options in a throwaway process:
     # workers import it again after they start (never before a fork).
-    code = ("import json,sys;from wse_sync.worker import load_app;"
+    code = ("import json,sys;from wse_sync.serve.worker import load_app;"
             "s=load_app(sys.argv[1]);print(json.dumps([s.options['host'],s.options['port']]))")
     out = subprocess.run([sys.executable, "-c", code, args.app], capture_output=True, text=True)
     if out.returncode != 0:
@@ -97,7 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _broker(bind: str, parent: Optional[int] = None, sync_window: float = 2.5) -> int:
     import signal
 
-    from .broker import Broker
+    from ..cluster.broker import Broker
 
     broker = Broker(bind, parent_pid=parent, sync_window=sync_window)
     signal.signal(signal.SIGTERM, lambda s, f: broker.stop())
@@ -109,7 +109,7 @@ def _broker(bind: str, parent: Optional[int] = None, sync_window: float = 2.5) -
 def _stats(endpoint: str, timeout: float) -> int:
     import zmq
 
-    from .messages import decode, encode
+    from ..core.messages import decode, encode
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)

@@ -23,11 +23,11 @@ from gevent import ssl as gssl
 from gevent.event import AsyncResult, Event
 
 from . import runner
-from .connection import make_id
-from .errors import WSE_ERROR, WSE_REASON, WSE_STATUS, WseError, rpc_error_payload
-from .events import Emitter
-from .core.websocket import CLIENT, Message, Protocol
-from .protocol import WseJSON, check_protocol
+from ..core.ids import make_id
+from ..core.errors import WSE_ERROR, WSE_REASON, WSE_STATUS, WseError, rpc_error_payload
+from ..core.events import Emitter
+from ..core.websocket import CLIENT, Message, Protocol
+from ..core.protocol import WseJSON, check_protocol
 
 __all__ = ["WseClient", "RECONNECT_CODES"]
 

@@ -15,12 +15,12 @@ import gevent
 from gevent.event import AsyncResult
 
 from .connection import CLOSED, OPEN, WseConnection
-from .core.session import ACCEPTED, QUEST, VIOLATION, SessionCore
-from .errors import WSE_ERROR, WSE_REASON, WseError, rpc_error_payload
-from .events import call_with_kwargs
+from ..core.session import ACCEPTED, QUEST, VIOLATION, SessionCore
+from ..core.errors import WSE_ERROR, WSE_REASON, WseError, rpc_error_payload
+from ..core.events import call_with_kwargs
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .server import WseServer
+    from .hub import Hub
 
 __all__ = ["Session"]
 
@@ -31,10 +31,15 @@ class _Refused(Exception):
 
 
 class Session:
-    """Drives one WseConnection; created by the server for each accepted socket."""
+    """Drives one WseConnection; created by the hub for each upgraded socket.
 
-    def __init__(self, server: "WseServer", conn: WseConnection) -> None:
-        self.server = server
+    It reads the app (identify, handlers, options) from ``hub.server`` and
+    reports to the hub: ``accept`` when identify accepts, ``closed`` at the end.
+    """
+
+    def __init__(self, hub: "Hub", conn: WseConnection) -> None:
+        self.hub = hub
+        self.server = server = hub.server
         self.conn = conn
         types = server.protocol.internal_types
         self.core = SessionCore(types)
@@ -48,7 +53,7 @@ class Session:
         self._channel_busy = False
         self._auth: Optional[gevent.Greenlet] = None
         self._timer = None
-        # True while accept() joins the cluster (the auth greenlet must not be killed)
+        # True while the hub joins the cluster (the auth greenlet must not be killed)
         self.joining = False
 
     # -- the reading greenlet -----------------------------------------
@@ -63,21 +68,21 @@ class Session:
                 self._auth.join()  # bounded by the broker request timeout
             else:
                 self._auth.kill()
-        self.server._connection_closed(self.conn, code, reason)
+        self.hub.closed(self.conn, code, reason)
 
     def on_data(self, data: Any) -> None:
         server = self.server
         try:
             type_, payload, stamp = server.protocol.unpack(data)
         except Exception as exc:
-            server._emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR,
+            self.hub.emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR,
                                         {"exception": exc, "message": str(exc)}), self.conn)
             self.conn.close(1000, WSE_REASON.PROTOCOL_ERR)
             return
         decision = self.core.message(type_, payload, stamp)
         action = decision.action
         if action == VIOLATION:
-            server._emit_error(WseError(WSE_ERROR.PROTOCOL_VIOLATION,
+            self.hub.emit_error(WseError(WSE_ERROR.PROTOCOL_VIOLATION,
                                         {"reason": decision.reason}), self.conn)
             self.conn.close(1000, WSE_REASON.PROTOCOL_ERR)
         elif action != "ignore":
@@ -96,21 +101,21 @@ class Session:
             self._answer.set(payload)
 
     def _resolve_call(self, type_, payload, stamp) -> None:
-        self.conn._resolve(stamp, type_ == self._t_response, payload)
+        self.conn.resolve(stamp, type_ == self._t_response, payload)
 
     def _rpc(self, type_, payload, stamp) -> None:
-        self.server._spawn(self._run_rpc, type_, payload, stamp)
+        self.hub.spawn(self._run_rpc, type_, payload, stamp)
 
     def _channel(self, type_, payload, stamp) -> None:
         if not self.server.channel.has(type_):
-            self.server._emit("ignored", self.conn, type_, payload)
+            self.hub.emit("ignored", self.conn, type_, payload)
             return
         if self._channel_queue is None:
             self._channel_queue = deque()
         self._channel_queue.append((type_, payload))
         if not self._channel_busy:
             self._channel_busy = True
-            self.server._spawn(self._drain_channel)
+            self.hub.spawn(self._drain_channel)
 
     # -- greenlets -----------------------------------------------------
     def _drain_channel(self) -> None:
@@ -122,14 +127,14 @@ class Session:
                     try:
                         handler(self.conn, payload)
                     except Exception as exc:
-                        self.server._emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR, {
+                        self.hub.emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR, {
                             "type": type_, "exception": exc, "message": str(exc)}), self.conn)
         finally:
             self._channel_busy = False
 
     def _run_rpc(self, rp: str, payload: Any, stamp: str) -> None:
         server, conn = self.server, self.conn
-        handler = server._rpcs.get(rp)
+        handler = server.rpc_handler(rp)
         if handler is None:
             answer = (server.protocol.internal_types["response_error"],
                       {"code": WSE_ERROR.RP_NOT_REGISTERED})
@@ -140,12 +145,12 @@ class Session:
                 error = rpc_error_payload(exc, rp, payload, server.options["rpc_tracebacks"])
                 answer = (self._t_response_err, error)
                 if not isinstance(exc, WseError):
-                    server._emit_error(WseError(error["code"], error["details"]), conn)
+                    self.hub.emit_error(WseError(error["code"], error["details"]), conn)
         if conn.ready_state == OPEN:
             try:
                 data = server.protocol.pack(answer[0], answer[1], stamp)
             except Exception as exc:  # a result the codec cannot pack
-                server._emit_error(WseError(WSE_ERROR.RP_EXECUTION_FAILED, {
+                self.hub.emit_error(WseError(WSE_ERROR.RP_EXECUTION_FAILED, {
                     "rpc": rp, "message": f"result cannot be packed: {exc}"}), conn)
                 data = server.protocol.pack(self._t_response_err, {
                     "code": WSE_ERROR.RP_EXECUTION_FAILED,
@@ -156,7 +161,7 @@ class Session:
         server, conn = self.server, self.conn
         try:
             challenge = None
-            if server._cra_generator is not None:
+            if server.challenge_generator is not None:
                 challenge = self._run_challenge()
             decision = AsyncResult()
 
@@ -164,7 +169,7 @@ class Session:
                 if decision.ready():
                     return
                 if cid and (isinstance(cid, bool) or not isinstance(cid, (str, int))):
-                    server._emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
+                    self.hub.emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
                         "message": f"accept() needs a str or int user id, not {type(cid).__name__}"}),
                         conn)
                     cid = None
@@ -179,7 +184,7 @@ class Session:
                                  accept=accept, refuse=refuse, challenge=challenge,
                                  conn_id=conn.conn_id)
             except Exception as exc:
-                server._emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
+                self.hub.emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
                     "message": f"identify raised {type(exc).__name__}: {exc}",
                     "exception": exc}), conn)
                 raise _Refused() from None
@@ -188,7 +193,12 @@ class Session:
                 raise _Refused()
             cid, welcome = outcome
             if conn.transport.open:
-                server._accept(self, cid, welcome)
+                self._cancel_deadline()
+                self.joining = True
+                try:
+                    self.hub.accept(self, cid, welcome)
+                finally:
+                    self.joining = False
         except _Refused:
             self._cancel_deadline()
             conn.close(1000, WSE_REASON.NOT_AUTHORIZED)
@@ -212,10 +222,10 @@ class Session:
                 quest_sent.set(("refuse", None))
 
         try:
-            call_with_kwargs(server._cra_generator, identity=conn.identity, meta=conn.meta,
+            call_with_kwargs(server.challenge_generator, identity=conn.identity, meta=conn.meta,
                              quest=quest, refuse=refuse)
         except Exception as exc:
-            server._emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
+            self.hub.emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
                 "message": f"challenge generator raised {type(exc).__name__}: {exc}",
                 "exception": exc}), conn)
             raise _Refused() from None
@@ -227,7 +237,7 @@ class Session:
 
     # -- deadlines -----------------------------------------------------
     def ready(self) -> None:
-        """Called by the server once the welcome is out."""
+        """Called by the hub once the welcome is out."""
         self._cancel_deadline()
         self.core.fire(ACCEPTED)
 

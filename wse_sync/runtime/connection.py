@@ -2,33 +2,21 @@
 and WseIdentity (a user)."""
 from __future__ import annotations
 
-import os
-import string
 from typing import TYPE_CHECKING, Any, Dict, Hashable, Mapping, Optional
 
 import gevent
 from gevent.event import AsyncResult
 
-from .errors import WSE_ERROR, WSE_REASON, WseError
+from ..core.errors import WSE_ERROR, WSE_REASON, WseError
+from ..core.ids import make_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import WseServer
     from .transport import Transport
 
-__all__ = ["WseConnection", "RemoteConnection", "WseIdentity", "make_id"]
-
-_ALPHABET = string.ascii_letters + string.digits
+__all__ = ["WseConnection", "RemoteConnection", "WseIdentity"]
 
 CONNECTING, OPEN, CLOSING, CLOSED = 0, 1, 2, 3
-
-
-def make_id(n: int) -> str:
-    """``n`` random characters of [A-Za-z0-9] from one os.urandom call."""
-    # 62 * 4 = 248 <= 256: bytes >= 248 are dropped so every character is equally likely
-    out = ""
-    while len(out) < n:
-        out += "".join(_ALPHABET[b % 62] for b in os.urandom(n + 4) if b < 248)
-    return out[:n]
 
 
 class _Disconnected:
@@ -63,8 +51,6 @@ class WseConnection:
         # monotonic order of acceptance, for conn_per_user (oldest first)
         self.joined_at = 0.0
         self._calls: Dict[str, AsyncResult] = {}
-        # accepted while the broker was away: 'joined' waits for its verdict
-        self._pending_join = False
 
     @property
     def readyState(self) -> int:  # noqa: N802 - the original name
@@ -126,15 +112,15 @@ class WseConnection:
         self.ready_state = CLOSING
         self.transport.close(code, reason)
 
-    # -- used by the session ------------------------------------------
-    def _resolve(self, stamp: str, ok: bool, value: Any) -> bool:
+    # -- used by the runtime --------------------------------------------
+    def resolve(self, stamp: str, ok: bool, value: Any) -> bool:
         result = self._calls.get(stamp)
         if result is None or result.ready():
             return False
         result.set(("ok" if ok else "err", value))
         return True
 
-    def _fail_calls(self, code: int, reason: str) -> None:
+    def fail_calls(self, code: int, reason: str) -> None:
         marker = _Disconnected(code, reason)
         for result in list(self._calls.values()):
             if not result.ready():
@@ -167,16 +153,16 @@ class RemoteConnection:
         return f"<RemoteConnection {self.conn_id} cid={self.cid!r} worker={self.worker}>"
 
     def send(self, type: str, payload: Any = None) -> bool:
-        self.server._link.conn_send(self.conn_id, self.server.protocol.pack(type, payload, None))
+        self.server.hub.remote_send(self.conn_id, self.server.protocol.pack(type, payload, None))
         return True
 
     def call(self, rp: str, payload: Any = None, timeout: Optional[float] = None) -> Any:
         if timeout is None:
             timeout = self.server.rpc_timeout
-        return self.server._link.call(self.conn_id, rp, payload, timeout)
+        return self.server.hub.remote_call(self.conn_id, rp, payload, timeout)
 
     def drop(self, reason: str = WSE_REASON.BY_SERVER) -> None:
-        self.server._link.conn_drop(self.conn_id, reason)
+        self.server.hub.remote_drop(self.conn_id, reason)
 
 
 class WseIdentity:
@@ -193,7 +179,7 @@ class WseIdentity:
     @property
     def conns(self) -> Mapping[str, Any]:
         """conn_id -> connection (local WseConnection or RemoteConnection)."""
-        return self.server._conns_of(self.cid)
+        return self.server.hub.conns_of(self.cid)
 
     def send(self, type: str, payload: Any = None) -> None:
         self.server.send(self.cid, type, payload)

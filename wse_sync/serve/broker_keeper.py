@@ -1,4 +1,4 @@
-"""Keep one broker running: ``python -m wse_sync.broker_keeper --bind ENDPOINT``.
+"""Keep one broker running: ``python -m wse_sync.serve.broker_keeper --bind ENDPOINT``.
 
 Runs ``python -m wse_sync broker --bind ENDPOINT`` as its child and starts it
 again when it dies (with the 2.5 s sync window of a restarted broker, so the
@@ -23,11 +23,11 @@ from typing import List, Optional
 
 __all__ = ["main"]
 
-log = logging.getLogger("wse_sync.broker_keeper")
+log = logging.getLogger("wse_sync.serve.broker_keeper")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wse_sync.broker_keeper", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m wse_sync.serve.broker_keeper", description=__doc__)
     p.add_argument("--bind", required=True)
     p.add_argument("--parent", type=int, default=None,
                    help="exit (stopping the broker) when this process is gone")

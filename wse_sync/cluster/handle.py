@@ -37,8 +37,8 @@ from typing import Any, Callable, Dict, Hashable, NamedTuple, Optional
 
 import gevent
 
-from .connection import make_id
-from .errors import WSE_ERROR, WSE_REASON, WseError
+from ..core.ids import make_id
+from ..core.errors import WSE_ERROR, WSE_REASON, WseError
 
 __all__ = ["connect_cluster", "ClusterHandle", "ClusterUser"]
 
@@ -135,13 +135,13 @@ class ClusterHandle:
         return fn(*args)
 
     def _join(self) -> None:
-        from .server import WseServer
+        from ..runtime.server import WseServer
         server = WseServer(identify=_refuse_all, ping_interval=0)
         server.serves = False  # the broker sends it no 'left' to fire
         server.start(broker=self.endpoint, worker_id=f"client-{os.getpid()}-{make_id(6)}")
         self._server = server
         deadline = time.monotonic() + self.timeout
-        while server._link.epoch is None:  # the broker's snapshot: the user map
+        while not server.hub.link.synced:  # the broker's snapshot: the user map
             if time.monotonic() > deadline:
                 server.shutdown(timeout=0)
                 raise WseError(WSE_ERROR.BROKER_UNAVAILABLE, {
@@ -185,7 +185,7 @@ class ClusterHandle:
         if self._thread is None:
             gevent.sleep(0)  # let pending map updates in
         out: Dict[Hashable, ClusterUser] = {}
-        for cid, conns in self._server._link.view.users.items():
+        for cid, conns in self._server.hub.link.view.users.items():
             metas = {conn_id: meta for conn_id, (_worker, meta) in conns.items()}
             if metas:
                 out[cid] = ClusterUser(cid, next(iter(metas.values())), metas)
@@ -198,12 +198,12 @@ class ClusterHandle:
                   timeout=(self.timeout if timeout is None else timeout) + 5)
 
     def _flush(self, timeout: float) -> None:
-        link = self._server._link
+        link = self._server.hub.link
         deadline = time.monotonic() + timeout
-        while link._outbox:
+        while link.unconfirmed:
             if time.monotonic() > deadline:
                 raise WseError(WSE_ERROR.BROKER_UNAVAILABLE, {
-                    "endpoint": self.endpoint, "unconfirmed": len(link._outbox),
+                    "endpoint": self.endpoint, "unconfirmed": link.unconfirmed,
                     "reason": f"the broker did not confirm in {timeout}s"})
             gevent.sleep(0.02)
 
@@ -225,7 +225,7 @@ class ClusterHandle:
     def _leave(self) -> None:
         server = self._server
         server.shutdown(1000, "", 0)
-        server._link.ctx.term()  # waits for the goodbye to go (the socket's linger)
+        server.hub.link.ctx.term()  # waits for the goodbye to go (the socket's linger)
 
     def __enter__(self) -> "ClusterHandle":
         return self

@@ -23,7 +23,7 @@ def load_app(spec: str) -> Any:
     import importlib
     import importlib.util
 
-    from .server import WseServer
+    from ..runtime.server import WseServer
 
     module_name, sep, attr = spec.rpartition(":")
     if not sep:
@@ -68,7 +68,7 @@ def run_worker(app_spec: str, fd: int, broker: str, worker_id: Optional[str] = N
     monkey.patch_all()
     import gevent
 
-    from .wsgi import make_wsgi_server
+    from ..integrations.wsgi import make_wsgi_server
 
     server = load_app(app_spec)
     for key, value in (options or {}).items():

@@ -57,7 +57,7 @@ def is_websocket_upgrade(environ: dict) -> bool:
 
 
 def _is_wse_server(obj: Any) -> bool:
-    from .server import WseServer
+    from ..runtime.server import WseServer
     return isinstance(obj, WseServer)
 
 

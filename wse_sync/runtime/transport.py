@@ -17,7 +17,7 @@ from typing import Callable, Optional, Tuple
 import gevent
 from gevent import socket as gsocket
 
-from .core.websocket import SERVER, Close, Message, Protocol, State
+from ..core.websocket import SERVER, Close, Message, Protocol, State
 
 __all__ = ["Transport", "SEND_QUEUE_FULL"]
 

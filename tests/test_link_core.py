@@ -1,0 +1,401 @@
+"""The worker side of the broker protocol (LinkCore), paired in memory with BrokerCore.
+
+No sockets and no processes: every message goes through the schema's
+encode/decode, a ZeroMQ-like queue keeps what a worker sends while no broker
+runs, and time is a number the test moves. The same cases with real
+processes and kill -9 are in test_faults.py.
+"""
+import itertools
+
+import pytest
+
+from wse_sync.core.broker import ACK_EVERY, BrokerCore
+from wse_sync.core.errors import WSE_ERROR, WseError
+from wse_sync.core.link import (Answer, Deliver, Drop, Forget, LinkCore, ServeCall, UserJoined,
+                                UserLeft)
+from wse_sync.core.messages import decode, encode
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def wire(msg):
+    return decode(encode(msg.kind, msg.body, msg.data))
+
+
+class Worker:
+    """A worker runtime reduced to its table and the events it fires."""
+
+    def __init__(self, world, wid, limit=1, **options):
+        self.world, self.id = world, wid
+        self.table = {}  # conn_id -> (cid, meta, joined_at)
+        self.core = LinkCore(wid, self.entries, limit, broker_timeout=3.0, now=world.now,
+                             **options)
+        self.events = []
+        self.answers = {}
+        self.held = []      # broker messages that arrive while the loop is blocked
+        self.blocked = False
+
+    def entries(self):
+        return [(c, cid, meta, at) for c, (cid, meta, at) in self.table.items()]
+
+    def ages(self, cid):
+        return [(c, at) for c, (ci, _m, at) in self.table.items() if ci == cid]
+
+    def fired(self, kind):
+        return [e[1] for e in self.events if e[0] == kind]
+
+    # -- what the shell does --------------------------------------------
+    def send(self, messages):
+        for m in messages:
+            self.world.queue.append((self.id, wire(m)))
+
+    def receive(self, msg):
+        if self.blocked:
+            self.held.append(msg)
+            return
+        self.send(self.core.received(self.world.now))
+        self.carry_out(self.core.handle(wire(msg), self.world.now))
+
+    def tick(self):
+        self.carry_out(self.core.tick(self.world.now))
+
+    def carry_out(self, step):
+        self.send(step.out)
+        for e in step.effects:
+            if isinstance(e, Answer):
+                self.answers[e.req] = e.body
+            elif isinstance(e, UserLeft):
+                self.events.append(("left", e.cid))
+            elif isinstance(e, UserJoined):
+                self.events.append(("joined", e.cid))
+            elif isinstance(e, Forget):
+                self.events.append(("forget", e.cid))
+            elif isinstance(e, Deliver):
+                self.events.append(("deliver", (e.scope, e.key, e.data)))
+            elif isinstance(e, Drop):
+                targets = list(e.conn_ids)
+                if e.has_cid:
+                    targets += [c for c, (ci, _m, _a) in self.table.items() if ci == e.cid]
+                for c in targets:
+                    self.close(c, 1000, e.reason)
+            elif isinstance(e, ServeCall):
+                self.send(LinkCore.call_result(e.body, True, ["pong", e.body["conn_id"]]))
+
+    # -- what the hub does ------------------------------------------------
+    def connect(self, conn_id, cid, meta=None):
+        """Hub.accept: join, file the connection, evict, fire 'joined' when first."""
+        meta = meta if meta is not None else {}
+        at = self.world.stamp()
+        join = self.core.join(conn_id, cid, meta, at, self.ages(cid), self.core.limit)
+        if join.decided is not None:
+            first, evicted = join.decided
+        else:
+            self.send(join.out)
+            self.world.settle()
+            body = self.answers.pop(join.req, None)
+            if body is not None:
+                first, evicted = self.core.join_answered(join.req, conn_id, cid, meta, body)
+            else:
+                first, evicted = self.core.join_timed_out(join.req, conn_id, cid, meta,
+                                                          self.ages(cid), self.core.limit)
+        self.table[conn_id] = (cid, meta, at)
+        for c in evicted:
+            self.close(c, 1000, "wse.clients-concurrency")
+        if first:
+            self.events.append(("joined", cid))
+        return first
+
+    def close(self, conn_id, code=1000, reason=""):
+        if conn_id in self.table:
+            cid, meta, _at = self.table.pop(conn_id)
+            self.events.append(("closed", conn_id))
+            self.send(self.core.leave(conn_id, cid, meta, code, reason))
+
+    def command(self, kind, body, data=None):
+        self.send(self.core.command(kind, body, data, self.world.now))
+
+    def unblock(self):
+        self.blocked = False
+        held, self.held = self.held, []
+        for m in held:
+            self.receive(m)
+
+
+class World:
+    """A broker, workers, and the messages between them."""
+
+    def __init__(self, sync_window=0.0):
+        self.now = 1000.0
+        self._order = itertools.count()
+        self.broker = BrokerCore(worker_timeout=3.0, epoch="e1", sync_window=sync_window)
+        self.broker_up = True
+        self.workers = {}
+        self.queue = []       # worker -> broker, kept while no broker runs (ZeroMQ does)
+        self.to_workers = []  # broker -> worker, lost when the broker dies
+
+    def stamp(self):
+        return self.now + next(self._order) * 1e-6
+
+    def add(self, wid, **kw):
+        w = self.workers[wid] = Worker(self, wid, **kw)
+        w.send(w.core.hello())
+        self.settle()
+        return w
+
+    def settle(self):
+        """Deliver what is in flight until nothing moves."""
+        for _ in range(100000):
+            if self.broker_up and self.queue:
+                wid, m = self.queue.pop(0)
+                self.to_workers += self.broker.handle(wid, m, self.now)
+            elif self.to_workers:
+                target, m = self.to_workers.pop(0)
+                if target in self.workers:
+                    self.workers[target].receive(m)
+            else:
+                return
+        raise AssertionError("messages never stop")
+
+    def advance(self, seconds, step=0.5):
+        """Let time pass: broker and unblocked workers tick every ``step`` seconds."""
+        end = self.now + seconds
+        while self.now < end - 1e-9:
+            self.now += step
+            if self.broker_up:
+                self.to_workers += self.broker.tick(self.now)
+            for w in list(self.workers.values()):
+                if not w.blocked:
+                    w.tick()
+            self.settle()
+
+    def kill_broker(self):
+        self.broker_up = False
+        self.to_workers.clear()
+
+    def start_broker(self, sync_window=2.5, epoch="e2"):
+        self.broker = BrokerCore(worker_timeout=3.0, epoch=epoch, sync_window=sync_window)
+        self.broker_up = True
+        self.settle()
+
+    # -- the invariants -------------------------------------------------------
+    def check_map(self):
+        """Invariant 1: the broker's map is the union of the workers' tables."""
+        mapped = {c: (e.cid, e.worker) for c, e in self.broker.registry.conns.items()}
+        local = {c: (cid, w.id) for w in self.workers.values() for c, (cid, _m, _a) in
+                 w.table.items()}
+        assert mapped == local
+
+    def check_events(self):
+        """Invariant 2: per user, one more 'joined' than 'left' while connected, else equal."""
+        connected = {cid for w in self.workers.values() for (cid, _m, _a) in w.table.values()}
+        users = {e[1] for w in self.workers.values() for e in w.events
+                 if e[0] in ("joined", "left")} | connected
+        for cid in users:
+            joined = sum(w.fired("joined").count(cid) for w in self.workers.values())
+            left = sum(w.fired("left").count(cid) for w in self.workers.values())
+            assert joined - left == (1 if cid in connected else 0), (cid, joined, left)
+
+
+def test_joined_and_left_fire_once_per_user_across_workers():
+    world = World()
+    a, b = world.add("A", limit=2), world.add("B", limit=2)
+    assert a.connect("a1", "u1") is True
+    assert b.connect("b1", "u1") is False
+    world.check_map()
+    a.close("a1")
+    world.settle()
+    assert a.fired("left") == [] and b.fired("left") == []
+    b.close("b1")
+    world.settle()
+    assert b.fired("left") == ["u1"]
+    world.check_map()
+    world.check_events()
+
+
+def test_conn_per_user_closes_the_oldest_connection_on_the_other_worker():
+    world = World()
+    a, b = world.add("A"), world.add("B")
+    a.connect("a1", "u1")
+    b.connect("b1", "u1")
+    world.settle()
+    assert ("closed", "a1") in a.events and "b1" in b.table
+    world.check_map()
+    world.check_events()
+
+
+def test_the_view_follows_the_map_and_forgets_a_user_without_connections():
+    world = World()
+    a, b = world.add("A"), world.add("B")
+    a.connect("a1", "u1", {"device": "phone"})
+    world.settle()
+    assert b.core.view.users == {"u1": {"a1": ("A", {"device": "phone"})}}
+    assert b.core.view.meta_of("u1") == {"device": "phone"}
+    a.close("a1")
+    world.settle()
+    assert b.core.view.users == {} and ("forget", "u1") in b.events
+
+
+def test_send_broadcast_and_drop_reach_the_workers_that_hold_the_user():
+    world = World()
+    a, b, c = world.add("A"), world.add("B"), world.add("C")
+    b.connect("b1", "u1")
+    a.command("send", {"cid": "u1"}, "hello")
+    a.command("bcast", {}, "all")
+    world.settle()
+    assert ("deliver", ("cid", "u1", "hello")) in b.events
+    assert not any(e[0] == "deliver" and e[1][0] == "cid" for e in c.events)
+    assert ("deliver", ("all", None, "all")) in c.events
+    a.command("drop_cid", {"cid": "u1", "reason": "bye"})
+    world.settle()
+    assert "b1" not in b.table
+    world.check_map()
+    world.check_events()
+
+
+def test_a_call_on_a_remote_connection_is_answered_through_the_broker():
+    world = World()
+    a, b = world.add("A"), world.add("B")
+    b.connect("b1", "u1")
+    req, out = a.core.call("b1", "ping", {}, 5.0)
+    a.send(out)
+    world.settle()
+    assert a.answers[req]["ok"] is True and a.answers[req]["value"] == ["pong", "b1"]
+    a.core.call_done(req)
+    req, out = a.core.call("nobody", "ping", {}, 5.0)
+    a.send(out)
+    world.settle()
+    assert a.answers[req]["value"]["code"] == WSE_ERROR.CONNECTION_NOT_READY
+
+
+def test_commands_are_acked_and_leave_the_outbox():
+    world = World()
+    a, _b = world.add("A"), world.add("B")
+    for i in range(ACK_EVERY + 3):
+        a.command("bcast", {}, f"m{i}")
+    world.settle()
+    assert a.core.unconfirmed == 3          # acked every ACK_EVERY commands...
+    world.advance(1.0)
+    assert a.core.unconfirmed == 0          # ...and with every heartbeat
+
+
+@pytest.mark.parametrize("limit", [2, 1])
+def test_a_broker_restart_rebuilds_the_map_and_fires_pending_joins_once(limit):
+    world = World()
+    a, b = world.add("A", limit=limit), world.add("B", limit=limit)
+    a.connect("a1", "u1")
+    world.kill_broker()
+    world.advance(4.0)                      # both notice the silence
+    assert a.core.down_since is not None
+    # accepted alone: pending, 'joined' waits for the broker's verdict
+    assert a.connect("a2", "u2") is False
+    assert b.connect("b1", "u2") is False
+    assert a.core.is_pending("a2") and a.fired("joined") == ["u1"]
+    world.start_broker()
+    world.advance(4.0)
+    assert a.core.down_since is None and b.core.down_since is None
+    assert not a.core.is_pending("a2")
+    if limit == 2:
+        # u2 has connections on two workers: 'joined' fires once, for the oldest
+        assert a.fired("joined") == ["u1", "u2"] and b.fired("joined") == []
+    else:
+        # one connection per user: the older one (a2) goes, 'joined' fires for b1
+        assert ("closed", "a2") in a.events and b.fired("joined") == ["u2"]
+    world.check_map()
+    world.check_events()
+
+
+def test_a_pending_connection_that_closes_before_the_verdict_stays_balanced():
+    world = World()
+    a = world.add("A")
+    world.kill_broker()
+    world.advance(4.0)
+    a.connect("a1", "u1")
+    a.close("a1")                           # its leave waits in the queue
+    world.start_broker()
+    world.advance(4.0)
+    assert a.table == {}
+    world.check_map()
+    world.check_events()
+
+
+def test_commands_issued_during_an_outage_are_delivered_once_after_the_resync():
+    world = World()
+    a, b = world.add("A"), world.add("B")
+    b.connect("b1", "u1")
+    world.kill_broker()
+    world.advance(4.0)
+    a.command("send", {"cid": "u1"}, "late")
+    assert a.core.unconfirmed == 1
+    world.start_broker()
+    world.advance(4.0)
+    # a second reset makes A resend its hello and outbox: no duplicate
+    a.receive(wire_reset())
+    world.advance(4.0)
+    assert b.events.count(("deliver", ("cid", "u1", "late"))) == 1
+    assert a.core.unconfirmed == 0
+
+
+def wire_reset():
+    from wse_sync.core.messages import Message
+    return Message("reset", {})
+
+
+def test_the_outage_buffer_and_limit_refuse_commands_visibly():
+    world = World()
+    a = world.add("A", outage_buffer=2, outage_limit=10.0)
+    world.kill_broker()
+    world.advance(4.0)
+    a.command("bcast", {}, "1")
+    a.command("bcast", {}, "2")
+    with pytest.raises(WseError) as err:
+        a.command("bcast", {}, "3")
+    assert err.value.code == WSE_ERROR.BROKER_UNAVAILABLE
+    b = world.add("B", outage_limit=10.0)
+    world.advance(12.0)
+    with pytest.raises(WseError) as err:
+        b.command("bcast", {}, "x")
+    assert "away for more than" in err.value.details["reason"]
+
+
+def test_a_leave_lost_with_the_broker_is_resent_to_the_next_one():
+    world = World()
+    a, b = world.add("A"), world.add("B")
+    a.connect("a1", "u1")
+    a.close("a1")
+    world.queue.clear()                     # the leave dies with the broker
+    world.kill_broker()
+    world.start_broker(sync_window=0.0)     # back before anyone noticed
+    world.advance(2.0)
+    world.check_map()
+    # the new broker never knew u1, so 'left' comes from the resent leave
+    assert a.fired("left") == ["u1"]
+    world.check_events()
+    assert b.fired("left") == []
+
+
+def test_a_dead_worker_loses_its_users_and_they_join_again_when_it_comes_back():
+    world = World()
+    a, b = world.add("A"), world.add("B")
+    b.connect("b1", "u1")
+    a.connect("a1", "u2")
+    b.blocked = True                        # its loop is stuck
+    world.advance(4.0)
+    assert "B" not in world.broker.workers
+    assert a.fired("left") == ["u1"]        # fired on a survivor
+    b.unblock()
+    world.advance(4.0)                      # B's heartbeat: reset, hello, resync
+    assert "B" in world.broker.workers
+    world.check_map()
+    world.check_events()
+
+
+def test_a_duplicate_command_is_carried_out_once():
+    world = World()
+    a, b = world.add("A"), world.add("B")
+    b.connect("b1", "u1")
+    out = a.core.command("send", {"cid": "u1"}, "once", world.now)
+    a.send(out)
+    a.send(out)
+    world.settle()
+    assert b.events.count(("deliver", ("cid", "u1", "once"))) == 1
+    assert world.broker.counters["dropped.duplicate"] == 1

@@ -1,0 +1,277 @@
+"""The zmq.green shell around LinkCore: a worker's DEALER socket to the broker.
+
+One greenlet reads the socket, one beats the heart; sends use NOBLOCK from
+any greenlet, so no greenlet ever waits on the socket for writing (zmq.green
+allows a single waiter per direction). Requests that need an answer (join,
+remote call) wait on an AsyncResult, never on the socket.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Dict, Hashable, Iterable, List, Optional, Protocol, Tuple
+
+import gevent
+from gevent import get_hub
+from gevent.event import AsyncResult
+
+from ..core.errors import WSE_ERROR, WseError
+from ..core.link import (Answer, ClusterView, Deliver, Drop, Forget, LinkCore, LocalEntry,
+                         ServeCall, Step, UserJoined, UserLeft)
+from ..core.messages import Message, SchemaError, batch, decode, encode, split
+from ..runtime import runner
+
+__all__ = ["BrokerLink", "ClusterView", "LocalPort"]
+
+log = logging.getLogger("wse_sync.link")
+
+
+class LocalPort(Protocol):
+    """What the link needs from the worker runtime (its connection table and events)."""
+
+    def entries(self) -> Iterable[LocalEntry]: ...
+
+    def deliver(self, scope: str, key: Any, data: Any) -> None: ...
+
+    def drop(self, conn_ids: List[str], cid: Optional[Hashable], has_cid: bool,
+             reason: str) -> None: ...
+
+    def user_left(self, cid: Hashable, code: int, reason: str, meta: Any) -> None: ...
+
+    def user_joined(self, cid: Hashable, meta: Any) -> None: ...
+
+    def forget(self, cid: Hashable) -> None: ...
+
+    def call_local(self, conn_id: str, rp: str, payload: Any, timeout: Optional[float]) -> Any: ...
+
+    def error(self, error: WseError) -> None: ...
+
+
+class BrokerLink:
+    """Connects one worker runtime to the broker."""
+
+    def __init__(self, port: LocalPort, worker_id: str, endpoint: str, ctx: Any,
+                 limit: Optional[int] = 1, serves: bool = True, heartbeat: float = 1.0,
+                 request_timeout: float = 5.0, broker_timeout: float = 3.0,
+                 outage_buffer: int = 10000, outage_limit: float = 30.0) -> None:
+        import zmq.green as zmq
+        self.zmq = zmq
+        self.port = port
+        self.worker_id = worker_id
+        self.endpoint = endpoint
+        self.ctx = ctx
+        self.heartbeat = heartbeat
+        self.request_timeout = request_timeout
+        self.outage_buffer = outage_buffer
+        self.core = LinkCore(worker_id, port.entries, limit, pid=os.getpid(), serves=serves,
+                             broker_timeout=broker_timeout, outage_buffer=outage_buffer,
+                             outage_limit=outage_limit, now=time.monotonic())
+        self.sock: Any = None
+        self._answers: Dict[int, AsyncResult] = {}
+        self._greenlets: List[gevent.Greenlet] = []
+        self._stopped = False
+        # encoded messages waiting for the end of this event-loop turn
+        self._outgoing: List[List[bytes]] = []
+
+    @property
+    def view(self) -> ClusterView:
+        return self.core.view
+
+    # -- life ------------------------------------------------------------
+    def start(self) -> None:
+        zmq = self.zmq
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.IDENTITY, self.worker_id.encode("ascii"))
+        self.sock.setsockopt(zmq.SNDHWM, self.outage_buffer)
+        self.sock.setsockopt(zmq.RCVHWM, 100000)
+        self.sock.connect(self.endpoint)
+        self._send(self.core.hello())
+        self._greenlets = [gevent.spawn(self._recv_loop), gevent.spawn(self._hb_loop)]
+        log.info("worker %s (pid %d) joined broker %s", self.worker_id, os.getpid(),
+                 self.endpoint)
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._send(self.core.bye())
+        self._flush()
+        for g in self._greenlets:
+            g.kill(block=False)
+        if self.sock is not None:
+            self.sock.close(linger=500)
+
+    # -- requests ------------------------------------------------------------
+    def join(self, conn_id: str, cid: Hashable, meta: Any, at: float,
+             local: List[Tuple[str, float]], limit: Optional[int]) -> Tuple[bool, List[str]]:
+        """One broker round trip: (is the user new?, conn_ids to evict here).
+
+        Without an answer in ``request_timeout`` the join is decided locally
+        and is pending (see LinkCore.join).
+        """
+        step = self.core.join(conn_id, cid, meta, at, local, limit)
+        if step.decided is not None or step.req is None:
+            return step.decided or (False, [])
+        result = self._answers[step.req] = AsyncResult()
+        try:
+            self._send(step.out)
+            body = result.get(timeout=self.request_timeout)
+        except gevent.Timeout:
+            log.error("broker did not answer a join in %.1fs: deciding locally",
+                      self.request_timeout)
+            return self.core.join_timed_out(step.req, conn_id, cid, meta, local, limit)
+        finally:
+            self._answers.pop(step.req, None)
+        return self.core.join_answered(step.req, conn_id, cid, meta, body)
+
+    def leave(self, conn_id: str, cid: Hashable, meta: Any, code: int, reason: str,
+              quiet: bool = False) -> None:
+        self._send(self.core.leave(conn_id, cid, meta, code, reason, quiet))
+
+    def is_pending(self, conn_id: str) -> bool:
+        return self.core.is_pending(conn_id)
+
+    def send_cid(self, cid: Hashable, data: Any) -> None:
+        self._command("send", {"cid": cid}, data)
+
+    def broadcast(self, data: Any) -> None:
+        self._command("bcast", {}, data)
+
+    def drop_cid(self, cid: Hashable, reason: str) -> None:
+        self._command("drop_cid", {"cid": cid, "reason": reason})
+
+    def conn_send(self, conn_id: str, data: Any) -> None:
+        self._command("conn_send", {"conn_id": conn_id}, data)
+
+    def conn_drop(self, conn_id: str, reason: str) -> None:
+        self._command("conn_drop", {"conn_id": conn_id, "reason": reason})
+
+    def call(self, conn_id: str, rp: str, payload: Any, timeout: float) -> Any:
+        """Server -> client RPC on a connection held by another worker."""
+        req, out = self.core.call(conn_id, rp, payload, timeout)
+        result = self._answers[req] = AsyncResult()
+        try:
+            self._send(out)
+            try:
+                # the holder enforces the timeout; allow it one broker hop more
+                body = result.get(timeout=timeout + self.request_timeout)
+            except gevent.Timeout:
+                raise WseError(WSE_ERROR.RP_TIMEOUT, {"rpc": rp, "timeout": timeout}) from None
+        finally:
+            self._answers.pop(req, None)
+            self.core.call_done(req)
+        if body.get("ok"):
+            return body.get("value")
+        err = body.get("value") or {}
+        raise WseError(err.get("code", WSE_ERROR.RP_EXECUTION_FAILED), err.get("details"))
+
+    @property
+    def synced(self) -> bool:
+        return self.core.synced
+
+    @property
+    def unconfirmed(self) -> int:
+        return self.core.unconfirmed
+
+    # -- socket --------------------------------------------------------------
+    def _command(self, kind: str, body: dict, data: Any = None) -> None:
+        if self._stopped:
+            raise WseError(WSE_ERROR.BROKER_UNAVAILABLE, {"reason": "worker is stopping"})
+        try:
+            out = self.core.command(kind, body, data, time.monotonic())
+        except WseError as error:
+            self.port.error(error)
+            raise
+        self._send(out)
+
+    def _send(self, messages: List[Message]) -> None:
+        """Queue messages; everything queued in one turn of the event loop goes
+        out as one ZeroMQ message (each send wakes ZeroMQ's I/O thread, which
+        costs far more than encoding)."""
+        if not messages:
+            return
+        first = not self._outgoing
+        self._outgoing += [encode(m.kind, m.body, m.data) for m in messages]
+        if first:
+            get_hub().loop.run_callback(self._flush)
+        elif len(self._outgoing) >= 1000:
+            self._flush()
+
+    def _flush(self) -> None:
+        messages, self._outgoing = self._outgoing, []
+        if not messages or self.sock is None or self.sock.closed:
+            return
+        try:
+            self.sock.send_multipart(batch(messages), self.zmq.NOBLOCK)
+        except self.zmq.ZMQError as exc:
+            # commands stay in the outbox (resent with the next hello); a join
+            # waits for its answer and decides locally after request_timeout
+            log.error("cannot reach the broker (%s): %d message(s) not sent", exc, len(messages))
+
+    def _hb_loop(self) -> None:
+        while True:
+            gevent.sleep(self.heartbeat)
+            self._carry_out(self.core.tick(time.monotonic()))
+
+    def _recv_loop(self) -> None:
+        zmq = self.zmq
+        while True:
+            try:
+                frames = self.sock.recv_multipart()
+            except zmq.ZMQError:
+                if self._stopped:
+                    return
+                raise
+            now = time.monotonic()
+            self._send(self.core.received(now))
+            try:
+                messages = [decode(part) for part in split(frames)]
+            except SchemaError as exc:
+                log.warning("dropped a malformed message from the broker: %s", exc)
+                continue
+            for msg in messages:
+                try:
+                    self._carry_out(self.core.handle(msg, now))
+                except Exception:
+                    log.exception("failed to handle a %r message from the broker", msg.kind)
+
+    def _carry_out(self, step: Step) -> None:
+        self._send(step.out)
+        port = self.port
+        for effect in step.effects:
+            if isinstance(effect, Deliver):
+                port.deliver(effect.scope, effect.key, effect.data)
+            elif isinstance(effect, Answer):
+                waiting = self._answers.get(effect.req)
+                if waiting is not None:
+                    waiting.set(effect.body)
+            elif isinstance(effect, UserLeft):
+                port.user_left(effect.cid, effect.code, effect.reason, effect.meta)
+            elif isinstance(effect, UserJoined):
+                port.user_joined(effect.cid, effect.meta)
+            elif isinstance(effect, Forget):
+                port.forget(effect.cid)
+            elif isinstance(effect, Drop):
+                port.drop(effect.conn_ids, effect.cid, effect.has_cid, effect.reason)
+            elif isinstance(effect, ServeCall):
+                runner.spawn(self._serve_call, effect.body)
+
+    def _serve_call(self, body: dict) -> None:
+        try:
+            value = self.port.call_local(body["conn_id"], body["rp"], body.get("payload"),
+                                         body.get("timeout"))
+            out = LinkCore.call_result(body, True, value)
+        except WseError as exc:
+            out = LinkCore.call_result(body, False,
+                                       {"code": exc.code, "details": _jsonable(exc.details)})
+        self._send(out)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        encode("result", {"v": value})
+        return value
+    except (TypeError, OverflowError, ValueError):
+        return {"message": str(value)}

@@ -1,0 +1,392 @@
+"""The worker's side of the broker protocol (pure code, the mirror of BrokerCore).
+
+``LinkCore`` keeps what a worker must remember to survive a broker that
+restarts or goes silent: the cross-worker commands the broker has not acked
+(the outbox, numbered by ``seq``), the leaves it has not answered, the joins
+this worker decided alone while the broker was away (*pending*), the broker
+incarnation (``epoch``) and a read replica of the map (``ClusterView``).
+
+Every entry point takes the time as ``now`` and returns what to do: the
+messages to send to the broker and the effects on the local runtime, as a
+``Step``. The shell (``wse_sync.cluster.link``) owns the socket and the
+greenlets, and carries the effects out.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import (Any, Callable, Deque, Dict, Hashable, Iterable, List, NamedTuple, Optional,
+                    Set, Tuple, Union)
+
+from .errors import WSE_ERROR, WseError
+from .messages import Message
+
+__all__ = ["LinkCore", "ClusterView", "Step", "Join", "Deliver", "Drop", "UserLeft",
+           "UserJoined", "Forget", "Answer", "ServeCall", "LocalEntry", "Effect"]
+
+log = logging.getLogger("wse_sync.link")
+
+# a local connection as the broker sees it: (conn_id, cid, meta, joined_at)
+LocalEntry = Tuple[str, Hashable, Any, float]
+
+# closed pending connections remembered for their 'joined' verdict
+CLOSED_PENDING_MAX = 10000
+
+
+class ClusterView:
+    """A worker's read replica of the broker's map: cid -> {conn_id: (worker, meta)}."""
+
+    def __init__(self) -> None:
+        self.users: Dict[Hashable, Dict[str, Tuple[str, Any]]] = {}
+        self._cid_of: Dict[str, Hashable] = {}
+
+    def load(self, entries: List[list]) -> None:
+        self.users.clear()
+        self._cid_of.clear()
+        self.apply(entries, [])
+
+    def apply(self, add: List[list], remove: List[str]) -> List[Hashable]:
+        """Apply a delta; returns the cids that have no connection left."""
+        gone = []
+        for conn_id in remove:
+            cid = self._cid_of.pop(conn_id, None)
+            user = self.users.get(cid)
+            if user is not None:
+                user.pop(conn_id, None)
+                if not user:
+                    del self.users[cid]
+                    gone.append(cid)
+        for conn_id, cid, worker, meta, *_ in add:
+            self.users.setdefault(cid, {})[conn_id] = (worker, meta)
+            self._cid_of[conn_id] = cid
+        return [cid for cid in gone if cid not in self.users]
+
+    def meta_of(self, cid: Hashable) -> Any:
+        user = self.users.get(cid)
+        if not user:
+            return None
+        return next(iter(user.values()))[1]
+
+
+# -- effects on the local runtime -------------------------------------------
+class Deliver(NamedTuple):
+    """Write ``data`` (a packed frame) to local connections: ``scope`` is
+    ``"all"``, ``"cid"`` (``key`` is the user) or ``"conn"`` (``key`` a conn_id)."""
+    scope: str
+    key: Any
+    data: Any
+
+
+class Drop(NamedTuple):
+    """Close these local connections (and every local one of ``cid``) with 1000."""
+    conn_ids: List[str]
+    cid: Optional[Hashable]
+    has_cid: bool
+    reason: str
+
+
+class UserLeft(NamedTuple):
+    """The user's last connection anywhere is gone: fire 'left' here."""
+    cid: Hashable
+    code: int
+    reason: str
+    meta: Any
+
+
+class UserJoined(NamedTuple):
+    """A pending join turned out to be the user's first: fire 'joined' here."""
+    conn_id: str
+    cid: Hashable
+    meta: Any
+
+
+class Forget(NamedTuple):
+    """No connection of ``cid`` is left in the view."""
+    cid: Hashable
+
+
+class Answer(NamedTuple):
+    """The broker's answer to request ``req`` (a join or a call) that a greenlet awaits."""
+    req: int
+    body: dict
+
+
+class ServeCall(NamedTuple):
+    """Another worker calls a procedure on a local connection."""
+    body: dict
+
+
+Effect = Union[Deliver, Drop, UserLeft, UserJoined, Forget, Answer, ServeCall]
+
+
+class Step(NamedTuple):
+    out: List[Message]
+    effects: List[Effect]
+
+
+class Join(NamedTuple):
+    """How a join goes on: ``req`` to await (its answer comes as an ``Answer``),
+    or ``decided`` = (first, evicted conn_ids) when the broker is away."""
+    req: Optional[int]
+    out: List[Message]
+    decided: Optional[Tuple[bool, List[str]]]
+
+
+def _evict(local: Iterable[Tuple[str, float]], limit: Optional[int]) -> List[str]:
+    """The oldest local connections to close so that one more fits in ``limit``."""
+    ordered = sorted(local, key=lambda c: c[1])
+    if limit and len(ordered) + 1 > limit:
+        return [conn_id for conn_id, _ in ordered[: len(ordered) + 1 - limit]]
+    return []
+
+
+class LinkCore:
+    """Decisions of a worker's broker link; no sockets, no greenlets.
+
+    ``entries()`` lists the worker's accepted connections (its table, sent to
+    every broker that asks). ``limit`` is the app's conn_per_user.
+    """
+
+    def __init__(self, worker_id: str, entries: Callable[[], Iterable[LocalEntry]],
+                 limit: Optional[int] = 1, *, pid: int = 0, serves: bool = True,
+                 broker_timeout: float = 3.0, outage_buffer: int = 10000,
+                 outage_limit: float = 30.0, now: float = 0.0) -> None:
+        self.worker_id = worker_id
+        self.entries = entries
+        self.limit = limit
+        self.pid = pid
+        self.serves = serves
+        self.broker_timeout = broker_timeout
+        self.outage_buffer = outage_buffer
+        self.outage_limit = outage_limit
+        self.view = ClusterView()
+        # the broker incarnation our map comes from (from its snapshot)
+        self.epoch: Optional[str] = None
+        self.last_broker = now
+        self.down_since: Optional[float] = None
+        self._ids = 0
+        self._seq = 0
+        # cross-worker commands not yet acked: (seq, kind, body, data)
+        self._outbox: Deque[Tuple[int, str, dict, Any]] = deque()
+        # leaves the broker has not answered: resent to a new broker
+        self._unacked: Dict[str, dict] = {}
+        # requests a greenlet awaits (joins and calls)
+        self._waiting: Set[int] = set()
+        # joins we stopped waiting for: req -> conn_id (their answer may still come)
+        self._late_joins: Dict[int, str] = {}
+        # accepted without the broker's verdict: conn_id -> (cid, meta)
+        self._pending: Dict[str, Tuple[Hashable, Any]] = {}
+        # pending connections that closed before the verdict
+        self._closed_pending: Dict[str, Tuple[Hashable, Any]] = {}
+
+    # -- what the shell may read -----------------------------------------
+    @property
+    def synced(self) -> bool:
+        """True once a broker's snapshot of the map has arrived."""
+        return self.epoch is not None
+
+    @property
+    def unconfirmed(self) -> int:
+        """Cross-worker commands the broker has not acked yet."""
+        return len(self._outbox)
+
+    def is_pending(self, conn_id: str) -> bool:
+        return conn_id in self._pending
+
+    # -- life ---------------------------------------------------------------
+    def hello(self) -> List[Message]:
+        """This worker's table, then every command the broker has not acked."""
+        table = [[conn_id, cid, meta, at, conn_id in self._pending]
+                 for conn_id, cid, meta, at in self.entries()]
+        base = self._outbox[0][0] - 1 if self._outbox else self._seq
+        out = [Message("hello", {"pid": self.pid, "limit": self.limit, "table": table,
+                                 "base": base, "serves": self.serves})]
+        out += [Message(kind, body, data) for _seq, kind, body, data in self._outbox]
+        return out
+
+    def bye(self) -> List[Message]:
+        return [Message("bye", {})]
+
+    def tick(self, now: float) -> Step:
+        """A heartbeat to the broker; notice a broker gone silent."""
+        out = [] if self.down_since is not None else [Message("hb", {})]
+        silent = now - self.last_broker
+        if silent > self.broker_timeout and self.down_since is None:
+            self.down_since = self.last_broker
+            log.error("no word from the broker for %.1fs: it is away; local traffic goes on,"
+                      " cross-worker commands wait (at most %d, %.0fs)",
+                      silent, self.outage_buffer, self.outage_limit)
+        return Step(out, [])
+
+    def received(self, now: float) -> List[Message]:
+        """Anything arrived from the broker (call once per socket message)."""
+        self.last_broker = now
+        if self.down_since is None:
+            return []
+        log.info("the broker answers again after %.1fs", now - self.down_since)
+        self.down_since = None
+        return self.hello()
+
+    # -- joins and leaves -----------------------------------------------------
+    def join(self, conn_id: str, cid: Hashable, meta: Any, at: float,
+             local: Iterable[Tuple[str, float]], limit: Optional[int]) -> Join:
+        """Start a join. ``local``: (conn_id, joined_at) of the user's local connections.
+
+        While the broker is away the join is decided here: the connection is
+        pending, first is False, and the broker fires the user's 'joined' once
+        the map is whole again (a ``UserJoined`` effect where it must fire).
+        """
+        self.limit = limit
+        if self.down_since is not None:
+            return Join(None, [], self._decide_locally(conn_id, cid, meta, local, limit))
+        self._ids += 1
+        req = self._ids
+        self._waiting.add(req)
+        body = {"req": req, "conn_id": conn_id, "cid": cid, "meta": meta, "limit": limit,
+                "at": at}
+        return Join(req, [Message("join", body)], None)
+
+    def join_answered(self, req: int, conn_id: str, cid: Hashable, meta: Any,
+                      body: dict) -> Tuple[bool, List[str]]:
+        """The broker's ``joined`` answer: (is the user new?, conn_ids to evict here)."""
+        self._waiting.discard(req)
+        self.view.apply([[conn_id, cid, self.worker_id, meta]], body["evicted"])
+        return bool(body["first"]), list(body["evicted"])
+
+    def join_timed_out(self, req: int, conn_id: str, cid: Hashable, meta: Any,
+                       local: Iterable[Tuple[str, float]],
+                       limit: Optional[int]) -> Tuple[bool, List[str]]:
+        """No answer in time: decide here; a late answer still resolves the join."""
+        self._waiting.discard(req)
+        self._late_joins[req] = conn_id
+        return self._decide_locally(conn_id, cid, meta, local, limit)
+
+    def _decide_locally(self, conn_id: str, cid: Hashable, meta: Any,
+                        local: Iterable[Tuple[str, float]],
+                        limit: Optional[int]) -> Tuple[bool, List[str]]:
+        self._pending[conn_id] = (cid, meta)
+        return False, _evict(local, limit)
+
+    def leave(self, conn_id: str, cid: Hashable, meta: Any, code: int, reason: str,
+              quiet: bool = False) -> List[Message]:
+        """An accepted connection closed (``quiet``: closed before its welcome)."""
+        self.view.apply([], [conn_id])
+        pending = self._pending.pop(conn_id, None)
+        body = {"conn_id": conn_id, "cid": cid, "meta": meta, "code": code, "reason": reason,
+                "quiet": quiet, "epoch": self.epoch, "pending": pending is not None}
+        self._unacked[conn_id] = body
+        if pending is not None and len(self._closed_pending) < CLOSED_PENDING_MAX:
+            # the broker may still say this user's 'joined' is ours to fire
+            self._closed_pending[conn_id] = pending
+        return [Message("leave", body)]
+
+    # -- commands and calls ---------------------------------------------------
+    def command(self, kind: str, body: dict, data: Any, now: float) -> List[Message]:
+        """A cross-worker command: kept until the broker acks it and resent to a
+        restarted broker. Raises BROKER_UNAVAILABLE when ``outage_buffer``
+        commands wait or the broker has been away for over ``outage_limit`` s."""
+        down = self.down_since
+        if down is not None and now - down > self.outage_limit:
+            raise self._unavailable(kind, f"broker away for more than {self.outage_limit:.0f}s")
+        if len(self._outbox) >= self.outage_buffer:
+            raise self._unavailable(kind, f"{len(self._outbox)} commands wait for the broker")
+        self._seq += 1
+        body["seq"] = self._seq
+        self._outbox.append((self._seq, kind, body, data))
+        return [Message(kind, body, data)] if down is None else []
+
+    def _unavailable(self, kind: str, why: str) -> WseError:
+        log.error("%r refused: %s", kind, why)
+        return WseError(WSE_ERROR.BROKER_UNAVAILABLE, {"kind": kind, "reason": why})
+
+    def call(self, conn_id: str, rp: str, payload: Any, timeout: float) -> Tuple[int, List[Message]]:
+        """Start a call on a connection held by another worker: (req, messages)."""
+        self._ids += 1
+        req = self._ids
+        self._waiting.add(req)
+        body = {"call": req, "conn_id": conn_id, "rp": rp, "payload": payload,
+                "timeout": timeout}
+        return req, [Message("call", body)]
+
+    def call_done(self, req: int) -> None:
+        """The caller stopped waiting (answered or timed out)."""
+        self._waiting.discard(req)
+
+    @staticmethod
+    def call_result(body: dict, ok: bool, value: Any) -> List[Message]:
+        """The answer to a ``ServeCall``."""
+        return [Message("result", {"call": body["call"], "origin": body["origin"], "ok": ok,
+                                   "value": value})]
+
+    # -- what the broker says -------------------------------------------------
+    def handle(self, msg: Message, now: float) -> Step:
+        """One message from the broker (after ``received``)."""
+        out: List[Message] = []
+        effects: List[Effect] = []
+        body, kind = msg.body, msg.kind
+        if kind == "deliver":
+            if body.get("all"):
+                effects.append(Deliver("all", None, msg.data))
+            elif "cid" in body:
+                effects.append(Deliver("cid", body["cid"], msg.data))
+            else:
+                effects.append(Deliver("conn", body.get("conn_id"), msg.data))
+        elif kind == "left":
+            if "conn_id" in body and self._unacked.pop(body["conn_id"], None) is None:
+                return Step(out, effects)  # the answer to a leave answered before (resent)
+            if body.get("last"):
+                effects.append(UserLeft(body["cid"], body.get("code", 1005),
+                                        body.get("reason", ""), body.get("meta")))
+        elif kind in ("joined", "result"):
+            req = body.get("req", body.get("call"))
+            if req in self._waiting:
+                effects.append(Answer(req, body))
+            elif kind == "joined" and req in self._late_joins:
+                conn_id = self._late_joins.pop(req)
+                effects += self._resolved([conn_id], [conn_id] if body.get("first") else [])
+        elif kind == "resolved":
+            effects += self._resolved(body.get("conns", []), body.get("first", []))
+        elif kind == "delta":
+            effects += [Forget(cid) for cid in
+                        self.view.apply(body.get("add", []), body.get("remove", []))]
+        elif kind == "snapshot":
+            self.view.load(body.get("entries", []))
+            previous, self.epoch = self.epoch, body.get("epoch")
+            if previous is not None and previous != self.epoch and self._unacked:
+                log.info("new broker: resending %d unanswered leave(s)", len(self._unacked))
+                out += [Message("leave", leave) for leave in self._unacked.values()]
+        elif kind == "drop":
+            effects.append(Drop(list(body.get("conns", [])), body.get("cid"), "cid" in body,
+                                body.get("reason", "")))
+        elif kind == "call":
+            effects.append(ServeCall(body))
+        elif kind == "reset":
+            out += self.hello()
+            log.info("broker asked for this worker's table: resent %d connection(s)",
+                     len(out[0].body["table"]))
+        elif kind == "refused":
+            log.error("the broker refused this worker: it speaks schema %s", body.get("version"))
+        elif kind in ("hb", "ack"):
+            self._acked(int(body.get("ack", body.get("seq", 0))))
+        return Step(out, effects)
+
+    def _acked(self, seq: int) -> None:
+        outbox = self._outbox
+        while outbox and outbox[0][0] <= seq:
+            outbox.popleft()
+
+    def _resolved(self, conn_ids: List[str], first: List[str]) -> List[Effect]:
+        """Pending joins decided by the broker: 'joined' fires where it says."""
+        effects: List[Effect] = []
+        table: Optional[Dict[str, Tuple[Hashable, Any]]] = None
+        for conn_id in conn_ids:
+            entry = self._pending.pop(conn_id, None) or self._closed_pending.pop(conn_id, None)
+            if entry is None and conn_id in first:
+                # not pending here: this worker was declared dead and came back,
+                # and its users got 'left' meanwhile
+                if table is None:
+                    table = {c: (cid, meta) for c, cid, meta, _at in self.entries()}
+                entry = table.get(conn_id)
+            if entry is not None and conn_id in first:  # (a closed one too: its 'left' follows)
+                effects.append(UserJoined(conn_id, entry[0], entry[1]))
+        return effects

@@ -1,0 +1,348 @@
+"""One worker's runtime behind a WseServer: its connections, its sessions,
+its link to the broker and the greenlets that run application code.
+
+The Hub owns the worker's connection table. Sessions report to it
+(``accept``, ``closed``), the broker link reads and changes it only through
+the LocalPort methods (``entries``, ``deliver``, ``drop``, ``user_left``...),
+and WseServer's public API is carried out here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List, Optional
+
+import gevent
+
+from . import runner
+from .connection import CLOSED, OPEN, RemoteConnection, WseConnection, WseIdentity
+from .session import Session
+from .transport import Transport
+from ..core.errors import WSE_ERROR, WSE_REASON, WseError
+from ..core.forwarded import client_address
+from ..core.ids import make_id
+from ..core.link import LocalEntry
+from ..core.table import ConnectionTable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..cluster.broker import Broker
+    from ..cluster.link import BrokerLink
+    from .server import WseServer
+
+__all__ = ["Hub"]
+
+log = logging.getLogger("wse_sync.server")
+
+
+class Hub:
+    """The runtime of one WseServer in one process (a fork gets a new one)."""
+
+    def __init__(self, server: "WseServer") -> None:
+        self.server = server
+        self.pid = os.getpid()
+        # this worker's id in the cluster
+        self.worker_id = f"w{os.getpid()}-{make_id(6)}"
+        self.link: Optional["BrokerLink"] = None
+        self.embedded_broker: Optional["Broker"] = None
+        self.stopping = False
+        self._table: ConnectionTable[WseConnection] = ConnectionTable()
+        self._identities: Dict[Hashable, WseIdentity] = {}
+        self._sessions: set = set()
+        self._sweeper: Optional[gevent.Greenlet] = None
+        # handlers running now (RPC, channel, event), for a graceful stop
+        self._busy = 0
+
+    @property
+    def running(self) -> bool:
+        """Joined to a cluster, in this process."""
+        return self.link is not None and self.pid == os.getpid()
+
+    # -- life --------------------------------------------------------------
+    def start(self, endpoint: Optional[str], worker_id: Optional[str] = None) -> None:
+        """Join the broker at ``endpoint``; None starts an embedded broker."""
+        if self.link is not None:
+            return
+        from ..cluster.link import BrokerLink
+        import zmq.green as zmq
+        if worker_id:
+            self.worker_id = worker_id
+        options = self.server.options
+        ctx = zmq.Context()
+        if endpoint is None:
+            from ..cluster.broker import Broker
+            endpoint = f"inproc://wse-broker-{self.worker_id}"
+            self.embedded_broker = Broker(endpoint, zmq, context=ctx,
+                                          heartbeat=options["heartbeat"])
+            self.embedded_broker.bind()
+            gevent.spawn(self.embedded_broker.run)
+        self.link = BrokerLink(self, self.worker_id, endpoint, ctx,
+                               limit=self.server.conn_per_user, serves=self.server.serves,
+                               heartbeat=options["heartbeat"],
+                               request_timeout=options["broker_timeout"])
+        self.link.start()
+        self._sweeper = gevent.spawn(self._sweep)
+
+    def shutdown(self, code: int, reason: str, timeout: float) -> None:
+        self.stopping = True
+        for s in list(self._sessions):
+            s.conn.close(code, reason)
+        deadline = time.monotonic() + timeout
+        while (self._sessions or self._busy) and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+        if self._busy:
+            log.warning("%d handler(s) still running after %.1fs: abandoning them",
+                        self._busy, timeout)
+        if self.link is not None:
+            self.link.stop()
+        if self.embedded_broker is not None:
+            self.embedded_broker.stop()
+        if self._sweeper is not None:
+            self._sweeper.kill(block=False)
+
+    def _cluster(self) -> "BrokerLink":
+        if self.link is None:
+            self.start(self.server.endpoint())
+        assert self.link is not None
+        return self.link
+
+    # -- a new socket --------------------------------------------------------
+    def serve(self, environ: dict, ws: Any) -> None:
+        """Run one upgraded WebSocket (gevent-websocket's ``ws``) until it closes."""
+        options = self.server.options
+        handler = ws.handler
+        # From here on the socket is ours: keep gevent-websocket from writing to it.
+        ws.closed = True
+        transport = Transport(handler.socket, handler.rfile, options["max_message_size"],
+                              options["max_send_queue"], options["close_timeout"],
+                              options["max_fragments"])
+        requested = [p.strip() for p in
+                     environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",")]
+        remote = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),
+                                self.server.trusted)
+        conn = WseConnection(self.server, transport, remote_addr=remote)
+        protocol = self.server.protocol
+        if self.stopping:
+            transport.close(1012, "")
+            transport.run(lambda data: None)
+            return
+        if protocol.name not in requested:
+            log.info("refused a connection from %s without subprotocol %r",
+                     remote, protocol.name)
+            transport.close(1000, WSE_REASON.PROTOCOL_ERR)
+            transport.run(lambda data: None)
+            return
+        session = Session(self, conn)
+        self._sessions.add(session)
+        try:
+            session.run()
+        finally:
+            self._sessions.discard(session)
+
+    # -- what sessions report ------------------------------------------------
+    def accept(self, session: Session, cid: Hashable, welcome: Any) -> None:
+        """identify accepted: join the cluster, evict, welcome, fire the events."""
+        conn = session.conn
+        conn.cid = cid
+        conn.joined_at = time.time()
+        link = self._cluster()
+        first, evicted = link.join(conn.conn_id, cid, conn.meta, conn.joined_at,
+                                   self._table.ages(cid), self.server.conn_per_user)
+        if not conn.transport.open:
+            link.leave(conn.conn_id, cid, conn.meta, 1006, "", quiet=True)
+            return
+        self._table.add(conn)
+        identity = self.identity(cid, conn.meta)
+        conn.client = identity
+        for conn_id in evicted:
+            old = self._table.get(conn_id)
+            if old is not None:
+                old.close(1000, WSE_REASON.CLIENTS_CONCURRENCY)
+        conn.ready_state = OPEN
+        protocol = self.server.protocol
+        conn.transport.write_message(
+            protocol.pack(protocol.internal_types["welcome"], welcome, None))
+        session.ready()
+        if first:
+            self.emit("joined", identity, conn.meta)
+        self.emit("connected", conn)
+
+    def closed(self, conn: WseConnection, code: int, reason: str) -> None:
+        """The socket is gone (the session's last word)."""
+        accepted = self._table.remove(conn.conn_id) is not None
+        conn.ready_state = CLOSED
+        conn.fail_calls(code, reason)
+        if not accepted:
+            return
+        if self.link is not None:
+            self.link.leave(conn.conn_id, conn.cid, conn.meta, code, reason)
+        self.emit("disconnected", conn, code, reason)
+
+    def is_pending(self, conn: WseConnection) -> bool:
+        """Accepted while the broker was away: 'joined' waits for its verdict."""
+        return self.link is not None and self.link.is_pending(conn.conn_id)
+
+    # -- the public API, carried out -------------------------------------------
+    def send(self, cid: Hashable, data: Any) -> None:
+        self._write(self._table.of_user(cid), data)
+        self._cluster().send_cid(cid, data)
+
+    def broadcast(self, data: Any) -> None:
+        self._write(self._table.all(), data)
+        self._cluster().broadcast(data)
+
+    def drop_client(self, cid: Hashable, reason: str) -> None:
+        for conn in self._table.of_user(cid):
+            conn.close(1000, reason)
+        self._cluster().drop_cid(cid, reason)
+
+    def identity(self, cid: Hashable, meta: Any = None) -> WseIdentity:
+        ident = self._identities.get(cid)
+        if ident is None:
+            if meta is None and self.link is not None:
+                meta = self.link.view.meta_of(cid)
+            ident = self._identities[cid] = WseIdentity(self.server, cid, meta)
+        return ident
+
+    def connections(self) -> List[WseConnection]:
+        """The accepted connections of this worker (not of the cluster)."""
+        return self._table.all()
+
+    def cids(self) -> List[Hashable]:
+        """Every connected user of the cluster (local ones first)."""
+        cids = dict.fromkeys(self._table.users())
+        if self.link is not None:
+            cids.update(dict.fromkeys(self.link.view.users))
+        return list(cids)
+
+    def has_user(self, cid: Hashable) -> bool:
+        return self._table.has_user(cid) or (self.link is not None
+                                             and cid in self.link.view.users)
+
+    def conns_of(self, cid: Hashable) -> Dict[str, Any]:
+        """conn_id -> WseConnection (here) or RemoteConnection (elsewhere)."""
+        conns: Dict[str, Any] = {c.conn_id: c for c in self._table.of_user(cid)}
+        if self.link is not None:
+            for conn_id, (worker, meta) in self.link.view.users.get(cid, {}).items():
+                if conn_id not in conns and worker != self.worker_id:
+                    conns[conn_id] = RemoteConnection(self.server, conn_id, cid, worker, meta)
+        return conns
+
+    def remote_send(self, conn_id: str, data: Any) -> None:
+        self._cluster().conn_send(conn_id, data)
+
+    def remote_call(self, conn_id: str, rp: str, payload: Any, timeout: float) -> Any:
+        return self._cluster().call(conn_id, rp, payload, timeout)
+
+    def remote_drop(self, conn_id: str, reason: str) -> None:
+        self._cluster().conn_drop(conn_id, reason)
+
+    # -- LocalPort: what the broker link asks of this worker ---------------------
+    def entries(self) -> Iterable[LocalEntry]:
+        return self._table.entries()
+
+    def deliver(self, scope: str, key: Any, data: Any) -> None:
+        if scope == "all":
+            conns = self._table.all()
+        elif scope == "cid":
+            conns = self._table.of_user(key)
+        else:
+            conn = self._table.get(key)
+            conns = [conn] if conn is not None else []
+        self._write(conns, data)
+
+    def drop(self, conn_ids: List[str], cid: Optional[Hashable], has_cid: bool,
+             reason: str) -> None:
+        targets = [self._table.get(i) for i in conn_ids]
+        if has_cid:
+            targets += self._table.of_user(cid)
+        for conn in targets:
+            if conn is not None:
+                conn.close(1000, reason)
+
+    def user_left(self, cid: Hashable, code: int, reason: str, meta: Any) -> None:
+        ident = self._identities.get(cid) or WseIdentity(self.server, cid, meta)
+        self.forget(cid)
+        self.emit("left", ident, code, reason)
+
+    def user_joined(self, cid: Hashable, meta: Any) -> None:
+        self.emit("joined", self.identity(cid, meta), meta)
+
+    def forget(self, cid: Hashable) -> None:
+        if not self.has_user(cid):
+            self._identities.pop(cid, None)
+
+    def call_local(self, conn_id: str, rp: str, payload: Any, timeout: Optional[float]) -> Any:
+        conn = self._table.get(conn_id)
+        if conn is None:
+            raise WseError(WSE_ERROR.CONNECTION_NOT_READY, {"conn_id": conn_id})
+        return conn.call(rp, payload, timeout)
+
+    def error(self, error: WseError) -> None:
+        self.emit_error(error, None)
+
+    # -- application code ------------------------------------------------------
+    def emit(self, name: str, *args: Any) -> None:
+        """Fire a ``when`` event: each handler in a greenlet of its own."""
+        for handler in self.server.when.emitter.handlers(name):
+            self.spawn(self._run_event, name, handler, args)
+
+    def emit_error(self, error: WseError, conn: Optional[Any] = None) -> None:
+        if self.server.when.emitter.has("error"):
+            self.emit("error", error, conn)
+        else:
+            log.warning("%s (connection %s)", error, getattr(conn, "conn_id", None))
+
+    def spawn(self, fn: Callable, *args: Any) -> None:
+        """Run application code in a greenlet of its own (counted for a graceful stop)."""
+        runner.spawn(self._counted, fn, args)
+
+    def _counted(self, fn: Callable, args: tuple) -> None:
+        self._busy += 1
+        try:
+            fn(*args)
+        finally:
+            self._busy -= 1
+
+    def _run_event(self, name: str, handler: Callable, args: tuple) -> None:
+        try:
+            handler(*args)
+        except Exception as exc:
+            conn = args[0] if args and isinstance(args[0], WseConnection) else None
+            if name == "error":
+                log.error("the error handler raised %s: %s", type(exc).__name__, exc)
+            else:
+                self.emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR, {
+                    "event": name, "exception": exc, "message": str(exc)}), conn)
+
+    @staticmethod
+    def _write(conns: Iterable[WseConnection], data: Any) -> int:
+        """Write one packed message to open connections, framed once for all."""
+        frame = None
+        n = 0
+        for conn in conns:
+            if conn.ready_state == OPEN:
+                if frame is None:
+                    frame = conn.transport.frame_for(data)
+                conn.transport.write_raw(frame)
+                n += 1
+        return n
+
+    def _sweep(self) -> None:
+        """Ping idle connections; cut those silent past ping_interval + ping_timeout."""
+        interval = self.server.options["ping_interval"]
+        timeout = self.server.options["ping_timeout"]
+        if not interval:
+            return
+        period = max(0.05, min(interval, timeout or interval) / 2)
+        while True:
+            gevent.sleep(period)
+            now = time.monotonic()
+            for s in list(self._sessions):
+                t = s.conn.transport
+                idle = now - t.last_recv
+                if timeout and idle > interval + timeout:
+                    log.info("connection %s silent for %.1fs: closing it", s.conn.conn_id, idle)
+                    t.abort((1006, "wse.ping-timeout"))
+                elif idle >= interval and t.open:
+                    t.ping()

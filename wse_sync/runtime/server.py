@@ -1,0 +1,232 @@
+"""WseServer: the public API (options, handlers, events, send / broadcast / drop).
+
+A WseServer is a WSGI application: mount it in any gevent WSGI server that
+uses gevent-websocket's handler (``wse_sync.wsgi.WseHandler`` selects the
+subprotocol exactly). It joins the cluster through a broker (``broker=``
+endpoint); without one, it runs an embedded broker in a greenlet of its own
+process, so a lone server needs nothing else. The runtime of each process
+(connections, sessions, the broker link) is its ``hub``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Hashable, Iterator, Optional
+
+from ..core.errors import WSE_ERROR, WSE_REASON, WseError
+from ..core.events import Emitter, When
+from ..core.forwarded import parse_trusted
+from ..core.protocol import WseJSON, check_protocol
+from .connection import WseIdentity
+from .hub import Hub
+
+__all__ = ["WseServer", "DEFAULTS"]
+
+# Listening and limit options (all may be given to WseServer(**options)).
+DEFAULTS: Dict[str, Any] = {
+    "host": "127.0.0.1",
+    "port": 4200,
+    "path": None,               # None: any path; else other paths get 404
+    "max_message_size": 1024 * 1024,
+    "handshake_timeout": 10.0,  # seconds to receive ~wse:hi
+    "auth_timeout": 10.0,       # seconds for challenge + identify to decide
+    "ping_interval": 20.0,      # idle seconds before the server pings
+    "ping_timeout": 20.0,       # further silent seconds before the socket is cut
+    "close_timeout": 2.0,       # seconds to wait for the peer's close frame
+    "max_send_queue": 4 * 1024 * 1024,  # bytes queued per slow client (every frame counts)
+    "max_fragments": 1000,      # frames one message may arrive in (1008 beyond)
+    "broker": None,             # endpoint; None = embedded broker
+    "broker_timeout": 5.0,      # seconds to wait for a broker answer
+    "heartbeat": 1.0,
+    "certfile": None,
+    "keyfile": None,
+    # addresses whose X-Forwarded-For is believed (uvicorn's forwarded_allow_ips);
+    # a string "a,b" or an iterable; "*" trusts everyone
+    "trusted_proxies": ("127.0.0.1", "::1"),
+    # send the handler's full traceback in RPC errors (names server files)
+    "rpc_tracebacks": False,
+}
+
+
+class _Clients(Mapping):
+    """Read-only view cid -> WseIdentity of every connected user of the cluster."""
+
+    def __init__(self, server: "WseServer") -> None:
+        self._server = server
+
+    def __getitem__(self, cid: Hashable) -> WseIdentity:
+        hub = self._server.hub
+        if hub.has_user(cid):
+            return hub.identity(cid)
+        raise KeyError(cid)
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self._server.hub.cids())
+
+    def __len__(self) -> int:
+        return len(self._server.hub.cids())
+
+    def __contains__(self, cid: object) -> bool:
+        return self._server.hub.has_user(cid)
+
+
+class WseServer:
+    """A wse 4.x compatible server. See python-api.md for the contract."""
+
+    def __init__(self, identify: Optional[Callable] = None, conn_per_user: int = 1,
+                 rpc_timeout: float = 20, protocol: Any = None, **options: Any) -> None:
+        if "connPerUser" in options:
+            conn_per_user = options.pop("connPerUser")
+        if "tO" in options:
+            rpc_timeout = options.pop("tO")
+        if not callable(identify):
+            raise WseError(WSE_ERROR.IDENTIFY_HANDLER_MISSING)
+        unknown = set(options) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown WseServer options: {sorted(unknown)}")
+        self.identify = identify
+        self.conn_per_user = conn_per_user
+        self.rpc_timeout = rpc_timeout
+        self.protocol = check_protocol(protocol if protocol is not None else WseJSON())
+        self.options: Dict[str, Any] = dict(DEFAULTS, **options)
+        self.trusted = parse_trusted(self.options["trusted_proxies"])
+        self.channel = Emitter()
+        self.when = When()
+        self._rpcs: Dict[str, Callable] = {}
+        self._cra_generator: Optional[Callable] = None
+        self.clients: Mapping = _Clients(self)
+        # False for a cluster member without sockets (connect_cluster)
+        self.serves = True
+        self._hub = Hub(self)
+
+    # -- the original names ---------------------------------------------
+    @property
+    def connPerUser(self) -> int:  # noqa: N802
+        return self.conn_per_user
+
+    @connPerUser.setter
+    def connPerUser(self, value: int) -> None:  # noqa: N802
+        self.conn_per_user = value
+
+    @property
+    def tO(self) -> float:  # noqa: N802
+        return self.rpc_timeout
+
+    @tO.setter
+    def tO(self, value: float) -> None:  # noqa: N802
+        self.rpc_timeout = value
+
+    def dropClient(self, cid: Hashable, reason: str = WSE_REASON.NO_REASON) -> None:  # noqa: N802
+        self.drop_client(cid, reason)
+
+    def useChallenge(self, generator: Callable) -> None:  # noqa: N802
+        self.use_challenge(generator)
+
+    # -- options as attributes -------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("options")
+        if options is not None and name in options:
+            return options[name]
+        raise AttributeError(name)
+
+    # -- public API ------------------------------------------------------
+    def register(self, rp: str, handler: Optional[Callable] = None):
+        """Register RPC ``rp``: ``handler(conn, payload) -> result``. Decorator when
+        ``handler`` is omitted. Raises RP_ALREADY_REGISTERED."""
+        if handler is None:
+            return lambda fn: self.register(rp, fn)
+        if rp in self._rpcs:
+            raise WseError(WSE_ERROR.RP_ALREADY_REGISTERED, {"rpc": rp})
+        if not callable(handler):
+            raise TypeError("handler must be callable")
+        self._rpcs[rp] = handler
+        return handler
+
+    def unregister(self, rp: str) -> None:
+        if rp not in self._rpcs:
+            raise WseError(WSE_ERROR.RP_NOT_REGISTERED, {"rpc": rp})
+        del self._rpcs[rp]
+
+    def use_challenge(self, generator: Callable) -> None:
+        """Enable challenge-response: ``generator(identity, meta, quest, refuse)``."""
+        if not callable(generator):
+            raise WseError(WSE_ERROR.INVALID_CRA_GENERATOR)
+        self._cra_generator = generator
+
+    def send(self, cid: Hashable, type: str, payload: Any = None) -> None:
+        """Send to every connection of user ``cid``, on every worker; unknown cid: no-op."""
+        self.hub.send(cid, self.protocol.pack(type, payload, None))
+
+    def broadcast(self, type: str, payload: Any = None) -> None:
+        """Send to every connection of every user; packed once for all sockets."""
+        self.hub.broadcast(self.protocol.pack(type, payload, None))
+
+    def drop_client(self, cid: Hashable, reason: str = WSE_REASON.NO_REASON) -> None:
+        """Close every connection of ``cid`` on every worker (code 1000, ``reason``)."""
+        self.hub.drop_client(cid, reason)
+
+    # -- WSGI --------------------------------------------------------------
+    def app_protocol(self, path: str) -> Optional[str]:
+        """For gevent-websocket's stock handler: the subprotocol to select."""
+        return self.protocol.name if self.wants(path) else None
+
+    def wants(self, path: str) -> bool:
+        return self.options["path"] in (None, path)
+
+    def __call__(self, environ: dict, start_response: Callable):
+        if not self.wants(environ.get("PATH_INFO", "")):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+        ws = environ.get("wsgi.websocket")
+        if ws is None:
+            start_response("426 Upgrade Required", [
+                ("Content-Type", "text/plain"), ("Upgrade", "websocket"),
+                ("Sec-WebSocket-Version", "13")])
+            return [b"this is a WebSocket endpoint (wse protocol)\n"]
+        self.start()
+        self.hub.serve(environ, ws)
+        return []
+
+    # -- runtime -------------------------------------------------------------
+    @property
+    def hub(self) -> Hub:
+        """This process's runtime (connections, broker link); a fork gets a new one."""
+        if self._hub.pid != os.getpid():
+            self._hub = Hub(self)
+        return self._hub
+
+    @property
+    def worker_id(self) -> str:
+        return self.hub.worker_id
+
+    @property
+    def running(self) -> bool:
+        """Joined to a cluster, in this process."""
+        return self._hub.running
+
+    def endpoint(self, broker: Optional[str] = None) -> Optional[str]:
+        """The broker endpoint to join: ``broker``, the ``broker`` option or
+        ``WSE_SYNC_BROKER``; None means an embedded broker."""
+        return broker or self.options["broker"] or os.environ.get("WSE_SYNC_BROKER") or None
+
+    def start(self, broker: Optional[str] = None, worker_id: Optional[str] = None) -> None:
+        """Join the cluster (idempotent). Without ``broker`` and no ``broker``
+        option, start an embedded broker in this process."""
+        self.hub.start(self.endpoint(broker), worker_id)
+
+    def shutdown(self, code: int = 1012, reason: str = "", timeout: float = 5.0) -> None:
+        """Close every connection with ``code`` and leave the cluster.
+
+        Waits up to ``timeout`` seconds for the connections to finish closing
+        and for running handlers (RPC, channel, events) to return.
+        """
+        self.hub.shutdown(code, reason, timeout)
+
+    def rpc_handler(self, rp: str) -> Optional[Callable]:
+        """The handler registered for ``rp``, or None."""
+        return self._rpcs.get(rp)
+
+    @property
+    def challenge_generator(self) -> Optional[Callable]:
+        """The ``use_challenge`` generator, or None."""
+        return self._cra_generator
