@@ -374,7 +374,7 @@ def test_close_while_reconnecting_stops_for_good():
     wait_for(lambda: c.status == WSE_STATUS.RE_CONNECTING)
     c.close()
     assert c.status == WSE_STATUS.OFFLINE
-    assert c._reconnector is None
+    assert not c.reconnecting
 
 
 def test_close_goes_offline_and_connect_twice_is_refused():
@@ -500,7 +500,7 @@ def test_reconnect_stops_when_the_server_refuses():
                  timeout=10 * UNIT)
         assert updated == [WSE_STATUS.CONNECTING, WSE_STATUS.READY, WSE_STATUS.OFFLINE,
                            WSE_STATUS.RE_CONNECTING, WSE_STATUS.OFFLINE]
-        assert c._reconnector is None or c._reconnector.dead
+        assert not c.reconnecting
 
 
 def test_a_failed_handshake_closes_the_socket():

@@ -238,7 +238,7 @@ def test_connect_cluster_sends_broadcasts_drops_and_reads_the_user_map(backgroun
         boxes = _inboxes(by_pid)
         cids = sorted(boxes)
         cluster = connect_cluster(endpoint, background=background)
-        assert (cluster._thread is not None) == (background is None)
+        assert cluster.background == (background is None)
         try:
             users = cluster.clients
             assert sorted(users) == cids

@@ -176,6 +176,11 @@ class ClusterHandle:
     dropClient = drop_client  # noqa: N815 - the original name
 
     @property
+    def background(self) -> bool:
+        """The handle runs its gevent hub in a thread of its own."""
+        return self._thread is not None
+
+    @property
     def clients(self) -> Dict[Hashable, ClusterUser]:
         """cid -> ClusterUser of every connected user (a snapshot)."""
         self._check_open()

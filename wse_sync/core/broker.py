@@ -10,7 +10,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Set, Tuple
 
 from .errors import WSE_ERROR, WSE_REASON
 from .messages import Message
@@ -56,7 +56,7 @@ class BrokerCore:
         self.registry = Registry()
         self.workers: Dict[str, WorkerInfo] = {}
         self.worker_timeout = worker_timeout
-        self.counters: Counter = Counter()
+        self.counters: Counter[str] = Counter()
         # this broker incarnation; a leave naming another epoch was sent to a
         # broker that died, and the map has been rebuilt since
         self.epoch = epoch or os.urandom(6).hex()
@@ -75,7 +75,7 @@ class BrokerCore:
         self._sync_until: Optional[float] = None
         self._deferred: List[Tuple[str, Message]] = []
         # users whose 'joined' has fired and whose 'left' has not
-        self.announced: set = set()
+        self.announced: Set[Hashable] = set()
         # connections accepted while their worker could not reach us: their
         # user's 'joined' is decided once the map is whole again
         self._pending: Dict[str, None] = {}
@@ -216,7 +216,7 @@ class BrokerCore:
                     "meta": o.entry.meta, "last": True})))
         return out
 
-    def stats(self) -> dict:
+    def stats(self) -> Dict[str, Any]:
         per_worker: Dict[str, int] = {w: 0 for w in self.workers}
         for e in self.registry.conns.values():
             per_worker[e.worker] = per_worker.get(e.worker, 0) + 1
@@ -229,7 +229,7 @@ class BrokerCore:
         }
 
     # -- worker -> broker kinds --------------------------------------
-    def _hello(self, sender: str, body: dict, now: float) -> Out:
+    def _hello(self, sender: str, body: Dict[str, Any], now: float) -> Out:
         # parse everything before changing anything
         pid = int(body.get("pid", 0))
         base = int(body.get("base", 0))
@@ -296,14 +296,14 @@ class BrokerCore:
         return [(w, Message("resolved", {"conns": ids, "first": first.get(w, [])}))
                 for w, ids in conns.items()]
 
-    def _on_hb(self, sender, body, data, now) -> Out:
+    def _on_hb(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         return []
 
-    def _on_bye(self, sender, body, data, now) -> Out:
+    def _on_bye(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         log.info("worker %s leaves the cluster", sender)
         return self.remove_worker(sender)
 
-    def _on_join(self, sender, body, data, now) -> Out:
+    def _on_join(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         limit = body.get("limit")
         res = self.registry.join(body["conn_id"], body["cid"], sender, body.get("meta"),
                                  limit, float(body.get("at", now)))
@@ -317,7 +317,7 @@ class BrokerCore:
         out += self._drops(res.evicted, WSE_REASON.CLIENTS_CONCURRENCY, skip=sender)
         return out
 
-    def _on_leave(self, sender, body, data, now) -> Out:
+    def _on_leave(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         """Every leave is answered ("left" with ``last``), so the worker can resend
         the unanswered ones after a broker restart."""
         conn_id = body["conn_id"]
@@ -342,35 +342,35 @@ class BrokerCore:
             "code": body.get("code", 1005), "reason": body.get("reason", ""), "meta": meta})))
         return out
 
-    def _on_send(self, sender, body, data, now) -> Out:
+    def _on_send(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         cid = body["cid"]
         msg = Message("deliver", {"cid": cid}, data)
         return self._routed([(w, msg) for w in self.registry.workers_of(cid) if w != sender])
 
-    def _on_bcast(self, sender, body, data, now) -> Out:
+    def _on_bcast(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         msg = Message("deliver", {"all": True}, data)
         return self._routed([(w, msg) for w in self.workers if w != sender])
 
-    def _on_drop_cid(self, sender, body, data, now) -> Out:
+    def _on_drop_cid(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         cid = body["cid"]
         msg = Message("drop", {"cid": cid, "reason": body.get("reason", "")})
         return self._routed([(w, msg) for w in self.registry.workers_of(cid) if w != sender])
 
-    def _on_conn_send(self, sender, body, data, now) -> Out:
+    def _on_conn_send(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         entry = self.registry.conns.get(body["conn_id"])
         if entry is None:
             self.counters["dropped.unknown-conn"] += 1
             return []
         return self._routed([(entry.worker, Message("deliver", {"conn_id": entry.conn_id}, data))])
 
-    def _on_conn_drop(self, sender, body, data, now) -> Out:
+    def _on_conn_drop(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         entry = self.registry.conns.get(body["conn_id"])
         if entry is None:
             return []
         return self._routed([(entry.worker, Message("drop", {
             "conns": [entry.conn_id], "reason": body.get("reason", "")}))])
 
-    def _on_call(self, sender, body, data, now) -> Out:
+    def _on_call(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         entry = self.registry.conns.get(body["conn_id"])
         if entry is None or entry.worker not in self.workers:
             return [(sender, Message("result", {"call": body["call"], "ok": False, "value": {
@@ -380,7 +380,7 @@ class BrokerCore:
         self._calls[(sender, body["call"])] = entry.worker
         return self._routed([(entry.worker, Message("call", fwd))])
 
-    def _on_result(self, sender, body, data, now) -> Out:
+    def _on_result(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         origin = body.pop("origin")
         self._calls.pop((origin, body.get("call")), None)
         return self._routed([(origin, Message("result", body))])
@@ -390,7 +390,7 @@ class BrokerCore:
         self.counters["routed"] += len(out)
         return out
 
-    def _delta(self, add: list, remove: list, skip: Optional[str] = None) -> Out:
+    def _delta(self, add: List[List[Any]], remove: List[str], skip: Optional[str] = None) -> Out:
         if not add and not remove:
             return []
         msg = Message("delta", {"add": add, "remove": remove})

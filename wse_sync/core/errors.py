@@ -11,7 +11,7 @@ wire protocol and must not change.
 from __future__ import annotations
 
 import traceback
-from typing import Any, Optional
+from typing import Any, Dict, Iterator, Optional
 
 __all__ = ["WseError", "WSE_REASON", "WSE_ERROR", "WSE_STATUS", "rpc_error_payload"]
 
@@ -22,14 +22,53 @@ class _Constants:
     def __init__(self, **values: str) -> None:
         self.__dict__.update(values)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self.__dict__.values())
 
     def __repr__(self) -> str:
         return f"<constants {sorted(self.__dict__)}>"
 
 
-WSE_REASON = _Constants(
+# The constant sets below declare their names for type checkers only: the
+# annotations create no class attributes, the values live on the instance.
+class _Reasons(_Constants):
+    NO_REASON: str
+    CLIENTS_CONCURRENCY: str
+    NOT_AUTHORIZED: str
+    PROTOCOL_ERR: str
+    BY_CLIENT: str
+    BY_SERVER: str
+
+
+class _Errors(_Constants):
+    INVALID_CRA_HANDLER: str
+    RP_TIMEOUT: str
+    RP_DISCONNECT: str
+    CLIENT_ALREADY_CONNECTED: str
+    WS_CLIENT_ERROR: str
+    NOT_AUTHORIZED: str
+    CONNECTION_NOT_READY: str
+    NO_CLIENT_CONNECTION: str
+    IDENTIFY_HANDLER_MISSING: str
+    INVALID_CRA_GENERATOR: str
+    RP_EXECUTION_FAILED: str
+    RP_NOT_REGISTERED: str
+    RP_ALREADY_REGISTERED: str
+    PROTOCOL_VIOLATION: str
+    CONNECTION_ERROR: str
+    MESSAGE_PROCESSING_ERROR: str
+    BROKER_UNAVAILABLE: str
+
+
+class _Statuses(_Constants):
+    IDLE: str
+    CONNECTING: str
+    RE_CONNECTING: str
+    READY: str
+    OFFLINE: str
+
+
+WSE_REASON = _Reasons(
     NO_REASON="",
     CLIENTS_CONCURRENCY="wse.clients-concurrency",
     NOT_AUTHORIZED="wse.not-authorized",
@@ -38,7 +77,7 @@ WSE_REASON = _Constants(
     BY_SERVER="wse.by-server",
 )
 
-WSE_ERROR = _Constants(
+WSE_ERROR = _Errors(
     INVALID_CRA_HANDLER="wse.client.invalid-cra-handler",
     RP_TIMEOUT="wse.client.rp.timeout",
     RP_DISCONNECT="wse.client.rp.disconnect",
@@ -59,7 +98,7 @@ WSE_ERROR = _Constants(
     BROKER_UNAVAILABLE="wse.server.broker-unavailable",
 )
 
-WSE_STATUS = _Constants(
+WSE_STATUS = _Statuses(
     IDLE="IDLE",
     CONNECTING="CONNECTING",
     RE_CONNECTING="RE_CONNECTING",
@@ -76,7 +115,7 @@ class WseError(Exception):
         self.code = code
         self.details = details
 
-    def to_json(self) -> dict:
+    def to_json(self) -> Dict[str, Any]:
         return {"code": self.code, "details": self.details}
 
     def __str__(self) -> str:
@@ -89,7 +128,7 @@ class WseError(Exception):
 
 
 def rpc_error_payload(exc: BaseException, rp: str, payload: Any,
-                      traceback_in_stack: bool = False) -> dict:
+                      traceback_in_stack: bool = False) -> Dict[str, Any]:
     """The ``~wse:response-err`` payload for an RPC handler that raised ``exc``.
 
     Pure: follows the table "RPC error objects" of protocol.md. ``origin.stack``

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, FrozenSet, List, Literal, Optional, Union
 
 __all__ = ["Emitter", "When", "call_with_kwargs", "EVENTS"]
 
@@ -13,9 +13,9 @@ class Emitter:
     """``on(type, handler)`` / ``off(type, handler)``; ``on(type)`` is a decorator."""
 
     def __init__(self) -> None:
-        self._handlers: Dict[Any, List[Callable]] = {}
+        self._handlers: Dict[Any, List[Callable[..., Any]]] = {}
 
-    def on(self, type: Any, handler: Optional[Callable] = None):
+    def on(self, type: Any, handler: Optional[Callable[..., Any]] = None) -> Callable[..., Any]:
         if handler is None:
             return lambda fn: self.on(type, fn)
         if not callable(handler):
@@ -23,7 +23,7 @@ class Emitter:
         self._handlers.setdefault(type, []).append(handler)
         return handler
 
-    def off(self, type: Any, handler: Optional[Callable] = None) -> None:
+    def off(self, type: Any, handler: Optional[Callable[..., Any]] = None) -> None:
         """Remove one handler, or all handlers of ``type``."""
         if handler is None:
             self._handlers.pop(type, None)
@@ -34,7 +34,7 @@ class Emitter:
         if not handlers:
             self._handlers.pop(type, None)
 
-    def handlers(self, type: Any) -> List[Callable]:
+    def handlers(self, type: Any) -> List[Callable[..., Any]]:
         return list(self._handlers.get(type, ()))
 
     def has(self, type: Any) -> bool:
@@ -49,23 +49,24 @@ class When:
         for name in EVENTS:
             setattr(self, name, self._binder(name))
 
-    def _binder(self, name: str) -> Callable:
-        def bind(handler: Callable) -> Callable:
+    def _binder(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def bind(handler: Callable[..., Any]) -> Callable[..., Any]:
             return self.emitter.on(name, handler)
         bind.__name__ = name
         bind.__doc__ = f"Bind a handler to the {name!r} event; returns the handler."
         return bind
 
-    def off(self, name: str, handler: Optional[Callable] = None) -> None:
+    def off(self, name: str, handler: Optional[Callable[..., Any]] = None) -> None:
         self.emitter.off(name, handler)
 
 
-_SIG_CACHE: Dict[Any, Optional[frozenset]] = {}
+_SIG_CACHE: Dict[Any, Optional[FrozenSet[str]]] = {}
 
 
-def call_with_kwargs(fn: Callable, **kwargs: Any) -> Any:
+def call_with_kwargs(fn: Callable[..., Any], **kwargs: Any) -> Any:
     """Call ``fn`` with the keyword arguments it declares (all if it takes **kwargs)."""
-    accepted = _SIG_CACHE.get(fn, False)
+    # False: not cached yet; None: fn takes every keyword
+    accepted: Union[FrozenSet[str], None, Literal[False]] = _SIG_CACHE.get(fn, False)
     if accepted is False:
         try:
             params = inspect.signature(fn).parameters.values()

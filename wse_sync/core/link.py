@@ -40,12 +40,12 @@ class ClusterView:
         self.users: Dict[Hashable, Dict[str, Tuple[str, Any]]] = {}
         self._cid_of: Dict[str, Hashable] = {}
 
-    def load(self, entries: List[list]) -> None:
+    def load(self, entries: List[List[Any]]) -> None:
         self.users.clear()
         self._cid_of.clear()
         self.apply(entries, [])
 
-    def apply(self, add: List[list], remove: List[str]) -> List[Hashable]:
+    def apply(self, add: List[List[Any]], remove: List[str]) -> List[Hashable]:
         """Apply a delta; returns the cids that have no connection left."""
         gone = []
         for conn_id in remove:
@@ -108,12 +108,12 @@ class Forget(NamedTuple):
 class Answer(NamedTuple):
     """The broker's answer to request ``req`` (a join or a call) that a greenlet awaits."""
     req: int
-    body: dict
+    body: Dict[str, Any]
 
 
 class ServeCall(NamedTuple):
     """Another worker calls a procedure on a local connection."""
-    body: dict
+    body: Dict[str, Any]
 
 
 Effect = Union[Deliver, Drop, UserLeft, UserJoined, Forget, Answer, ServeCall]
@@ -167,9 +167,9 @@ class LinkCore:
         self._ids = 0
         self._seq = 0
         # cross-worker commands not yet acked: (seq, kind, body, data)
-        self._outbox: Deque[Tuple[int, str, dict, Any]] = deque()
+        self._outbox: Deque[Tuple[int, str, Dict[str, Any], Any]] = deque()
         # leaves the broker has not answered: resent to a new broker
-        self._unacked: Dict[str, dict] = {}
+        self._unacked: Dict[str, Dict[str, Any]] = {}
         # requests a greenlet awaits (joins and calls)
         self._waiting: Set[int] = set()
         # joins we stopped waiting for: req -> conn_id (their answer may still come)
@@ -247,7 +247,7 @@ class LinkCore:
         return Join(req, [Message("join", body)], None)
 
     def join_answered(self, req: int, conn_id: str, cid: Hashable, meta: Any,
-                      body: dict) -> Tuple[bool, List[str]]:
+                      body: Dict[str, Any]) -> Tuple[bool, List[str]]:
         """The broker's ``joined`` answer: (is the user new?, conn_ids to evict here)."""
         self._waiting.discard(req)
         self.view.apply([[conn_id, cid, self.worker_id, meta]], body["evicted"])
@@ -281,7 +281,7 @@ class LinkCore:
         return [Message("leave", body)]
 
     # -- commands and calls ---------------------------------------------------
-    def command(self, kind: str, body: dict, data: Any, now: float) -> List[Message]:
+    def command(self, kind: str, body: Dict[str, Any], data: Any, now: float) -> List[Message]:
         """A cross-worker command: kept until the broker acks it and resent to a
         restarted broker. Raises BROKER_UNAVAILABLE when ``outage_buffer``
         commands wait or the broker has been away for over ``outage_limit`` s."""
@@ -313,7 +313,7 @@ class LinkCore:
         self._waiting.discard(req)
 
     @staticmethod
-    def call_result(body: dict, ok: bool, value: Any) -> List[Message]:
+    def call_result(body: Dict[str, Any], ok: bool, value: Any) -> List[Message]:
         """The answer to a ``ServeCall``."""
         return [Message("result", {"call": body["call"], "origin": body["origin"], "ok": ok,
                                    "value": value})]

@@ -15,7 +15,7 @@ docs/cluster.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import ujson
 
@@ -40,11 +40,11 @@ class SchemaError(ValueError):
 @dataclass
 class Message:
     kind: str
-    body: dict
+    body: Dict[str, Any]
     data: Optional[Union[str, bytes]] = None
 
 
-def encode(kind: str, body: Optional[dict] = None,
+def encode(kind: str, body: Optional[Dict[str, Any]] = None,
            data: Optional[Union[str, bytes]] = None) -> List[bytes]:
     frames = [VERSION, kind.encode("ascii"), ujson.dumps(body or {}).encode("utf-8")]
     if data is not None:

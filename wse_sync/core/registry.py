@@ -34,7 +34,7 @@ class ConnEntry:
     def order(self) -> Tuple[float, int]:
         return (self.joined_at, self.seq)
 
-    def to_list(self) -> list:
+    def to_list(self) -> List[Any]:
         return [self.conn_id, self.cid, self.worker, self.meta, self.joined_at]
 
 
@@ -75,7 +75,7 @@ class Registry:
         entry = ConnEntry(conn_id, cid, worker, meta, joined_at, self._seq)
         user = self.users.get(cid)
         first = user is None
-        if first:
+        if user is None:
             user = self.users[cid] = {}
         user[conn_id] = entry
         self.conns[conn_id] = entry
@@ -97,7 +97,12 @@ class Registry:
 
     def drop_worker(self, worker: str) -> List[LeaveOutcome]:
         """Remove every connection of ``worker`` (it died)."""
-        return [self.leave(e.conn_id) for e in self.entries_of_worker(worker)]
+        outcomes: List[LeaveOutcome] = []
+        for e in self.entries_of_worker(worker):
+            outcome = self.leave(e.conn_id)
+            if outcome is not None:  # always: the entry is in the map
+                outcomes.append(outcome)
+        return outcomes
 
     def sync_worker(
         self, worker: str, entries: Iterable[ConnEntry], limit: Optional[int] = None
@@ -110,8 +115,12 @@ class Registry:
         """
         entries = list(entries)
         keep = {e.conn_id for e in entries}
-        gone = [self.leave(e.conn_id) for e in self.entries_of_worker(worker)
-                if e.conn_id not in keep]
+        gone: List[LeaveOutcome] = []
+        for e in self.entries_of_worker(worker):
+            if e.conn_id not in keep:
+                outcome = self.leave(e.conn_id)
+                if outcome is not None:  # always: the entry is in the map
+                    gone.append(outcome)
         new_users: List[Hashable] = []
         touched: Dict[Hashable, None] = {}
         for e in sorted(entries, key=ConnEntry.order):
@@ -143,7 +152,7 @@ class Registry:
     def workers(self) -> List[str]:
         return list(dict.fromkeys(e.worker for e in self.conns.values()))
 
-    def snapshot(self) -> list:
+    def snapshot(self) -> List[List[Any]]:
         """All entries as JSON-able lists, in join order."""
         return [e.to_list() for e in sorted(self.conns.values(), key=ConnEntry.order)]
 

@@ -208,6 +208,11 @@ class WseClient:
             gevent.sleep(seconds)
 
     @property
+    def reconnecting(self) -> bool:
+        """A reconnect loop is running (after a lost connection, ``reconnect=True``)."""
+        return self._reconnector is not None and not self._reconnector.dead
+
+    @property
     def ready(self) -> bool:
         return self.status == WSE_STATUS.READY
 
