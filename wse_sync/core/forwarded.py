@@ -1,10 +1,11 @@
-"""Who the client is: the socket peer, or X-Forwarded-For from a trusted proxy. Pure."""
+"""Who the client is and where it comes from: the socket peer, X-Forwarded-For
+from a trusted proxy, the Origin allow-list. Pure."""
 from __future__ import annotations
 
 import ipaddress
 from typing import FrozenSet, Iterable, Optional, Union
 
-__all__ = ["parse_trusted", "client_address", "Trusted"]
+__all__ = ["parse_trusted", "is_trusted", "client_address", "origin_allowed", "Trusted"]
 
 # "*" (everyone) or a set of networks
 Trusted = Union[str, FrozenSet[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]]]
@@ -30,7 +31,8 @@ def parse_trusted(spec: Union[str, Iterable[str], None]) -> Trusted:
     return frozenset(nets)
 
 
-def _is_trusted(addr: Optional[str], trusted: Trusted) -> bool:
+def is_trusted(addr: Optional[str], trusted: Trusted) -> bool:
+    """Is ``addr`` one of the trusted proxies?"""
     if trusted == "*":
         return True
     if not addr or not trusted:
@@ -51,10 +53,21 @@ def client_address(peer: Optional[str], forwarded_for: Optional[str], trusted: T
     of ``X-Forwarded-For`` that is not itself a trusted proxy (a client can
     prepend anything, so entries left of the last untrusted one are ignored).
     """
-    if not forwarded_for or not _is_trusted(peer, trusted):
+    if not forwarded_for or not is_trusted(peer, trusted):
         return peer
     hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
     for hop in reversed(hops):
-        if not _is_trusted(hop, trusted):
+        if not is_trusted(hop, trusted):
             return hop
     return hops[0] if hops else peer
+
+
+def origin_allowed(origin: Optional[str], allowed: Union[str, Iterable[str], None]) -> bool:
+    """The ``allowed_origins`` rule: None allows every request; else the
+    ``Origin`` header must equal one of them ("*" allows any)."""
+    if allowed is None:
+        return True
+    if isinstance(allowed, str):
+        allowed = [a.strip() for a in allowed.split(",") if a.strip()]
+    names = {a.rstrip("/").lower() for a in allowed}
+    return "*" in names or (origin is not None and origin.rstrip("/").lower() in names)

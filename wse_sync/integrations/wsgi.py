@@ -1,22 +1,34 @@
 """Serving WseServer over gevent's WSGI server with gevent-websocket.
 
 ``WseHandler`` fixes what gevent-websocket's stock handler gets wrong for
-wse: the subprotocol is matched as a whole token (not a substring), and a
+wse: the subprotocol is matched as a whole token (not a substring), a
 request the application does not want (wrong path) gets a plain HTTP answer
-instead of an upgrade.
+instead of an upgrade, and a malformed upgrade gets a 4xx with a body and one
+log line (the stock handler writes str bodies, a traceback on Python 3).
+
+It also keeps the edge limits of the WseServer it serves (its options):
+``header_timeout`` (408), ``max_connections`` and ``max_connections_per_ip``
+(503), ``allowed_origins`` (403). ``make_wsgi_server`` adds
+``tls_handshake_timeout`` and builds the TLS context once.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import logging
-from typing import Any, Optional
+import ssl
+import time
+from typing import Any, Dict, List, Optional, Tuple
 
+import gevent
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Stream, WebSocket
 
-__all__ = ["WseHandler", "make_wsgi_server"]
+from ..core.forwarded import is_trusted, origin_allowed, parse_trusted
+from ..core.limits import Counter
+
+__all__ = ["WseHandler", "WseWSGIServer", "make_wsgi_server", "tls_context"]
 
 log = logging.getLogger("wse_sync.wsgi")
 
@@ -52,6 +64,55 @@ def _find_wse(app: Any, path: str):
     return router if router.wants(path) else None
 
 
+def _options_of(app: Any) -> Dict[str, Any]:
+    """The options of the WseServer behind ``app`` (the first one of a mount)."""
+    from ..runtime.server import DEFAULTS
+    router = _router(app)
+    if router is not None and hasattr(router, "wse_servers"):
+        servers = router.wse_servers()
+        router = servers[0] if servers else None
+    options = getattr(router, "options", None)
+    return options if isinstance(options, dict) else DEFAULTS
+
+
+def _response(status: str, text: str, headers: Tuple[Tuple[str, str], ...] = ()) -> bytes:
+    body = (text + "\n").encode("utf-8")
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers)
+    return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n{head}\r\n").encode(
+                "latin-1") + body
+
+
+class _Edge:
+    """Sockets held by one application in this process, in all and per address."""
+
+    def __init__(self, options: Dict[str, Any]) -> None:
+        self.active = 0
+        self.per_ip = Counter(int(options.get("max_connections_per_ip") or 0))
+        self.trusted = parse_trusted(options.get("trusted_proxies", ()))
+        self.refused = 0
+        self._last_log = 0.0
+
+    def note_refusal(self, what: str, address: Any) -> None:
+        """One log line per second at most, with the count since the last one."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_log >= 1.0:
+            self._last_log = now
+            log.warning("refused a connection from %s: %s (%d refused so far)",
+                        address, what, self.refused)
+
+
+_EDGES: Dict[int, Tuple[Any, _Edge]] = {}
+
+
+def _edge_of(app: Any, options: Dict[str, Any]) -> _Edge:
+    entry = _EDGES.get(id(app))
+    if entry is None or entry[0] is not app:
+        entry = _EDGES[id(app)] = (app, _Edge(options))
+    return entry[1]
+
+
 class WseHandler(WebSocketHandler):
     """gevent-websocket's handler with exact subprotocol selection."""
 
@@ -63,6 +124,103 @@ class WseHandler(WebSocketHandler):
         if rfile is None:
             rfile = sock.makefile("rb", self.RFILE_BUFFER)
         super().__init__(sock, address, server, rfile)
+        self._header_timer: Optional[gevent.Timeout] = None
+
+    def handle(self):
+        """Count the socket against max_connections / max_connections_per_ip (503)."""
+        app = self.server.application
+        options = _options_of(app)
+        self.wse_options = options
+        edge = _edge_of(app, options)
+        ip = self.client_address[0] if isinstance(self.client_address, tuple) else ""
+        counted_ip = bool(ip) and not is_trusted(ip, edge.trusted)
+        limit = int(options.get("max_connections") or 0)
+        if limit and edge.active >= limit:
+            return self._refuse(edge, "503 Service Unavailable", "the server is full",
+                                "max_connections")
+        if counted_ip and not edge.per_ip.acquire(ip):
+            return self._refuse(edge, "503 Service Unavailable",
+                                "too many connections from your address",
+                                "max_connections_per_ip")
+        edge.active += 1
+        try:
+            super().handle()
+        finally:
+            edge.active -= 1
+            if counted_ip:
+                edge.per_ip.release(ip)
+
+    def _refuse(self, edge: _Edge, status: str, text: str, limit: str) -> None:
+        edge.note_refusal(limit, self.client_address)
+        try:
+            self.socket.setblocking(False)
+            self.socket.send(_response(status, text, (("Retry-After", "5"),)))
+        except OSError:
+            pass
+        try:
+            self.socket.close()
+        except OSError:  # pragma: no cover
+            pass
+
+    def handle_one_request(self):
+        """Read the request within ``header_timeout`` (else 408 and close)."""
+        seconds = self.wse_options.get("header_timeout") if hasattr(self, "wse_options") else None
+        timer = self._header_timer = gevent.Timeout(seconds) if seconds else None
+        if timer is not None:
+            timer.start()
+        try:
+            return super().handle_one_request()
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            log.info("no complete request from %s in %.1fs: 408", self.client_address, seconds)
+            self.close_connection = True
+            return ("408", _response("408 Request Timeout", "request timeout"))
+        finally:
+            if timer is not None:
+                timer.close()
+
+    def read_request(self, raw_requestline):
+        ok = super().read_request(raw_requestline)
+        if self._header_timer is not None:
+            self._header_timer.close()  # the headers are in: the rest has its own limits
+        return ok
+
+    def _handle_client_error(self, ex):
+        """A malformed request: one log line and a 400 with a body."""
+        if isinstance(ex, (ValueError, OSError)):
+            log.info("bad request from %s: %s", self.client_address, ex)
+        else:  # not the client's doing
+            log.exception("failed to read a request from %s", self.client_address)
+        self.close_connection = True
+        return ("400", _response("400 Bad Request", "bad request"))
+
+    def upgrade_websocket(self):
+        """gevent-websocket's checks, answered with bytes bodies and exact statuses."""
+        env = self.environ
+        if env.get("REQUEST_METHOD", "") != "GET":
+            return None
+        if env.get("HTTP_UPGRADE", "").lower() != "websocket":
+            return None
+        if "upgrade" not in env.get("HTTP_CONNECTION", "").lower():
+            return None
+        if self.request_version != "HTTP/1.1":
+            return self._bad("400 Bad Request", "a WebSocket upgrade needs HTTP/1.1")
+        if not env.get("HTTP_SEC_WEBSOCKET_VERSION"):
+            return self._bad("426 Upgrade Required", "no Sec-WebSocket-Version",
+                             [("Sec-WebSocket-Version", ", ".join(self.SUPPORTED_VERSIONS))])
+        options = getattr(self, "wse_options", None) or _options_of(self.application)
+        if not origin_allowed(env.get("HTTP_ORIGIN"), options.get("allowed_origins")):
+            return self._bad("403 Forbidden", "origin not allowed")
+        return self.upgrade_connection()
+
+    def _bad(self, status: str, text: str,
+             headers: Optional[List[Tuple[str, str]]] = None) -> List[bytes]:
+        log.info("refused an upgrade from %s: %s", self.client_address, text)
+        self.close_connection = True
+        self.start_response(status, [("Content-Type", "text/plain; charset=utf-8")] +
+                            (headers or []))
+        return [(text + "\n").encode("utf-8")]
 
     def run_application(self):
         path = self.environ.get("PATH_INFO", "")
@@ -77,16 +235,14 @@ class WseHandler(WebSocketHandler):
         version = self.environ.get("HTTP_SEC_WEBSOCKET_VERSION")
         key = self.environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
         if version not in self.SUPPORTED_VERSIONS:
-            self.start_response("400 Bad Request", [
-                ("Sec-WebSocket-Version", ", ".join(self.SUPPORTED_VERSIONS))])
-            return [b"unsupported WebSocket version\n"]
+            return self._bad("400 Bad Request", "unsupported WebSocket version",
+                             [("Sec-WebSocket-Version", ", ".join(self.SUPPORTED_VERSIONS))])
         try:
             valid_key = len(base64.b64decode(key, validate=True)) == 16
         except ValueError:
             valid_key = False
         if not valid_key:
-            self.start_response("400 Bad Request", [])
-            return [b"invalid Sec-WebSocket-Key\n"]
+            return self._bad("400 Bad Request", "invalid Sec-WebSocket-Key")
         requested = [p.strip() for p in
                      self.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",") if p.strip()]
         wse = _find_wse(self.application, self.environ.get("PATH_INFO", ""))
@@ -109,8 +265,54 @@ class WseHandler(WebSocketHandler):
             log.debug(self.format_request())
 
 
+def tls_context(certfile: str, keyfile: Optional[str] = None) -> ssl.SSLContext:
+    """A server TLS context: TLS 1.2 at least, the system's default ciphers."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile, keyfile)
+    return ctx
+
+
+class WseWSGIServer(WSGIServer):
+    """gevent's WSGIServer with a time limit on the TLS handshake
+    (``tls_handshake_timeout``: the socket is closed, one log line)."""
+
+    handler_class = WseHandler
+
+    def wrap_socket_and_handle(self, client_socket, address):
+        seconds = _options_of(self.application).get("tls_handshake_timeout")
+        try:
+            with gevent.Timeout(seconds or None):
+                tls = self.wrap_socket(client_socket, **self.ssl_args)
+        except gevent.Timeout:
+            log.info("no TLS handshake from %s in %.1fs: closed", address, seconds)
+            client_socket.close()
+            return None
+        except (ssl.SSLError, OSError) as exc:
+            log.info("TLS handshake with %s failed: %s", address, exc)
+            client_socket.close()
+            return None
+        try:
+            return self.handle(tls, address)
+        finally:
+            tls.close()
+
+
 def make_wsgi_server(app: Any, listener: Any, **kwargs: Any) -> WSGIServer:
-    """A gevent WSGIServer for ``app`` on ``listener`` ((host, port) or a socket)."""
+    """A gevent WSGIServer for ``app`` on ``listener`` ((host, port) or a socket).
+
+    TLS: ``ssl_context=``, or ``certfile=`` / ``keyfile=`` (a context is built
+    once, TLS 1.2 minimum); without either, the WseServer's options of those
+    names are used.
+    """
     kwargs.setdefault("log", None)
     kwargs.setdefault("error_log", logging.getLogger("wse_sync.http"))
-    return WSGIServer(listener, app, handler_class=WseHandler, **kwargs)
+    options = _options_of(app)
+    context = kwargs.pop("ssl_context", None) or options.get("ssl_context")
+    certfile = kwargs.pop("certfile", None) or options.get("certfile")
+    keyfile = kwargs.pop("keyfile", None) or options.get("keyfile")
+    if context is None and certfile:
+        context = tls_context(certfile, keyfile)
+    if context is not None:
+        kwargs["ssl_context"] = context
+    return WseWSGIServer(listener, app, handler_class=WseHandler, **kwargs)

@@ -11,16 +11,19 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List, Optional
 
 import gevent
+from gevent.lock import BoundedSemaphore
 
 from . import runner
 from .connection import CLOSED, OPEN, RemoteConnection, WseConnection, WseIdentity
 from .session import Session
 from .transport import Transport
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError
-from ..core.forwarded import client_address
+from ..core.forwarded import client_address, origin_allowed
+from ..core.limits import parse_rate
 from ..core.ids import make_id
 from ..core.link import LocalEntry
 from ..core.table import ConnectionTable
@@ -30,7 +33,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..cluster.link import BrokerLink
     from .server import WseServer
 
-__all__ = ["Hub"]
+__all__ = ["Hub", "SERVER_BUSY", "ORIGIN_NOT_ALLOWED"]
+
+# close reasons of the limits
+SERVER_BUSY = "wse.server-busy"
+ORIGIN_NOT_ALLOWED = "wse.origin-not-allowed"
 
 log = logging.getLogger("wse_sync.server")
 
@@ -52,6 +59,14 @@ class Hub:
         self._sweeper: Optional[gevent.Greenlet] = None
         # handlers running now (RPC, channel, event), for a graceful stop
         self._busy = 0
+        # what the limits refused, by name ("refused.max_unauthenticated", ...)
+        self.counters: Counter = Counter()
+        # sessions upgraded and not yet welcomed (max_unauthenticated)
+        self._unauthenticated: set = set()
+        # identify / challenge calls running at once (max_identify)
+        self.identify_slots = BoundedSemaphore(max(1, int(server.options["max_identify"] or 1)))
+        # RPC handlers running in this worker (max_rpc_per_worker)
+        self.rpc_running = 0
 
     @property
     def running(self) -> bool:
@@ -115,7 +130,7 @@ class Hub:
         ws.closed = True
         transport = Transport(handler.socket, handler.rfile, options["max_message_size"],
                               options["max_send_queue"], options["close_timeout"],
-                              options["max_fragments"])
+                              options["max_fragments"], parse_rate(options["rate_limit"]))
         requested = [p.strip() for p in
                      environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",")]
         remote = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),
@@ -132,12 +147,32 @@ class Hub:
             transport.close(1000, WSE_REASON.PROTOCOL_ERR)
             transport.run(lambda data: None)
             return
+        # (WseHandler answers 403 before the upgrade; this is for the stock handler)
+        if not origin_allowed(environ.get("HTTP_ORIGIN"), options["allowed_origins"]):
+            self._refuse(transport, "allowed_origins", 1008, ORIGIN_NOT_ALLOWED, remote)
+            return
+        limit = options["max_unauthenticated"]
+        if limit and len(self._unauthenticated) >= limit:
+            self._refuse(transport, "max_unauthenticated", 1013, SERVER_BUSY, remote)
+            return
         session = Session(self, conn)
         self._sessions.add(session)
+        self._unauthenticated.add(session)
         try:
             session.run()
         finally:
             self._sessions.discard(session)
+            self._unauthenticated.discard(session)
+
+    def _refuse(self, transport: Transport, limit: str, code: int, reason: str,
+                remote: Optional[str]) -> None:
+        self.counters["refused." + limit] += 1
+        if self.counters["refused." + limit] & (self.counters["refused." + limit] - 1) == 0:
+            # (1st, 2nd, 4th, 8th... refusal: the log stays short under a flood)
+            log.warning("refused a connection from %s: %s (%d so far)", remote, limit,
+                        self.counters["refused." + limit])
+        transport.close(code, reason)
+        transport.run(lambda data: None)
 
     # -- what sessions report ------------------------------------------------
     def accept(self, session: Session, cid: Hashable, welcome: Any) -> None:
@@ -163,6 +198,7 @@ class Hub:
         conn.transport.write_message(
             protocol.pack(protocol.internal_types["welcome"], welcome, None))
         session.ready()
+        self._unauthenticated.discard(session)
         if first:
             self.emit("joined", identity, conn.meta)
         self.emit("connected", conn)

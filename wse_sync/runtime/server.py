@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Hashable, Iterator, Optional
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError
 from ..core.events import Emitter, When
 from ..core.forwarded import parse_trusted
+from ..core.limits import parse_rate
 from ..core.protocol import WseJSON, check_protocol
 from .connection import WseIdentity
 from .hub import Hub
@@ -45,6 +46,20 @@ DEFAULTS: Dict[str, Any] = {
     "trusted_proxies": ("127.0.0.1", "::1"),
     # send the handler's full traceback in RPC errors (names server files)
     "rpc_tracebacks": False,
+    # -- limits: what one client can make a worker spend (README, "Limits") --
+    "header_timeout": 10.0,         # seconds for the request line and headers (408)
+    "tls_handshake_timeout": 10.0,  # seconds for the TLS handshake (closed)
+    "ssl_context": None,            # an ssl.SSLContext; else one is built from certfile
+    "max_connections": 10000,       # sockets per worker, in any state (503)
+    "max_connections_per_ip": 256,  # per client address per worker; trusted proxies exempt (503)
+    "allowed_origins": None,        # None: any Origin; else the allowed ones (403)
+    "max_unauthenticated": 1000,    # upgraded, not yet welcomed, per worker (1013)
+    "max_identify": 100,            # identify / challenge calls at once per worker (others wait)
+    "max_rpc_per_conn": 64,         # RPC handlers running per connection (error at once beyond)
+    "max_rpc_per_worker": 4096,     # ... and per worker
+    "max_channel_queue": 256,       # channel messages waiting per connection (1008 beyond)
+    "max_channel_queue_bytes": 8 * 1024 * 1024,
+    "rate_limit": None,             # frames per second per connection: rate or (rate, burst) (1008)
 }
 
 
@@ -89,7 +104,9 @@ class WseServer:
         self.rpc_timeout = rpc_timeout
         self.protocol = check_protocol(protocol if protocol is not None else WseJSON())
         self.options: Dict[str, Any] = dict(DEFAULTS, **options)
-        self.trusted = parse_trusted(self.options["trusted_proxies"])
+        # bad values fail here, not per connection
+        parse_rate(self.options["rate_limit"])
+        parse_trusted(self.options["trusted_proxies"])
         self.channel = Emitter()
         self.when = When()
         self._rpcs: Dict[str, Callable] = {}
@@ -186,6 +203,15 @@ class WseServer:
         self.start()
         self.hub.serve(environ, ws)
         return []
+
+    @property
+    def trusted(self) -> Any:
+        """The ``trusted_proxies`` option, parsed (it may change before start)."""
+        spec = self.options["trusted_proxies"]
+        cached = self.__dict__.get("_trusted")
+        if cached is None or cached[0] is not spec:
+            cached = self.__dict__["_trusted"] = (spec, parse_trusted(spec))
+        return cached[1]
 
     # -- runtime -------------------------------------------------------------
     @property

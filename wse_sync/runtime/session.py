@@ -22,7 +22,9 @@ from ..core.events import call_with_kwargs
 if TYPE_CHECKING:  # pragma: no cover
     from .hub import Hub
 
-__all__ = ["Session"]
+__all__ = ["Session", "CHANNEL_QUEUE_FULL"]
+
+CHANNEL_QUEUE_FULL = "wse.channel-queue-full"
 
 log = logging.getLogger("wse_sync.session")
 
@@ -51,6 +53,11 @@ class Session:
         self._channel_queue: Optional[deque] = None
         # a task is draining the channel queue (one at a time keeps the order)
         self._channel_busy = False
+        self._channel_bytes = 0
+        # size of the message being dispatched (for the channel queue's bytes)
+        self._size = 0
+        # RPC handlers of this connection running now (max_rpc_per_conn)
+        self._rpc_running = 0
         self._auth: Optional[gevent.Greenlet] = None
         self._timer = None
         # True while the hub joins the cluster (the auth greenlet must not be killed)
@@ -63,6 +70,9 @@ class Session:
         code, reason = self.conn.transport.run(self.on_data)
         self._cancel_deadline()
         self.core.close()
+        if self._channel_queue:  # nobody is there to see them handled
+            self._channel_queue.clear()
+            self._channel_bytes = 0
         if self._auth is not None:
             if self.joining:
                 self._auth.join()  # bounded by the broker request timeout
@@ -72,6 +82,7 @@ class Session:
 
     def on_data(self, data: Any) -> None:
         server = self.server
+        self._size = len(data)
         try:
             type_, payload, stamp = server.protocol.unpack(data)
         except Exception as exc:
@@ -104,7 +115,18 @@ class Session:
         self.conn.resolve(stamp, type_ == self._t_response, payload)
 
     def _rpc(self, type_, payload, stamp) -> None:
-        self.hub.spawn(self._run_rpc, type_, payload, stamp)
+        hub, options = self.hub, self.server.options
+        if ((options["max_rpc_per_conn"] and self._rpc_running >= options["max_rpc_per_conn"])
+                or (options["max_rpc_per_worker"]
+                    and hub.rpc_running >= options["max_rpc_per_worker"])):
+            hub.counters["refused.max_rpc"] += 1
+            self.conn.transport.write_message(self.server.protocol.pack(self._t_response_err, {
+                "code": WSE_ERROR.RP_TOO_MANY,
+                "details": {"rpc": type_, "running": self._rpc_running}}, stamp))
+            return
+        self._rpc_running += 1
+        hub.rpc_running += 1
+        hub.spawn(self._run_rpc, type_, payload, stamp)
 
     def _channel(self, type_, payload, stamp) -> None:
         if not self.server.channel.has(type_):
@@ -112,7 +134,19 @@ class Session:
             return
         if self._channel_queue is None:
             self._channel_queue = deque()
-        self._channel_queue.append((type_, payload))
+        options = self.server.options
+        if ((options["max_channel_queue"] and len(self._channel_queue) >= options["max_channel_queue"])
+                or (options["max_channel_queue_bytes"]
+                    and self._channel_bytes + self._size > options["max_channel_queue_bytes"])):
+            if self.conn.ready_state == OPEN:
+                self.hub.counters["refused.max_channel_queue"] += 1
+                self.hub.emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR, {
+                    "type": type_, "reason": CHANNEL_QUEUE_FULL,
+                    "waiting": len(self._channel_queue)}), self.conn)
+                self.conn.close(1008, CHANNEL_QUEUE_FULL)
+            return
+        self._channel_bytes += self._size
+        self._channel_queue.append((type_, payload, self._size))
         if not self._channel_busy:
             self._channel_busy = True
             self.hub.spawn(self._drain_channel)
@@ -122,7 +156,8 @@ class Session:
         # one greenlet per connection at a time: messages are handled in order
         try:
             while self._channel_queue:
-                type_, payload = self._channel_queue.popleft()
+                type_, payload, size = self._channel_queue.popleft()
+                self._channel_bytes -= size
                 for handler in self.server.channel.handlers(type_):
                     try:
                         handler(self.conn, payload)
@@ -133,6 +168,13 @@ class Session:
             self._channel_busy = False
 
     def _run_rpc(self, rp: str, payload: Any, stamp: str) -> None:
+        try:
+            self._answer_rpc(rp, payload, stamp)
+        finally:
+            self._rpc_running -= 1
+            self.hub.rpc_running -= 1
+
+    def _answer_rpc(self, rp: str, payload: Any, stamp: str) -> None:
         server, conn = self.server, self.conn
         handler = server.rpc_handler(rp)
         if handler is None:
@@ -180,9 +222,10 @@ class Session:
                     decision.set(None)
 
             try:
-                call_with_kwargs(server.identify, identity=conn.identity, meta=conn.meta,
-                                 accept=accept, refuse=refuse, challenge=challenge,
-                                 conn_id=conn.conn_id)
+                with self.hub.identify_slots:  # max_identify at once; the deadline bounds the wait
+                    call_with_kwargs(server.identify, identity=conn.identity, meta=conn.meta,
+                                     accept=accept, refuse=refuse, challenge=challenge,
+                                     conn_id=conn.conn_id)
             except Exception as exc:
                 self.hub.emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
                     "message": f"identify raised {type(exc).__name__}: {exc}",
@@ -222,8 +265,9 @@ class Session:
                 quest_sent.set(("refuse", None))
 
         try:
-            call_with_kwargs(server.challenge_generator, identity=conn.identity, meta=conn.meta,
-                             quest=quest, refuse=refuse)
+            with self.hub.identify_slots:
+                call_with_kwargs(server.challenge_generator, identity=conn.identity,
+                                 meta=conn.meta, quest=quest, refuse=refuse)
         except Exception as exc:
             self.hub.emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
                 "message": f"challenge generator raised {type(exc).__name__}: {exc}",

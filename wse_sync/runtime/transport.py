@@ -17,13 +17,20 @@ from typing import Callable, Optional, Tuple
 import gevent
 from gevent import socket as gsocket
 
+from ..core.limits import TokenBucket
 from ..core.websocket import SERVER, Close, Message, Protocol, State
 
-__all__ = ["Transport", "SEND_QUEUE_FULL"]
+__all__ = ["Transport", "SEND_QUEUE_FULL", "RATE_LIMITED"]
 
 log = logging.getLogger("wse_sync.transport")
 
 SEND_QUEUE_FULL = "wse.send-queue-full"
+RATE_LIMITED = "wse.rate-limit"
+
+# A reader yields to the other greenlets after this many frames (or bytes) of
+# one read, so a flooding peer cannot hold the loop.
+YIELD_EVERY_FRAMES = 32
+YIELD_EVERY_BYTES = 16384
 
 
 class Transport:
@@ -35,7 +42,8 @@ class Transport:
 
     def __init__(self, sock, rfile, max_message_size: Optional[int],
                  max_send_queue: int = 4 * 1024 * 1024, close_timeout: float = 2.0,
-                 max_fragments: Optional[int] = None) -> None:
+                 max_fragments: Optional[int] = None,
+                 rate_limit: Optional[Tuple[float, float]] = None) -> None:
         # the gevent socket; its non-blocking raw socket for the fast path
         self.sock = sock
         # (a TLS socket's _sock is the TCP socket under it: never write there)
@@ -53,6 +61,9 @@ class Transport:
         self._queued = 0
         self._writer: Optional[gevent.Greenlet] = None
         self._abort_timer = None
+        # frames per second the peer may send (None: no limit)
+        self._bucket = (TokenBucket(rate_limit[0], rate_limit[1], time.monotonic())
+                        if rate_limit else None)
         try:  # small frames must not wait for delayed ACKs (Nagle)
             sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
         except (OSError, AttributeError):
@@ -209,9 +220,16 @@ class Transport:
                     break
                 if not data:
                     break
-                self.last_recv = time.monotonic()
+                self.last_recv = now = time.monotonic()
                 protocol.receive_data(data)
-                for ev in protocol.events_received():
+                events = protocol.events_received()
+                if self._bucket is not None and events and not self._bucket.take(len(events), now):
+                    if self.open:
+                        log.info("a connection sent more than %.0f frames/s: closing it (1008)",
+                                 self._bucket.rate)
+                        self.close(1008, RATE_LIMITED)
+                    events = [ev for ev in events if type(ev) is Close]
+                for ev in events:
                     if type(ev) is Message:  # (only those received while open)
                         on_message(ev.data)
                     elif type(ev) is Close:
@@ -226,6 +244,8 @@ class Transport:
                         break
                 if protocol.close_expected():
                     self._arm_abort(self.close_timeout)
+                if len(events) >= YIELD_EVERY_FRAMES or len(data) >= YIELD_EVERY_BYTES:
+                    gevent.sleep(0)  # the others get their turn
         finally:
             self.abort((1006, ""))
             self._drop_socket()

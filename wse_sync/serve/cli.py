@@ -31,6 +31,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--broker", default=None, help="attach to this broker instead of starting one")
     s.add_argument("--path", default=None)
     s.add_argument("--max-message-size", type=int, default=None)
+    s.add_argument("--certfile", default=None, help="serve TLS with this certificate (PEM)")
+    s.add_argument("--keyfile", default=None, help="the certificate's private key (PEM)")
+    s.add_argument("--max-connections", type=int, default=None,
+                   help="sockets per worker (503 beyond; default 10000)")
+    s.add_argument("--max-connections-per-ip", type=int, default=None,
+                   help="sockets per client address per worker (503 beyond; default 256)")
+    s.add_argument("--allowed-origins", default=None,
+                   help="comma-separated Origin values allowed to connect (403 otherwise)")
+    s.add_argument("--trusted-proxies", default=None,
+                   help="comma-separated addresses whose X-Forwarded-For is believed")
     s.add_argument("--grace", type=float, default=10.0,
                    help="seconds running handlers get to finish on stop (default 10)")
     s.add_argument("--log-level", default="info")
@@ -88,7 +98,18 @@ def _serve(args: argparse.Namespace) -> int:
     app_host, app_port = json.loads(out.stdout.strip().splitlines()[-1])
     host = args.host if args.host is not None else app_host
     port = args.port if args.port is not None else app_port
-    options = {"path": args.path, "max_message_size": args.max_message_size}
+    if args.certfile:
+        from ..integrations.wsgi import tls_context
+        try:  # fail here, once, rather than in every worker
+            tls_context(args.certfile, args.keyfile)
+        except (OSError, ValueError) as exc:
+            sys.stderr.write(f"wse-sync: cannot use --certfile/--keyfile: {exc}\n")
+            return 2
+    options = {"path": args.path, "max_message_size": args.max_message_size,
+               "certfile": args.certfile, "keyfile": args.keyfile,
+               "max_connections": args.max_connections,
+               "max_connections_per_ip": args.max_connections_per_ip,
+               "allowed_origins": args.allowed_origins, "trusted_proxies": args.trusted_proxies}
     sup = Supervisor(args.app, host, port, args.workers, broker=args.broker, options=options,
                      grace=args.grace, log_level=args.log_level)
     return sup.run()

@@ -76,10 +76,7 @@ def run_worker(app_spec: str, fd: int, broker: str, worker_id: Optional[str] = N
             server.options[key] = value
     listener = socket.socket(fileno=fd)
     server.start(broker=broker, worker_id=worker_id)
-    ssl_args = {}
-    if server.options.get("certfile"):
-        ssl_args = {"certfile": server.options["certfile"], "keyfile": server.options["keyfile"]}
-    http = make_wsgi_server(server, listener, **ssl_args)
+    http = make_wsgi_server(server, listener)  # TLS from the options, context built once
     http.start()
     log.info("worker %d serving %s on %s", os.getpid(), app_spec, listener.getsockname())
     if ready_fd is not None:
