@@ -85,7 +85,10 @@ def stats(conn, payload):
         conns = len(server.hub.connections())
     except Exception:  # the hub's API may change under the harness
         conns = None
-    return dict(STATE, pid=os.getpid(), now=time.time(), conns=conns,
+    limits = {k: v for k, v in server.options.items()
+              if isinstance(v, (int, float, type(None))) and not isinstance(v, bool)
+              and (k.startswith("max_") or k.endswith("_timeout") or k == "rate_limit")}
+    return dict(STATE, pid=os.getpid(), now=time.time(), conns=conns, limits=limits,
                 options_applied=sorted(APPLIED), options_ignored=sorted(IGNORED))
 
 

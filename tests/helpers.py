@@ -125,10 +125,11 @@ class RawWS:
     """A WebSocket peer that sends exactly the frames a test asks for."""
 
     def __init__(self, url: str, protocol: Optional[str] = "wse-default-json",
-                 headers: Optional[dict] = None) -> None:
+                 headers: Optional[dict] = None, source: Optional[str] = None) -> None:
         m = re.match(r"ws://([^:/]+):(\d+)(/.*)?", url)
         host, port, path = m.group(1), int(m.group(2)), m.group(3) or "/"
-        self.sock = gsocket.create_connection((host, port), timeout=10 * UNIT)
+        self.sock = gsocket.create_connection((host, port), timeout=10 * UNIT,
+                                              source_address=(source, 0) if source else None)
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket",
                  "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]

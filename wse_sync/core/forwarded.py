@@ -63,11 +63,12 @@ def client_address(peer: Optional[str], forwarded_for: Optional[str], trusted: T
 
 
 def origin_allowed(origin: Optional[str], allowed: Union[str, Iterable[str], None]) -> bool:
-    """The ``allowed_origins`` rule: None allows every request; else the
-    ``Origin`` header must equal one of them ("*" allows any)."""
-    if allowed is None:
+    """The ``allowed_origins`` rule: None allows every request; else a request
+    with an ``Origin`` header (every browser sends one) must name one of them
+    ("*" allows any). Without the header (not a browser) it is allowed."""
+    if allowed is None or origin is None:
         return True
     if isinstance(allowed, str):
         allowed = [a.strip() for a in allowed.split(",") if a.strip()]
     names = {a.rstrip("/").lower() for a in allowed}
-    return "*" in names or (origin is not None and origin.rstrip("/").lower() in names)
+    return "*" in names or origin.rstrip("/").lower() in names

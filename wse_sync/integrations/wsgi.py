@@ -21,6 +21,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import gevent
+from gevent import ssl as gssl
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Stream, WebSocket
@@ -266,9 +267,11 @@ class WseHandler(WebSocketHandler):
 
 
 def tls_context(certfile: str, keyfile: Optional[str] = None) -> ssl.SSLContext:
-    """A server TLS context: TLS 1.2 at least, the system's default ciphers."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    """A server TLS context (gevent's, so handshakes never block the loop):
+    TLS 1.2 at least, the default ciphers."""
+    ctx = gssl.SSLContext(gssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION
     ctx.load_cert_chain(certfile, keyfile)
     return ctx
 
@@ -301,9 +304,10 @@ class WseWSGIServer(WSGIServer):
 def make_wsgi_server(app: Any, listener: Any, **kwargs: Any) -> WSGIServer:
     """A gevent WSGIServer for ``app`` on ``listener`` ((host, port) or a socket).
 
-    TLS: ``ssl_context=``, or ``certfile=`` / ``keyfile=`` (a context is built
-    once, TLS 1.2 minimum); without either, the WseServer's options of those
-    names are used.
+    TLS: ``ssl_context=`` (a ``gevent.ssl.SSLContext``, or any SSLContext in a
+    monkey-patched process), or ``certfile=`` / ``keyfile=`` (a context is
+    built once, TLS 1.2 minimum); without either, the WseServer's options of
+    those names are used.
     """
     kwargs.setdefault("log", None)
     kwargs.setdefault("error_log", logging.getLogger("wse_sync.http"))

@@ -144,6 +144,8 @@ class Session:
                     "type": type_, "reason": CHANNEL_QUEUE_FULL,
                     "waiting": len(self._channel_queue)}), self.conn)
                 self.conn.close(1008, CHANNEL_QUEUE_FULL)
+            self._channel_queue.clear()
+            self._channel_bytes = 0
             return
         self._channel_bytes += self._size
         self._channel_queue.append((type_, payload, self._size))
@@ -155,7 +157,8 @@ class Session:
     def _drain_channel(self) -> None:
         # one greenlet per connection at a time: messages are handled in order
         try:
-            while self._channel_queue:
+            # a closing connection's messages are dropped: nobody waits for them
+            while self._channel_queue and self.conn.ready_state == OPEN:
                 type_, payload, size = self._channel_queue.popleft()
                 self._channel_bytes -= size
                 for handler in self.server.channel.handlers(type_):
