@@ -1126,7 +1126,13 @@ ATTACKS = {
 
 
 def scan_log(text: str) -> dict:
+    notable = collections.Counter()
+    for line in text.splitlines():
+        m = re.search(r" (WARNING|ERROR|CRITICAL) \[[^\]]*\] (.*)", line)
+        if m:  # numbers and addresses out, so that alike lines count together
+            notable[re.sub(r"\d+(\.\d+)?", "N", m.group(2))[:100]] += 1
     return {
+        "log_warnings": dict(notable.most_common(5)),
         "traceback": text.count("Traceback"),
         "broker_silent": len(re.findall(r"worker \S+ \(pid \d+\) silent for", text)),
         "silent_lines": text.count("silent for"),
@@ -1258,6 +1264,8 @@ def print_table(results: list, elapsed: float) -> None:
               f" log: {r.get('traceback', 0)} Traceback, {r.get('broker_silent', 0)} broker"
               f" 'worker ... silent for', {r.get('silent_lines', 0)} 'silent for' lines;"
               f" {r.get('log')}")
+        for line, k in (r.get("log_warnings") or {}).items():
+            print(f"  log x{k}: {line}")
         if r.get("trace"):
             print("  " + r["trace"].replace("\n", "\n  "))
     print(f"\ntotal {elapsed:.0f} s")

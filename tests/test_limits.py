@@ -19,7 +19,7 @@ from gevent import socket
 from gevent import ssl as gssl
 
 from helpers import UNIT, RawWS, inproc_server, wait_for
-from wse_sync import WSE_ERROR, WseClient, WseServer
+from wse_sync import WSE_ERROR, WseClient, WseError, WseServer
 from wse_sync.core.frames import OP_PING, OP_TEXT, build_frame
 from wse_sync.integrations.wsgi import make_wsgi_server, tls_context
 
@@ -367,3 +367,62 @@ def test_a_silent_tls_peer_is_closed_after_tls_handshake_timeout(cert):
     finally:
         server.shutdown(1001, "", timeout=2)
         http.stop(timeout=2)
+
+
+def test_a_ping_flood_is_closed_1008_by_the_control_frame_limit():
+    server = make_server(control_rate_limit=(20, 50))
+    with served(server) as (url, good):
+        ws = ready(url)
+        ws.send_raw(b"".join(build_frame(OP_PING, b"p", mask=True) for _ in range(500)))
+        ev = ws.recv_until_close()
+        assert ev == ("close", 1008, "wse.rate-limit")
+        still_served(good)
+
+
+def test_pings_within_the_control_frame_limit_are_answered():
+    with served(make_server(control_rate_limit=(20, 50))) as (url, _good):
+        ws = ready(url)
+        ws.send_raw(b"".join(build_frame(OP_PING, b"p%d" % i, mask=True) for i in range(10)))
+        assert [ws.recv() for _ in range(10)] == [("pong", b"p%d" % i) for i in range(10)]
+
+
+def test_a_message_larger_than_max_send_queue_is_refused_at_the_sender():
+    errors = []
+    server = make_server(max_send_queue=64 * 1024)
+    server.when.error(lambda err, conn: errors.append(err))
+    with served(server) as (url, good):
+        with pytest.raises(WseError) as err:
+            server.broadcast("big", "x" * 100_000)
+        assert "larger than max_send_queue" in err.value.details["message"]
+        conn = next(iter(server.hub.connections()))
+        assert conn.send("big", "x" * 100_000) is False    # one device: False
+        server.broadcast("small", "y")                     # and everyone stays
+        still_served(good)
+        wait_for(lambda: errors)
+
+
+def test_unauthenticated_connections_per_address_get_1013():
+    gate = gevent.event.Event()
+
+    def identify(identity, accept, refuse):
+        if identity.startswith("slow"):
+            gate.wait(10 * UNIT)
+        accept(identity)
+
+    server = WseServer(identify, ping_interval=0, max_unauthenticated_per_ip=2,
+                       close_timeout=0.3 * UNIT)
+    server.register("echo", lambda conn, p: p)
+    with served(server) as (url, good):
+        # behind the (trusted) loopback proxy: counted by X-Forwarded-For
+        slow = [RawWS(url, headers={"X-Forwarded-For": "203.0.113.7"}) for _ in range(2)]
+        for i, ws in enumerate(slow):
+            ws.send_text(hi(f"slow{i}"))
+        third = RawWS(url, headers={"X-Forwarded-For": "203.0.113.7"})
+        assert third.recv_until_close()[:3] == ("close", 1013, "wse.server-busy")
+        other = RawWS(url, headers={"X-Forwarded-For": "203.0.113.8"})
+        other.send_text(hi("fine"))
+        assert "~wse:welcome" in other.recv()[1]
+        still_served(good)
+        gate.set()
+        for ws in slow:
+            assert "~wse:welcome" in ws.recv()[1]

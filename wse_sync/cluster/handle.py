@@ -230,7 +230,7 @@ class ClusterHandle:
     def _leave(self) -> None:
         server = self._server
         server.shutdown(1000, "", 0)
-        server.hub.link.ctx.term()  # waits for the goodbye to go (the socket's linger)
+        server.hub.wait_closed()  # the goodbye is out (the socket's linger)
 
     def __enter__(self) -> "ClusterHandle":
         return self

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, Hashable, Optional, Tuple
 
-__all__ = ["TokenBucket", "Counter", "parse_rate"]
+__all__ = ["TokenBucket", "KeyedCounter", "parse_rate"]
 
 
 class TokenBucket:
@@ -45,7 +45,7 @@ def parse_rate(value: object) -> Optional[Tuple[float, float]]:
     raise ValueError(f"rate_limit must be None, a rate or (rate, burst), not {value!r}")
 
 
-class Counter:
+class KeyedCounter:
     """How many of something each key holds, with a cap per key (0: no cap)."""
 
     def __init__(self, cap: int) -> None:

@@ -27,7 +27,7 @@ from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Stream, WebSocket
 
 from ..core.forwarded import is_trusted, origin_allowed, parse_trusted
-from ..core.limits import Counter
+from ..core.limits import KeyedCounter
 
 __all__ = ["WseHandler", "WseWSGIServer", "make_wsgi_server", "tls_context"]
 
@@ -89,7 +89,7 @@ class _Edge:
 
     def __init__(self, options: Dict[str, Any]) -> None:
         self.active = 0
-        self.per_ip = Counter(int(options.get("max_connections_per_ip") or 0))
+        self.per_ip = KeyedCounter(int(options.get("max_connections_per_ip") or 0))
         self.trusted = parse_trusted(options.get("trusted_proxies", ()))
         self.refused = 0
         self._last_log = 0.0
@@ -116,6 +116,9 @@ def _edge_of(app: Any, options: Dict[str, Any]) -> _Edge:
 
 class WseHandler(WebSocketHandler):
     """gevent-websocket's handler with exact subprotocol selection."""
+
+    # the runtime warns once when a stock handler upgraded a connection instead
+    WSE_HANDLER = True
 
     # pywsgi reads requests through an 8 KiB buffer that a WebSocket keeps for
     # its whole life; upgrade requests are a few hundred bytes.

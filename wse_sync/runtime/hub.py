@@ -23,6 +23,7 @@ from .session import Session
 from .transport import Transport
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError
 from ..core.forwarded import client_address, origin_allowed
+from ..core.limits import KeyedCounter
 from ..core.limits import parse_rate
 from ..core.ids import make_id
 from ..core.link import LocalEntry
@@ -45,12 +46,18 @@ log = logging.getLogger("wse_sync.server")
 class Hub:
     """The runtime of one WseServer in one process (a fork gets a new one)."""
 
+    _warned_stock = False
+
     def __init__(self, server: "WseServer") -> None:
         self.server = server
         self.pid = os.getpid()
         # this worker's id in the cluster
         self.worker_id = f"w{os.getpid()}-{make_id(6)}"
         self.link: Optional["BrokerLink"] = None
+        # the ZeroMQ context of link and embedded broker; terminated on shutdown
+        self._ctx: Any = None
+        self._terminated: Any = None
+        self._broker_loop: Optional[gevent.Greenlet] = None
         self.embedded_broker: Optional["Broker"] = None
         self.stopping = False
         self._table: ConnectionTable[WseConnection] = ConnectionTable()
@@ -61,8 +68,10 @@ class Hub:
         self._busy = 0
         # what the limits refused, by name ("refused.max_unauthenticated", ...)
         self.counters: Counter = Counter()
-        # sessions upgraded and not yet welcomed (max_unauthenticated)
+        # sessions upgraded and not yet welcomed (max_unauthenticated), and per address
         self._unauthenticated: set = set()
+        self._unauthenticated_of = KeyedCounter(
+            int(server.options["max_unauthenticated_per_ip"] or 0))
         # identify / challenge calls running at once (max_identify)
         self.identify_slots = BoundedSemaphore(max(1, int(server.options["max_identify"] or 1)))
         # RPC handlers running in this worker (max_rpc_per_worker)
@@ -83,14 +92,14 @@ class Hub:
         if worker_id:
             self.worker_id = worker_id
         options = self.server.options
-        ctx = zmq.Context()
+        ctx = self._ctx = zmq.Context()
         if endpoint is None:
             from ..cluster.broker import Broker
             endpoint = f"inproc://wse-broker-{self.worker_id}"
             self.embedded_broker = Broker(endpoint, zmq, context=ctx,
                                           heartbeat=options["heartbeat"])
             self.embedded_broker.bind()
-            gevent.spawn(self.embedded_broker.run)
+            self._broker_loop = gevent.spawn(self.embedded_broker.run)
         self.link = BrokerLink(self, self.worker_id, endpoint, ctx,
                                limit=self.server.conn_per_user, serves=self.server.serves,
                                heartbeat=options["heartbeat"],
@@ -112,8 +121,18 @@ class Hub:
             self.link.stop()
         if self.embedded_broker is not None:
             self.embedded_broker.stop()
+            if self._broker_loop is not None:
+                self._broker_loop.join(2.0)  # it closes its socket on the way out
         if self._sweeper is not None:
             self._sweeper.kill(block=False)
+        if self._ctx is not None and self._terminated is None:
+            # in a thread: term() waits for the sockets' linger (the goodbye to go)
+            self._terminated = gevent.get_hub().threadpool.spawn(self._ctx.term)
+
+    def wait_closed(self, timeout: float = 5.0) -> None:
+        """After shutdown: wait until the last messages to the broker are out."""
+        if self._terminated is not None:
+            self._terminated.wait(timeout)
 
     def _cluster(self) -> "BrokerLink":
         if self.link is None:
@@ -126,11 +145,17 @@ class Hub:
         """Run one upgraded WebSocket (gevent-websocket's ``ws``) until it closes."""
         options = self.server.options
         handler = ws.handler
+        if not getattr(handler, "WSE_HANDLER", False) and not Hub._warned_stock:
+            Hub._warned_stock = True
+            log.warning("this connection was upgraded by %s, not wse_sync.wsgi.WseHandler:"
+                        " malformed upgrades get tracebacks or 500 there, allowed_origins"
+                        " is checked only after the upgrade", type(handler).__name__)
         # From here on the socket is ours: keep gevent-websocket from writing to it.
         ws.closed = True
         transport = Transport(handler.socket, handler.rfile, options["max_message_size"],
                               options["max_send_queue"], options["close_timeout"],
-                              options["max_fragments"], parse_rate(options["rate_limit"]))
+                              options["max_fragments"], parse_rate(options["rate_limit"]),
+                              parse_rate(options["control_rate_limit"]))
         requested = [p.strip() for p in
                      environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",")]
         remote = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),
@@ -155,6 +180,9 @@ class Hub:
         if limit and len(self._unauthenticated) >= limit:
             self._refuse(transport, "max_unauthenticated", 1013, SERVER_BUSY, remote)
             return
+        if not self._unauthenticated_of.acquire(remote):
+            self._refuse(transport, "max_unauthenticated_per_ip", 1013, SERVER_BUSY, remote)
+            return
         session = Session(self, conn)
         self._sessions.add(session)
         self._unauthenticated.add(session)
@@ -162,7 +190,13 @@ class Hub:
             session.run()
         finally:
             self._sessions.discard(session)
+            self._welcomed(session)
+
+    def _welcomed(self, session: Session) -> None:
+        """The session no longer counts as unauthenticated (welcomed or gone)."""
+        if session in self._unauthenticated:
             self._unauthenticated.discard(session)
+            self._unauthenticated_of.release(session.conn.remote_addr)
 
     def _refuse(self, transport: Transport, limit: str, code: int, reason: str,
                 remote: Optional[str]) -> None:
@@ -198,7 +232,7 @@ class Hub:
         conn.transport.write_message(
             protocol.pack(protocol.internal_types["welcome"], welcome, None))
         session.ready()
-        self._unauthenticated.discard(session)
+        self._welcomed(session)
         if first:
             self.emit("joined", identity, conn.meta)
         self.emit("connected", conn)
@@ -220,12 +254,23 @@ class Hub:
 
     # -- the public API, carried out -------------------------------------------
     def send(self, cid: Hashable, data: Any) -> None:
+        self._check_size(data)
         self._write(self._table.of_user(cid), data)
         self._cluster().send_cid(cid, data)
 
     def broadcast(self, data: Any) -> None:
+        self._check_size(data)
         self._write(self._table.all(), data)
         self._cluster().broadcast(data)
+
+    def _check_size(self, data: Any) -> None:
+        """A message larger than max_send_queue could never be queued for anyone."""
+        limit = self.server.options["max_send_queue"]
+        if len(data) > limit:
+            error = WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR, {
+                "message": f"a {len(data)}-byte message is larger than max_send_queue ({limit})"})
+            self.emit_error(error, None)
+            raise error
 
     def drop_client(self, cid: Hashable, reason: str) -> None:
         for conn in self._table.of_user(cid):

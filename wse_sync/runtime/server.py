@@ -54,12 +54,14 @@ DEFAULTS: Dict[str, Any] = {
     "max_connections_per_ip": 256,  # per client address per worker; trusted proxies exempt (503)
     "allowed_origins": None,        # None: any Origin; else the allowed ones (403)
     "max_unauthenticated": 1000,    # upgraded, not yet welcomed, per worker (1013)
+    "max_unauthenticated_per_ip": 50,  # ... per client address (X-Forwarded-For aware) (1013)
     "max_identify": 100,            # identify / challenge calls at once per worker (others wait)
     "max_rpc_per_conn": 64,         # RPC handlers running per connection (error at once beyond)
     "max_rpc_per_worker": 4096,     # ... and per worker
     "max_channel_queue": 256,       # channel messages waiting per connection (1008 beyond)
     "max_channel_queue_bytes": 8 * 1024 * 1024,
     "rate_limit": None,             # frames per second per connection: rate or (rate, burst) (1008)
+    "control_rate_limit": (50, 200),  # pings + pongs per second per connection (1008)
 }
 
 
@@ -106,6 +108,7 @@ class WseServer:
         self.options: Dict[str, Any] = dict(DEFAULTS, **options)
         # bad values fail here, not per connection
         parse_rate(self.options["rate_limit"])
+        parse_rate(self.options["control_rate_limit"])
         parse_trusted(self.options["trusted_proxies"])
         self.channel = Emitter()
         self.when = When()

@@ -18,7 +18,7 @@ import gevent
 from gevent import socket as gsocket
 
 from ..core.limits import TokenBucket
-from ..core.websocket import SERVER, Close, Message, Protocol, State
+from ..core.websocket import SERVER, Close, Message, Ping, Pong, Protocol, State
 
 __all__ = ["Transport", "SEND_QUEUE_FULL", "RATE_LIMITED"]
 
@@ -43,7 +43,8 @@ class Transport:
     def __init__(self, sock, rfile, max_message_size: Optional[int],
                  max_send_queue: int = 4 * 1024 * 1024, close_timeout: float = 2.0,
                  max_fragments: Optional[int] = None,
-                 rate_limit: Optional[Tuple[float, float]] = None) -> None:
+                 rate_limit: Optional[Tuple[float, float]] = None,
+                 control_rate_limit: Optional[Tuple[float, float]] = None) -> None:
         # the gevent socket; its non-blocking raw socket for the fast path
         self.sock = sock
         # (a TLS socket's _sock is the TCP socket under it: never write there)
@@ -64,6 +65,9 @@ class Transport:
         # frames per second the peer may send (None: no limit)
         self._bucket = (TokenBucket(rate_limit[0], rate_limit[1], time.monotonic())
                         if rate_limit else None)
+        # pings and pongs per second (each ping costs a pong the peer may never read)
+        self._control = (TokenBucket(control_rate_limit[0], control_rate_limit[1],
+                                     time.monotonic()) if control_rate_limit else None)
         try:  # small frames must not wait for delayed ACKs (Nagle)
             sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
         except (OSError, AttributeError):
@@ -90,7 +94,16 @@ class Transport:
         return self.write_raw(self.protocol.frame(data))
 
     def write_raw(self, frame: bytes) -> bool:
-        """Queue already-framed bytes (the same bytes may go to many sockets)."""
+        """Queue already-framed bytes (the same bytes may go to many sockets).
+
+        False when the connection is not open, or when the frame alone is
+        larger than ``max_send_queue`` (it could never be queued; the
+        connection stays).
+        """
+        if len(frame) > self.max_send_queue:
+            log.warning("a %d-byte message is larger than max_send_queue (%d): not sent",
+                        len(frame), self.max_send_queue)
+            return False
         if self._cut or not self.protocol.send_frame(frame):
             return False
         return self._flush()
@@ -124,12 +137,7 @@ class Transport:
                 self.abort((1006, ""))
                 return False
         if sent < len(frame):
-            rest = frame[sent:] if sent else frame
-            if len(rest) > self.max_send_queue:  # the first frame counts too
-                log.warning("a %d-byte frame does not fit a connection's send queue"
-                            " (%d bytes): dropping it", len(rest), self.max_send_queue)
-                self.abort((1008, SEND_QUEUE_FULL))
-                return False
+            rest = frame[sent:] if sent else frame  # (fits: write_raw checked the size)
             if self._queue is None:
                 self._queue = deque()
             self._queue.append(rest)
@@ -223,12 +231,8 @@ class Transport:
                 self.last_recv = now = time.monotonic()
                 protocol.receive_data(data)
                 events = protocol.events_received()
-                if self._bucket is not None and events and not self._bucket.take(len(events), now):
-                    if self.open:
-                        log.info("a connection sent more than %.0f frames/s: closing it (1008)",
-                                 self._bucket.rate)
-                        self.close(1008, RATE_LIMITED)
-                    events = [ev for ev in events if type(ev) is Close]
+                if events and (self._bucket is not None or self._control is not None):
+                    events = self._limit(events, now)
                 for ev in events:
                     if type(ev) is Message:  # (only those received while open)
                         on_message(ev.data)
@@ -250,6 +254,22 @@ class Transport:
             self.abort((1006, ""))
             self._drop_socket()
         return self.close_status or (1006, "")
+
+    def _limit(self, events: list, now: float) -> list:
+        """Apply the rate limits; over one, close 1008 and keep only a close frame."""
+        over = None
+        if self._bucket is not None and not self._bucket.take(len(events), now):
+            over = f"more than {self._bucket.rate:.0f} frames/s"
+        elif self._control is not None:
+            control = sum(1 for ev in events if type(ev) is Ping or type(ev) is Pong)
+            if control and not self._control.take(control, now):
+                over = f"more than {self._control.rate:.0f} pings/pongs a second"
+        if over is None:
+            return events
+        if self.open:
+            log.info("a connection sent %s: closing it (1008 %s)", over, RATE_LIMITED)
+            self.close(1008, RATE_LIMITED)
+        return [ev for ev in events if type(ev) is Close]
 
     def _drop_socket(self) -> None:
         try:
