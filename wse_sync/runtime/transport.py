@@ -186,6 +186,15 @@ class Transport:
         self._flush()
         self._arm_abort(self.close_timeout)
 
+    def fail(self, code: int, reason: str = "") -> None:
+        """Fail the connection: close frame, end of our side of TCP, and what
+        the peer sends next is discarded unread (cut after ``close_timeout``)."""
+        if self._cut or not self.open:
+            return
+        self.protocol.fail(code, reason)
+        self._flush()
+        self._arm_abort(self.close_timeout)
+
     def abort(self, status: Tuple[int, str] = (1006, "")) -> None:
         """Cut the TCP connection now; ``status`` is reported unless a close
         handshake has already given one."""
@@ -268,7 +277,7 @@ class Transport:
             return events
         if self.open:
             log.info("a connection sent %s: closing it (1008 %s)", over, RATE_LIMITED)
-            self.close(1008, RATE_LIMITED)
+            self.fail(1008, RATE_LIMITED)
         return [ev for ev in events if type(ev) is Close]
 
     def _drop_socket(self) -> None:
