@@ -150,6 +150,8 @@ class RawWS:
         self.reader = FrameReader(None, expect_mask=False)
         self.events: List[tuple] = []
         self._rest = rest
+        # an HTTP answer's body (what came with the head), when not upgraded
+        self.body = rest.decode("utf-8", "replace") if self.status != 101 else ""
         if rest and self.status == 101:  # else: an HTTP body, not frames
             self.events += self.reader.feed(rest)
 

@@ -297,3 +297,23 @@ def test_tls_with_certfile_and_keyfile(tmp_path):
         # plain ws:// to a TLS port does not get a WebSocket
         with pytest.raises(WseError):
             WseClient(sp.url, connect_timeout=3).connect("plain")
+
+
+def test_tls_from_the_command_line_flags(tmp_path):
+    """`serve --certfile/--keyfile` on a plain app; a bad path is one clear line."""
+    import ssl
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                           "-keyout", str(key), "-out", str(cert), "-days", "1",
+                           "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                          capture_output=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    with serve_process(ECHO, extra=["--certfile", str(cert), "--keyfile", str(key)]) as sp:
+        c = WseClient(f"wss://127.0.0.1:{sp.port}/",
+                      ssl_context=ssl.create_default_context(cafile=str(cert)))
+        c.connect("secure")
+        assert c.call("echo", "x") == "x"
+        c.close()
+    code, _out, err = run_cli(serve_argv(ECHO, free_port(),
+                                         extra=["--certfile", str(tmp_path / "missing.pem")]))
+    assert code == 2 and "cannot use --certfile/--keyfile" in err and "Traceback" not in err

@@ -65,15 +65,27 @@ def _find_wse(app: Any, path: str):
     return router if router.wants(path) else None
 
 
-def _options_of(app: Any) -> Dict[str, Any]:
-    """The options of the WseServer behind ``app`` (the first one of a mount)."""
-    from ..runtime.server import DEFAULTS
+def _server_of(app: Any) -> Any:
+    """The WseServer behind ``app`` (the first one of a mount), or None."""
     router = _router(app)
     if router is not None and hasattr(router, "wse_servers"):
         servers = router.wse_servers()
         router = servers[0] if servers else None
-    options = getattr(router, "options", None)
-    return options if isinstance(options, dict) else DEFAULTS
+    return router if isinstance(getattr(router, "options", None), dict) else None
+
+
+def _options_of(app: Any) -> Dict[str, Any]:
+    """The options of the WseServer behind ``app`` (its edge limits)."""
+    from ..runtime.server import DEFAULTS
+    server = _server_of(app)
+    return server.options if server is not None else DEFAULTS
+
+
+def _count(app: Any, limit: str) -> None:
+    """Count a refusal in the server's ``hub.counters`` ("refused.<limit>")."""
+    server = _server_of(app)
+    if server is not None:
+        server.hub.counters["refused." + limit] += 1
 
 
 def _response(status: str, text: str, headers: Tuple[Tuple[str, str], ...] = ()) -> bytes:
@@ -156,6 +168,7 @@ class WseHandler(WebSocketHandler):
 
     def _refuse(self, edge: _Edge, status: str, text: str, limit: str) -> None:
         edge.note_refusal(limit, self.client_address)
+        _count(self.server.application, limit)
         try:
             self.socket.setblocking(False)
             self.socket.send(_response(status, text, (("Retry-After", "5"),)))
@@ -178,6 +191,7 @@ class WseHandler(WebSocketHandler):
             if exc is not timer:
                 raise
             log.info("no complete request from %s in %.1fs: 408", self.client_address, seconds)
+            _count(self.server.application, "header_timeout")
             self.close_connection = True
             return ("408", _response("408 Request Timeout", "request timeout"))
         finally:
@@ -215,6 +229,7 @@ class WseHandler(WebSocketHandler):
                              [("Sec-WebSocket-Version", ", ".join(self.SUPPORTED_VERSIONS))])
         options = getattr(self, "wse_options", None) or _options_of(self.application)
         if not origin_allowed(env.get("HTTP_ORIGIN"), options.get("allowed_origins")):
+            _count(self.application, "allowed_origins")
             return self._bad("403 Forbidden", "origin not allowed")
         return self.upgrade_connection()
 
@@ -292,6 +307,7 @@ class WseWSGIServer(WSGIServer):
                 tls = self.wrap_socket(client_socket, **self.ssl_args)
         except gevent.Timeout:
             log.info("no TLS handshake from %s in %.1fs: closed", address, seconds)
+            _count(self.application, "tls_handshake_timeout")
             client_socket.close()
             return None
         except (ssl.SSLError, OSError) as exc:
