@@ -22,7 +22,7 @@ from .connection import CLOSED, OPEN, RemoteConnection, WseConnection, WseIdenti
 from .session import Session
 from .transport import Transport
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError
-from ..core.forwarded import client_address, origin_allowed
+from ..core.forwarded import client_address, is_trusted, origin_allowed
 from ..core.limits import KeyedCounter
 from ..core.limits import parse_rate
 from ..core.ids import make_id
@@ -180,7 +180,9 @@ class Hub:
         if limit and len(self._unauthenticated) >= limit:
             self._refuse(transport, "max_unauthenticated", 1013, SERVER_BUSY, remote)
             return
-        if not self._unauthenticated_of.acquire(remote):
+        # (a trusted proxy's own address is not a client's: not counted, as at the edge)
+        if not is_trusted(remote, self.server.trusted) and \
+                not self._unauthenticated_of.acquire(remote):
             self._refuse(transport, "max_unauthenticated_per_ip", 1013, SERVER_BUSY, remote)
             return
         session = Session(self, conn)
@@ -196,7 +198,9 @@ class Hub:
         """The session no longer counts as unauthenticated (welcomed or gone)."""
         if session in self._unauthenticated:
             self._unauthenticated.discard(session)
-            self._unauthenticated_of.release(session.conn.remote_addr)
+            remote = session.conn.remote_addr
+            if not is_trusted(remote, self.server.trusted):
+                self._unauthenticated_of.release(remote)
 
     def _refuse(self, transport: Transport, limit: str, code: int, reason: str,
                 remote: Optional[str]) -> None:
