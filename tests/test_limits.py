@@ -431,3 +431,33 @@ def test_unauthenticated_connections_per_address_get_1013():
         gate.set()
         for ws in slow:
             assert "~wse:welcome" in ws.recv()[1]
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET / HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: !!not base64!!\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Version: 5\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+], ids=["http10", "no-version", "bad-key", "old-version"])
+def test_the_stock_handler_answers_malformed_upgrades_without_a_traceback(request_bytes,
+                                                                          capsys):
+    from gevent.pywsgi import WSGIServer
+    from geventwebsocket.handler import WebSocketHandler
+    server = make_server()
+    http = WSGIServer(("127.0.0.1", 0), server, handler_class=WebSocketHandler, log=None)
+    http.start()
+    try:
+        sock = raw_tcp(f"ws://127.0.0.1:{http.server_port}/", "127.0.0.2")
+        sock.settimeout(1.0 * UNIT)  # the stock handler keeps the connection alive
+        sock.sendall(request_bytes)
+        head, _, body = read_http(sock).partition(b"\r\n\r\n")
+        assert head[9:10] == b"4", head           # a 4xx status...
+        assert body.strip(), head                  # ...with a body
+    finally:
+        server.shutdown(1001, "", timeout=2)
+        http.stop(timeout=2)
+    assert "Traceback" not in capsys.readouterr().err

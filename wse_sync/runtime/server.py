@@ -20,6 +20,7 @@ from ..core.limits import parse_rate
 from ..core.protocol import WseJSON, check_protocol
 from .connection import WseIdentity
 from .hub import Hub
+from .stock_handler import harden
 
 __all__ = ["WseServer", "DEFAULTS"]
 
@@ -106,6 +107,7 @@ class WseServer:
         self.rpc_timeout = rpc_timeout
         self.protocol = check_protocol(protocol if protocol is not None else WseJSON())
         self.options: Dict[str, Any] = dict(DEFAULTS, **options)
+        harden()  # gevent-websocket's stock handler, should it serve us
         # bad values fail here, not per connection
         parse_rate(self.options["rate_limit"])
         parse_rate(self.options["control_rate_limit"])
