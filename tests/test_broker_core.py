@@ -277,3 +277,193 @@ def test_a_fresh_cluster_is_not_held():
     hello(core, "w2", table=[], now=0.0)
     out = core.handle("w1", Message("join", {"req": 1, "conn_id": "a", "cid": "u"}), 0.1)
     assert [m.body["first"] for w, m in out if m.kind == "joined"] == [True]
+
+
+# -- roles and checks (what a peer's key allows, what a message may claim) ---------
+from wse_sync.core.checks import CLIENT_KINDS, ROLE_CLIENT, ROLE_WORKER, check  # noqa: E402
+
+
+def map_of(core):
+    return {c: (e.cid, e.worker) for c, e in core.registry.conns.items()}
+
+
+def two_workers_and_a_client():
+    core = BrokerCore()
+    hello(core, "w1", table=[["a", "alice", {"m": 1}, 1.0]])
+    hello(core, "w2", table=[["b", "bob", None, 2.0]])
+    out = core.handle("h", Message("hello", {"pid": 9, "table": [], "serves": False}), 0,
+                      role=ROLE_CLIENT)
+    assert kinds(out)[0] == ("h", "snapshot")
+    return core
+
+
+def test_a_client_key_may_only_send_broadcast_drop_and_ask_for_stats():
+    core = two_workers_and_a_client()
+    before = map_of(core)
+    forbidden = [
+        Message("join", {"req": 1, "conn_id": "c", "cid": "carol"}),
+        Message("leave", {"conn_id": "a", "cid": "alice"}),
+        Message("call", {"call": 1, "conn_id": "a", "rp": "x"}),
+        Message("result", {"call": 1, "origin": "w1", "ok": True, "value": 1}),
+        Message("conn_send", {"conn_id": "a", "seq": 1}, "x"),
+        Message("conn_drop", {"conn_id": "a", "reason": "", "seq": 2}),
+    ]
+    for msg in forbidden:
+        assert core.handle("h", msg, 0, role=ROLE_CLIENT) == [], msg.kind
+    assert core.counters["refused.role"] == len(forbidden)
+    assert map_of(core) == before
+    # what a connect_cluster() handle does
+    out = core.handle("h", Message("send", {"cid": "alice", "seq": 1}, "hi"), 0, role=ROLE_CLIENT)
+    assert kinds(out) == [("w1", "deliver")]
+    out = core.handle("h", Message("bcast", {"seq": 2}, "all"), 0, role=ROLE_CLIENT)
+    assert sorted(kinds(out)) == [("w1", "deliver"), ("w2", "deliver")]
+    out = core.handle("h", Message("drop_cid", {"cid": "bob", "reason": "r", "seq": 3}), 0,
+                      role=ROLE_CLIENT)
+    assert kinds(out) == [("w2", "drop")]
+    assert kinds(core.handle("h", Message("stats", {}), 0, role=ROLE_CLIENT)) == [("h", "stats")]
+    assert core.stats()["workers"]["h"]["role"] == ROLE_CLIENT
+    assert core.handle("h", Message("hb", {}), 0, role=ROLE_CLIENT) == []
+    core.handle("h", Message("bye", {}), 0, role=ROLE_CLIENT)
+    assert "h" not in core.workers and map_of(core) == before
+    assert CLIENT_KINDS == {"hello", "hb", "bye", "stats", "send", "bcast", "drop_cid"}
+
+
+def test_a_client_hello_with_a_table_is_refused_and_spoofs_no_delta():
+    core = two_workers_and_a_client()
+    before = map_of(core)
+    spoof = {"pid": 9, "table": [["x", "eve", None, 3.0], ["a", "alice", None, 0.5]]}
+    assert core.handle("h2", Message("hello", spoof), 0, role=ROLE_CLIENT) == []
+    assert core.counters["refused.role"] == 1
+    assert map_of(core) == before and "h2" not in core.workers
+    # and a client that says it serves sockets gets no 'left' nor broadcasts
+    core.handle("h3", Message("hello", {"pid": 9, "table": [], "serves": True}), 0,
+                role=ROLE_CLIENT)
+    assert core.workers["h3"].serves is False
+    out = core.handle("w1", Message("bcast", {"seq": 1}, "x"), 0)
+    assert sorted(kinds(out)) == [("w2", "deliver")]
+
+
+def test_a_join_may_not_take_a_connection_another_worker_holds():
+    core = two_workers_and_a_client()
+    before = map_of(core)
+    # w2 claims w1's connection "a" (it would evict it and own alice's connection)
+    out = core.handle("w2", Message("join", {"req": 5, "conn_id": "a", "cid": "mallory",
+                                             "limit": 1}), 0)
+    assert out == [] and map_of(core) == before
+    assert core.counters["refused.conn-taken"] == 1
+    # nor through its table
+    out = hello(core, "w2", table=[["b", "bob", None, 2.0], ["a", "alice", None, 0.1]])
+    assert map_of(core) == before
+    assert core.counters["refused.conn-taken"] == 2
+    assert not [m for w, m in out if m.kind == "drop"]
+    # the holder itself may join it again (its own table, replaced)
+    out = core.handle("w1", Message("join", {"req": 6, "conn_id": "a", "cid": "alice"}), 0)
+    assert [m.kind for w, m in out if w == "w1"] == ["joined"]
+
+
+def test_a_leave_of_a_connection_held_elsewhere_is_refused():
+    core = two_workers_and_a_client()
+    before = map_of(core)
+    out = core.handle("w2", Message("leave", {"conn_id": "a", "cid": "alice", "code": 1000,
+                                              "reason": ""}), 0)
+    assert out == [] and map_of(core) == before
+    assert core.counters["refused.not-holder"] == 1
+    # its holder's leave goes through
+    out = core.handle("w1", Message("leave", {"conn_id": "a", "cid": "alice", "code": 1000,
+                                              "reason": ""}), 0)
+    assert [m.body["last"] for w, m in out if m.kind == "left"] == [True]
+    assert "a" not in core.registry.conns
+
+
+def test_a_result_must_come_from_the_worker_the_call_went_to():
+    core = two_workers_and_a_client()
+    hello(core, "w3")
+    out = core.handle("w1", Message("call", {"call": 7, "conn_id": "b", "rp": "x"}), 0)
+    assert kinds(out) == [("w2", "call")] and out[0][1].body["origin"] == "w1"
+    forged = {"call": 7, "origin": "w1", "ok": True, "value": "forged"}
+    assert core.handle("w3", Message("result", forged), 0) == []
+    assert core.counters["refused.not-holder"] == 1
+    # the holder's answer goes back to the caller, once
+    real = {"call": 7, "origin": "w1", "ok": True, "value": "real"}
+    out = core.handle("w2", Message("result", real), 0)
+    assert [(w, m.body) for w, m in out] == [("w1", {"call": 7, "ok": True, "value": "real"})]
+    assert core.handle("w2", Message("result", real), 0) == []  # answered already
+    assert core.counters["dropped.unknown-call"] == 1
+    # a result for a call nobody made reaches nobody
+    assert core.handle("w3", Message("result", dict(forged, call=99)), 0) == []
+
+
+def test_a_routing_identity_stays_with_the_key_that_first_used_it():
+    core = BrokerCore()
+    hello(core, "w1", table=[["a", "alice", None, 1.0]])
+    core.handle("w1", Message("hb", {}), 0, key="KEY-W1")
+    before = map_of(core)
+    # another key (a client's) under w1's identity: neither bye nor hello in its name
+    for msg in (Message("bye", {}), Message("hello", {"pid": 1, "table": []})):
+        assert core.handle("w1", msg, 0, role=ROLE_CLIENT, key="KEY-OTHER") == []
+    assert core.counters["refused.identity-taken"] == 2
+    assert map_of(core) == before and "w1" in core.workers
+    assert core.handle("w1", Message("hb", {}), 0, key="KEY-W1") == []
+    assert core.counters["refused.identity-taken"] == 2
+
+
+def test_a_worker_whose_key_becomes_a_client_key_loses_its_connections():
+    core = BrokerCore()
+    hello(core, "w1", table=[["a", "alice", None, 1.0]])
+    out = core.handle("w1", Message("hb", {}), 0, role=ROLE_CLIENT)
+    assert "w1" not in core.workers and core.registry.conns == {}
+    assert ("w1", "reset") in kinds(out)
+
+
+@pytest.mark.parametrize("msg,what", [
+    (Message("join", {"req": 1, "conn_id": 5, "cid": "u"}), "dropped.malformed"),
+    (Message("join", {"req": 1, "conn_id": "c", "cid": ["u"]}), "dropped.malformed"),
+    (Message("join", {"req": 1, "conn_id": "c", "cid": True}), "dropped.malformed"),
+    (Message("join", {"req": 1, "conn_id": "c", "cid": "u", "at": "later"}), "dropped.malformed"),
+    (Message("join", {"req": 1, "conn_id": "c" * 129, "cid": "u"}), "dropped.oversize"),
+    (Message("join", {"req": 1, "conn_id": "c", "cid": "u" * 1025}), "dropped.oversize"),
+    (Message("join", {"req": [1], "conn_id": "c", "cid": "u"}), "dropped.malformed"),
+    (Message("leave", {"conn_id": ""}), "dropped.malformed"),
+    (Message("leave", {"conn_id": "c", "reason": "r" * 5000}), "dropped.oversize"),
+    (Message("send", {"cid": "u", "seq": "1"}, "x"), "dropped.malformed"),
+    (Message("send", {"cid": "u", "seq": 1}), "dropped.malformed"),
+    (Message("bcast", {"seq": 1.5}, "x"), "dropped.malformed"),
+    (Message("call", {"call": 1, "conn_id": "c"}), "dropped.malformed"),
+    (Message("call", {"call": 1, "conn_id": "c", "rp": "x", "timeout": "soon"}),
+     "dropped.malformed"),
+    (Message("result", {"call": 1, "ok": True}), "dropped.malformed"),
+    (Message("hello", {"pid": 1, "table": [["c", "u", None, float("inf")]]}),
+     "dropped.malformed"),
+    (Message("hello", {"pid": 1, "table": [["c", "u", None, 1.0, "yes"]]}), "dropped.malformed"),
+    (Message("hello", {"pid": 1, "table": {"c": "u"}}), "dropped.malformed"),
+    (Message("hello", {"pid": 1, "serves": "no"}), "dropped.malformed"),
+    (Message("snapshot", {}), "dropped.unexpected"),
+])
+def test_malformed_and_oversize_messages_are_dropped_and_counted(msg, what):
+    core = two_workers_and_a_client()
+    before, workers = map_of(core), set(core.workers)
+    assert check(msg, ROLE_WORKER).what == what
+    assert core.handle("w1", msg, 0) == []
+    assert core.counters[what] == 1
+    assert map_of(core) == before and set(core.workers) == workers
+
+
+def test_what_honest_peers_send_passes_the_checks():
+    from wse_sync.core.link import LinkCore
+    link = LinkCore("w1", lambda: [("c1", "u", {"m": 1}, 1.5)], limit=2)
+    out = link.hello()
+    out += link.join("c2", 7, None, 2.0, [], 2).out
+    out += link.leave("c1", "u", {"m": 1}, 1000, "wse.by-client")
+    out += link.command("send", {"cid": "u"}, "frame", 0)
+    out += link.command("bcast", {}, b"\x00", 0)
+    out += link.command("drop_cid", {"cid": 7, "reason": "r"}, None, 0)
+    out += link.command("conn_send", {"conn_id": "c2"}, "frame", 0)
+    out += link.command("conn_drop", {"conn_id": "c2", "reason": ""}, None, 0)
+    out += link.call("c9", "rp", {"x": 1}, 5.0)[1]
+    out += LinkCore.call_result({"call": 3, "origin": "w2"}, False, {"code": "e"})
+    out += [Message("hb", {}), Message("stats", {})] + link.bye()
+    for m in out:
+        assert check(m, ROLE_WORKER) is None, m
+    client = LinkCore("h", lambda: [], serves=False)
+    for m in client.hello() + client.command("send", {"cid": "u"}, "f", 0) + client.bye():
+        assert check(m, ROLE_CLIENT) is None, m

@@ -1,8 +1,22 @@
 """The broker: the authoritative user map and the fan-out of commands.
 
-``BrokerCore`` is pure: ``handle(sender, message, now)`` and ``tick(now)``
-return the messages to send as ``(worker_id, Message)`` pairs.
+``BrokerCore`` is pure: ``handle(sender, message, now, role, key)`` and
+``tick(now)`` return the messages to send as ``(worker_id, Message)`` pairs.
 ``wse_sync.cluster.broker.Broker`` runs it on a ZeroMQ ROUTER socket.
+
+Every message is checked before it changes anything (``core.checks``: the
+sender's role, the shape and size of the body), and so is what it claims:
+
+- a routing identity belongs to the first key that spoke with it (a peer
+  cannot take over a worker's identity, e.g. to say ``bye`` in its name);
+- a ``join`` may not take a conn_id another worker holds, nor may a
+  worker's table (``hello``);
+- a ``leave`` names a connection the sender holds (or one the map does not
+  hold at all: evicted, or known to an earlier broker);
+- a ``result`` answers a call the broker routed to the sender.
+
+A refused message changes nothing and gets no answer; it is counted
+(``refused.<what>``) and logged once per sender and kind of refusal.
 """
 from __future__ import annotations
 
@@ -12,11 +26,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, Hashable, List, Optional, Set, Tuple
 
+from .checks import ROLE_CLIENT, ROLE_WORKER, check
 from .errors import WSE_ERROR, WSE_REASON
 from .messages import Message
 from .registry import ConnEntry, Registry
 
-__all__ = ["BrokerCore", "HEARTBEAT", "WORKER_TIMEOUT", "Out"]
+__all__ = ["BrokerCore", "HEARTBEAT", "WORKER_TIMEOUT", "Out", "ROLE_WORKER", "ROLE_CLIENT"]
 
 log = logging.getLogger("wse_sync.broker")
 
@@ -30,6 +45,10 @@ HELD_WHILE_SYNCING = frozenset({"send", "bcast", "drop_cid", "conn_send", "conn_
                                 "join", "leave"})
 # a worker's commands are acked at least every ACK_EVERY seqs (and with each heartbeat)
 ACK_EVERY = 256
+# routing identities remembered with the key that owns them, and refusals
+# logged (once per sender and kind); the oldest are forgotten beyond these
+OWNERS_MAX = 100000
+LOGGED_MAX = 10000
 
 Out = List[Tuple[str, Message]]
 
@@ -46,6 +65,8 @@ class WorkerInfo:
     ack_sent: int = 0
     # False for a member without sockets (connect_cluster): never gets 'left'
     serves: bool = True
+    # what its key allows (core.checks): "worker", or "client" for a connect_cluster() key
+    role: str = ROLE_WORKER
 
 
 class BrokerCore:
@@ -81,20 +102,39 @@ class BrokerCore:
         self._pending: Dict[str, None] = {}
         # server -> client calls on their way: (origin, call id) -> holder worker
         self._calls: Dict[Tuple[str, Any], str] = {}
+        # routing identity -> the CURVE key that first spoke with it
+        self._owners: Dict[str, str] = {}
+        # (sender, refusal) pairs already logged
+        self._logged: Dict[Tuple[str, str], None] = {}
 
     # -- entry points -------------------------------------------------
-    def handle(self, sender: str, msg: Message, now: float) -> Out:
+    def handle(self, sender: str, msg: Message, now: float, role: str = ROLE_WORKER,
+               key: Optional[str] = None) -> Out:
+        """One message from ``sender`` (its routing identity). ``role`` is what
+        the sender's key allows (``core.checks``); ``key`` identifies that key
+        (None on a link without CURVE)."""
         self.counters["in." + msg.kind] += 1
         out: Out = []
+        if key is not None and not self._owned_by(sender, key):
+            return []
+        refusal = check(msg, role)
+        if refusal is not None:
+            self._refuse(sender, refusal.what, "%s", refusal.why, kind=msg.kind)
+            return []
         if msg.kind == "stats":
             return [(sender, Message("stats", self.stats()))]
         info = self.workers.get(sender)
+        if info is not None and info.role != role:
+            # its key moved to the other directory (reloaded): it starts again
+            log.warning("%s now speaks with a %s key: removing it until it says hello again",
+                        sender, role)
+            out += self.remove_worker(sender)
+            info = None
         if msg.kind == "hello":
             try:
-                out = self._hello(sender, msg.body, now)
+                out += self._hello(sender, msg.body, now, role)
             except (KeyError, TypeError, ValueError, IndexError) as exc:
-                self.counters["dropped.malformed"] += 1
-                log.warning("dropped a malformed hello from %r: %r", sender, exc)
+                self._refuse(sender, "dropped.malformed", "%r", exc, kind="hello")
                 return []
             _, held = self.limbo.pop(sender, (0.0, []))
             for m in held:
@@ -117,6 +157,32 @@ class BrokerCore:
             return out
         info.last_seen = now
         return self._process(sender, msg, now)
+
+    def _owned_by(self, sender: str, key: str) -> bool:
+        """A routing identity stays with the first key that used it."""
+        owner = self._owners.get(sender)
+        if owner is None:
+            if len(self._owners) >= OWNERS_MAX:
+                del self._owners[next(iter(self._owners))]
+            self._owners[sender] = key
+            return True
+        if owner == key:
+            return True
+        self._refuse(sender, "refused.identity-taken",
+                     "its routing identity belongs to another key (this one is %s)", key[:12])
+        return False
+
+    def _refuse(self, sender: str, what: str, fmt: str, *args: Any, kind: str = "") -> None:
+        """Count a refused message; log it once per sender and kind of refusal."""
+        self.counters[what] += 1
+        if (sender, what) in self._logged:
+            return
+        if len(self._logged) >= LOGGED_MAX:
+            del self._logged[next(iter(self._logged))]
+        self._logged[(sender, what)] = None
+        log.warning("%s %s from %r: " + fmt + " (counted as %r; logged once per peer)",
+                    what.split(".")[0], f"a {kind!r} message" if kind else "a message", sender,
+                    *args, what)
 
     def _syncing(self, now: float) -> bool:
         return self._sync_until is not None and now < self._sync_until
@@ -146,15 +212,12 @@ class BrokerCore:
                 out.append((sender, Message("ack", {"seq": seq})))
         handler = getattr(self, "_on_" + msg.kind, None)
         if handler is None:
-            self.counters["dropped.unexpected"] += 1
-            log.warning("dropped a %r message from worker %s: not a worker->broker kind",
-                        msg.kind, sender)
+            self._refuse(sender, "dropped.unexpected", "not a worker->broker kind", kind=msg.kind)
             return out
         try:
             out += handler(sender, msg.body, msg.data, now)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
-            self.counters["dropped.malformed"] += 1
-            log.warning("dropped a malformed %r message from worker %s: %r", msg.kind, sender, exc)
+            self._refuse(sender, "dropped.malformed", "%r", exc, kind=msg.kind)
         return out
 
     def tick(self, now: float) -> Out:
@@ -223,20 +286,27 @@ class BrokerCore:
         return {
             "users": len(self.registry.users),
             "connections": len(self.registry.conns),
-            "workers": {w: {"pid": i.pid, "connections": per_worker.get(w, 0)}
+            "workers": {w: {"pid": i.pid, "connections": per_worker.get(w, 0), "role": i.role}
                         for w, i in self.workers.items()},
             "counters": dict(self.counters),
         }
 
     # -- worker -> broker kinds --------------------------------------
-    def _hello(self, sender: str, body: Dict[str, Any], now: float) -> Out:
-        # parse everything before changing anything
+    def _hello(self, sender: str, body: Dict[str, Any], now: float, role: str) -> Out:
+        # parse everything before changing anything (core.checks has seen the types)
         pid = int(body.get("pid", 0))
         base = int(body.get("base", 0))
         limit = body.get("limit")
         if limit is not None and not isinstance(limit, int):
             raise TypeError("limit must be an int or null")
         table = body.get("table", [])
+        taken = [c for c in table if self._held_elsewhere(str(c[0]), sender)]
+        if taken:
+            self._refuse(sender, "refused.conn-taken",
+                         "%d connection(s) of its table are held by other workers (e.g. %r):"
+                         " left out", len(taken), str(taken[0][0])[:32], kind="hello")
+            self.counters["refused.conn-taken"] += len(taken) - 1
+            table = [c for c in table if not self._held_elsewhere(str(c[0]), sender)]
         entries = [ConnEntry(str(c[0]), c[1], sender, c[2], float(c[3])) for c in table]
         pending = [str(c[0]) for c in table if len(c) > 4 and c[4]]
         if table or base:
@@ -252,7 +322,9 @@ class BrokerCore:
         info.acked = max(info.acked, base)
         info.pid = pid
         info.limit = limit
-        info.serves = bool(body.get("serves", True))
+        info.role = role
+        # a client key serves no sockets whatever it says
+        info.serves = bool(body.get("serves", True)) and role == ROLE_WORKER
         info.last_seen = now
         self.workers[sender] = info
         before = {e.conn_id for e in self.registry.entries_of_worker(sender)}
@@ -303,7 +375,16 @@ class BrokerCore:
         log.info("worker %s leaves the cluster", sender)
         return self.remove_worker(sender)
 
+    def _held_elsewhere(self, conn_id: str, sender: str) -> bool:
+        entry = self.registry.conns.get(conn_id)
+        return entry is not None and entry.worker != sender
+
     def _on_join(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
+        if self._held_elsewhere(body["conn_id"], sender):
+            self._refuse(sender, "refused.conn-taken", "connection %r is held by worker %r",
+                         body["conn_id"][:32], self.registry.conns[body["conn_id"]].worker,
+                         kind="join")
+            return []
         limit = body.get("limit")
         res = self.registry.join(body["conn_id"], body["cid"], sender, body.get("meta"),
                                  limit, float(body.get("at", now)))
@@ -321,6 +402,10 @@ class BrokerCore:
         """Every leave is answered ("left" with ``last``), so the worker can resend
         the unanswered ones after a broker restart."""
         conn_id = body["conn_id"]
+        if self._held_elsewhere(conn_id, sender):
+            self._refuse(sender, "refused.not-holder", "connection %r is held by worker %r",
+                         conn_id[:32], self.registry.conns[conn_id].worker, kind="leave")
+            return []
         res = self.registry.leave(conn_id)
         out: Out = []
         self._pending.pop(conn_id, None)
@@ -349,7 +434,9 @@ class BrokerCore:
 
     def _on_bcast(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         msg = Message("deliver", {"all": True}, data)
-        return self._routed([(w, msg) for w in self.workers if w != sender])
+        # a member without sockets (connect_cluster) has nobody to deliver to
+        return self._routed([(w, msg) for w, i in self.workers.items()
+                             if w != sender and i.serves])
 
     def _on_drop_cid(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         cid = body["cid"]
@@ -381,8 +468,22 @@ class BrokerCore:
         return self._routed([(entry.worker, Message("call", fwd))])
 
     def _on_result(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
-        origin = body.pop("origin")
-        self._calls.pop((origin, body.get("call")), None)
+        origin, call = body["origin"], body["call"]
+        holder = self._calls.get((origin, call))
+        if holder is None:
+            # answered already, its origin or holder died, or routed by an earlier
+            # broker: the caller times out (or has had RP_DISCONNECT)
+            self.counters["dropped.unknown-call"] += 1
+            log.debug("dropped a result from %r for call %r of %r: not on its way",
+                      sender, call, origin)
+            return []
+        if holder != sender:
+            self._refuse(sender, "refused.not-holder", "call %r of %r was routed to %r",
+                         call, origin, holder, kind="result")
+            return []
+        del self._calls[(origin, call)]
+        body = dict(body)
+        del body["origin"]
         return self._routed([(origin, Message("result", body))])
 
     # -- helpers -------------------------------------------------------
