@@ -211,7 +211,7 @@ def test_bad_app_spec_is_a_clear_error(spec, name, with_port):
 
 def test_stats_against_a_standalone_broker():
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    broker = CliProcess([wse_sync_script(), "broker", "--bind", endpoint])
+    broker = CliProcess([wse_sync_script(), "broker", "--bind", endpoint, "--insecure"])
     try:
         broker.wait_line(r"broker listening on " + endpoint.replace(".", r"\."))
         rc, out, err = run_cli([wse_sync_script(), "stats", "--broker", endpoint])

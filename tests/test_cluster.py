@@ -375,7 +375,7 @@ def test_messages_to_a_remote_connection_arrive_in_order():
 # -- the broker's input --------------------------------------------------------
 def test_broker_survives_bad_input_and_counts_it():
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    broker = ServerProcess(["broker", "--bind", endpoint])
+    broker = ServerProcess(["broker", "--bind", endpoint, "--insecure"])
     ctx = zmq.Context()
     socks = []
     try:
@@ -442,7 +442,7 @@ def test_broker_survives_bad_input_and_counts_it():
 # -- an external broker shared by two `serve` commands ---------------------------
 def test_two_serves_on_one_external_broker_and_stats():
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    broker = ServerProcess(["broker", "--bind", endpoint])
+    broker = ServerProcess(["broker", "--bind", endpoint, "--insecure"])
     try:
         broker.wait_line(r"broker listening")
         extra = ["--broker", endpoint]

@@ -1,16 +1,26 @@
 """The broker process: a BrokerCore on a ZeroMQ ROUTER socket.
 
 It never imports the application, so one broker serves any app.
+
+On a tcp:// endpoint it speaks CURVE (``curve=``, see ``cluster.curve``)
+and serves ZAP in its own poll loop; without keys it refuses to start
+unless ``insecure=True``, and then logs a warning. On ipc:// the socket file
+is made 0600 (whatever the umask) in a directory made 0700 when it does not
+exist, and removed when the broker stops.
 """
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from ..core.broker import HEARTBEAT, WORKER_TIMEOUT, BrokerCore, Out
-from ..core.messages import Message, SchemaError, VERSION, batch, decode, encode, split
+from ..core.checks import ROLE_WORKER
+from ..core.messages import (MAX_MSG_SIZE, Message, SchemaError, VERSION, batch, decode, encode,
+                             split)
+from .curve import CurveError, ServerCurve, Zap, needs_curve
 
 __all__ = ["Broker"]
 
@@ -25,7 +35,9 @@ class Broker:
 
     def __init__(self, endpoint: str, zmq_module=None, worker_timeout: float = WORKER_TIMEOUT,
                  heartbeat: float = HEARTBEAT, context=None,
-                 parent_pid: Optional[int] = None, sync_window: float = 0.0) -> None:
+                 parent_pid: Optional[int] = None, sync_window: float = 0.0,
+                 curve: Optional[ServerCurve] = None, insecure: bool = False,
+                 max_msg_size: int = MAX_MSG_SIZE) -> None:
         if zmq_module is None:
             import zmq as zmq_module
         self.zmq = zmq_module
@@ -38,19 +50,76 @@ class Broker:
         self.ctx = context
         self._own_ctx = context is None
         self.sock = None
+        self.curve = curve if needs_curve(endpoint) else None
+        self.insecure = insecure
+        self.max_msg_size = max_msg_size
+        self.zap: Optional[Zap] = None
+        self._reload = False
+        # the ipc socket file this broker made (removed when it stops)
+        self._ipc_path: Optional[str] = None
+        # keys of messages refused as no longer allowed (logged once)
+        self._revoked: Dict[str, None] = {}
 
     def bind(self) -> None:
         zmq = self.zmq
+        if needs_curve(self.endpoint) and self.curve is None and not self.insecure:
+            raise CurveError(f"a broker on {self.endpoint} needs CURVE keys, or insecure=True"
+                             " (--insecure)")
         if self.ctx is None:
             self.ctx = zmq.Context()
+        if self.curve is not None:
+            self.zap = Zap(self.ctx, zmq, self.curve, self.core.counters)
+            self.zap.bind()  # before the broker's socket: no handshake goes unchecked
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.bind(self.endpoint)
-        log.info("broker listening on %s (pid %d)", self.endpoint, os.getpid())
+        # a peer sending a larger frame is disconnected before it is read
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.max_msg_size)
+        if self.curve is not None:
+            self.sock.setsockopt(zmq.CURVE_SERVER, 1)
+            self.sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret)
+            self.sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve.public)
+            self.sock.setsockopt(zmq.ZAP_DOMAIN, b"wse-sync")
+        if self.endpoint.startswith("ipc://"):
+            self._bind_ipc(self.endpoint[len("ipc://"):])
+        else:
+            self.sock.bind(self.endpoint)
+        log.info("broker listening on %s (pid %d)%s", self.endpoint, os.getpid(),
+                 " with CURVE" if self.curve is not None else "")
+        if needs_curve(self.endpoint) and self.curve is None:
+            log.warning("broker on %s runs WITHOUT CURVE (--insecure): anyone who reaches this"
+                        " port can join as a worker, read every user's connections and send"
+                        " to them, and the traffic is readable on the network", self.endpoint)
+
+    def _bind_ipc(self, path: str) -> None:
+        """The socket file 0600 whatever the umask; its directory 0700 when we make it."""
+        if not path or path == "*" or path.startswith("@"):  # abstract or wildcard: no file
+            self.sock.bind(self.endpoint)
+            return
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+        else:
+            mode = os.stat(directory).st_mode
+            if mode & 0o022 and not mode & stat.S_ISVTX:
+                log.warning("the broker's ipc directory %s is writable by other users (mode %o)",
+                            directory, mode & 0o7777)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(self.endpoint)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self._ipc_path = path
 
     def stop(self) -> None:
         self._stop = True
+
+    def reload(self) -> None:
+        """Read the allowed key directories again (the loop does it: safe from a
+        signal handler)."""
+        self._reload = True
 
     def run(self) -> None:
         """Serve until ``stop()``; binds first if needed."""
@@ -58,20 +127,35 @@ class Broker:
         if self.sock is None:
             self.bind()
         sock = self.sock
+        zap = self.zap
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        if zap is not None:
+            poller.register(zap.sock, zmq.POLLIN)
         next_tick = time.monotonic() + self.heartbeat
         try:
             while not self._stop:
+                if self._reload:
+                    self._reload = False
+                    if zap is not None:
+                        zap.reload()
+                        self._revoked.clear()
+                    else:
+                        log.info("SIGHUP: no CURVE keys to reload")
                 timeout = max(0.0, next_tick - time.monotonic())
-                if poller.poll(min(timeout, 0.2) * 1000):
+                ready = dict(poller.poll(min(timeout, 0.2) * 1000))
+                if zap is not None and zap.sock in ready:
+                    zap.serve()
+                if sock in ready:
                     out: Out = []
                     for _ in range(1000):
                         try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                            # with CURVE, frames carry the sender's key (User-Id)
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=zap is None)
                         except zmq.Again:
                             break
-                        out += self._dispatch(frames)
+                        out += (self._dispatch(frames) if zap is None
+                                else self._dispatch_curve(frames, zap))
                     # everything this round produced: one message per worker
                     self._send_all(out)
                 now = time.monotonic()
@@ -83,11 +167,39 @@ class Broker:
                         break
         finally:
             sock.close(0)
+            if zap is not None:
+                zap.close()
             if self._own_ctx:
                 self.ctx.term()
+            self._remove_ipc()
             log.info("broker stopped")
 
-    def _dispatch(self, frames: list) -> Out:
+    def _remove_ipc(self) -> None:
+        path, self._ipc_path = self._ipc_path, None
+        if path is None:
+            return
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except OSError:
+            pass  # gone already
+
+    def _dispatch_curve(self, parts: List[Any], zap: Zap) -> Out:
+        """A message on a CURVE socket: its User-Id (the sender's key) gives the role."""
+        user_id = parts[0].get("User-Id")
+        role = zap.roles.get(user_id)
+        if role is None:
+            # allowed at the handshake, removed from the directories since
+            self.core.counters["refused.revoked-key"] += 1
+            if user_id not in self._revoked:
+                self._revoked[user_id] = None
+                log.warning("refused messages of %r: its key %s is no longer allowed",
+                            parts[0].bytes, user_id)
+            return []
+        return self._dispatch([p.bytes for p in parts], role, user_id)
+
+    def _dispatch(self, frames: list, role: str = ROLE_WORKER,
+                  key: Optional[str] = None) -> Out:
         sender = frames[0]
         sender_id = sender.decode("latin-1")
         try:
@@ -109,7 +221,7 @@ class Broker:
                 else:
                     log.warning("dropped a malformed message on the broker socket: %s", exc)
                 continue
-            out += self.core.handle(sender_id, msg, time.monotonic())
+            out += self.core.handle(sender_id, msg, time.monotonic(), role, key)
         return out
 
     def _send_all(self, out: Out) -> None:
@@ -121,6 +233,11 @@ class Broker:
             frames = encoded.get(id(msg))
             if frames is None:
                 frames = encoded[id(msg)] = encode(msg.kind, msg.body, msg.data)
+                if len(frames[2]) > self.max_msg_size:
+                    log.error("a %r message of %d bytes is over the max message size (%d):"
+                              " its worker will drop the link (raise --max-msg-size here and"
+                              " broker_max_msg_size in the workers)", msg.kind, len(frames[2]),
+                              self.max_msg_size)
             per_worker.setdefault(worker_id, []).append(frames)
         for worker_id, messages in per_worker.items():
             self._send(worker_id.encode("latin-1"), batch(messages), len(messages))

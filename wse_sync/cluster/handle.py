@@ -4,7 +4,8 @@ A Flask or Django view, a management command, a cron script::
 
     from wse_sync import connect_cluster
 
-    with connect_cluster("tcp://10.0.0.5:5555") as cluster:   # or WSE_SYNC_BROKER
+    with connect_cluster("tcp://10.0.0.5:5555", broker_key="keys/broker.key",
+                         secret="keys/cron.key_secret") as cluster:   # or WSE_SYNC_* variables
         cluster.send("alice", "notice", {"text": "your export is ready"})
         cluster.broadcast("maintenance", {"in": 300})
         print(sorted(cluster.clients))                        # cids online now
@@ -13,6 +14,12 @@ The handle is a member of the cluster holding no sockets (a WseServer that
 refuses every connection, joined to the broker): ``send``, ``broadcast`` and
 ``drop_client`` go through the broker exactly as from a worker, and
 ``clients`` reads the cluster's user map, which the broker keeps up to date.
+
+On a tcp:// broker the handle speaks CURVE with ``broker_key`` (the
+broker's public key) and ``secret`` (its own secret key; key files or
+40-character keys; default $WSE_SYNC_BROKER_KEY and $WSE_SYNC_CURVE_SECRET).
+Its key may be a client key (the broker's ``--allow-clients``): enough for
+everything the handle does.
 
 Where it runs:
 
@@ -112,9 +119,11 @@ class ClusterHandle:
     """A blocking handle on a cluster; see the module docstring."""
 
     def __init__(self, endpoint: str, timeout: float = 5.0,
-                 background: Optional[bool] = None) -> None:
+                 background: Optional[bool] = None, broker_key: Any = None,
+                 secret: Any = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
+        self._keys = (broker_key, secret)
         if background is None:
             background = not _in_gevent_process()
         self._thread: Optional[_HubThread] = _HubThread() if background else None
@@ -136,17 +145,20 @@ class ClusterHandle:
 
     def _join(self) -> None:
         from ..runtime.server import WseServer
-        server = WseServer(identify=_refuse_all, ping_interval=0)
+        broker_key, secret = self._keys
+        server = WseServer(identify=_refuse_all, ping_interval=0, broker_key=broker_key,
+                           curve_secret=secret)
         server.serves = False  # the broker sends it no 'left' to fire
         server.start(broker=self.endpoint, worker_id=f"client-{os.getpid()}-{make_id(6)}")
         self._server = server
         deadline = time.monotonic() + self.timeout
-        while not server.hub.link.synced:  # the broker's snapshot: the user map
-            if time.monotonic() > deadline:
+        link = server.hub.link
+        while not link.synced:  # the broker's snapshot: the user map
+            if link.refused is not None or time.monotonic() > deadline:
                 server.shutdown(timeout=0)
                 raise WseError(WSE_ERROR.BROKER_UNAVAILABLE, {
                     "endpoint": self.endpoint,
-                    "reason": f"the broker did not answer in {self.timeout}s"})
+                    "reason": link.refused or f"the broker did not answer in {self.timeout}s"})
             gevent.sleep(0.01)
 
     def _check_open(self) -> None:
@@ -244,16 +256,21 @@ class ClusterHandle:
 
 
 def connect_cluster(endpoint: Optional[str] = None, timeout: float = 5.0,
-                    background: Optional[bool] = None) -> ClusterHandle:
+                    background: Optional[bool] = None, broker_key: Any = None,
+                    secret: Any = None) -> ClusterHandle:
     """Join the cluster whose broker is at ``endpoint`` (default: the
     ``WSE_SYNC_BROKER`` environment variable) and return a blocking handle.
 
     Waits until the broker has sent its user map (``timeout`` seconds, else
-    WseError BROKER_UNAVAILABLE). ``background``: None picks (a thread of its
-    own unless gevent has monkey-patched this process).
+    WseError BROKER_UNAVAILABLE; at once when the broker refuses the key).
+    ``background``: None picks (a thread of its own unless gevent has
+    monkey-patched this process). ``broker_key`` and ``secret``: CURVE keys
+    for a tcp:// broker (files or 40-character keys; default
+    ``WSE_SYNC_BROKER_KEY`` and ``WSE_SYNC_CURVE_SECRET``).
     """
     endpoint = endpoint or os.environ.get("WSE_SYNC_BROKER")
     if not endpoint:
         raise ValueError("no broker endpoint: call connect_cluster('tcp://host:port') or set"
                          " WSE_SYNC_BROKER (wse-sync serve --broker / gunicorn_conf export it)")
-    return ClusterHandle(endpoint, timeout=timeout, background=background)
+    return ClusterHandle(endpoint, timeout=timeout, background=background,
+                         broker_key=broker_key, secret=secret)

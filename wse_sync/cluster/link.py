@@ -19,8 +19,9 @@ from gevent.event import AsyncResult
 from ..core.errors import WSE_ERROR, WseError
 from ..core.link import (Answer, ClusterView, Deliver, Drop, Forget, LinkCore, LocalEntry,
                          ServeCall, Step, UserJoined, UserLeft)
-from ..core.messages import Message, SchemaError, batch, decode, encode, split
+from ..core.messages import MAX_MSG_SIZE, Message, SchemaError, batch, decode, encode, split
 from ..runtime import runner
+from .curve import ClientKeys, needs_curve
 
 __all__ = ["BrokerLink", "ClusterView", "LocalPort"]
 
@@ -54,7 +55,8 @@ class BrokerLink:
     def __init__(self, port: LocalPort, worker_id: str, endpoint: str, ctx: Any,
                  limit: Optional[int] = 1, serves: bool = True, heartbeat: float = 1.0,
                  request_timeout: float = 5.0, broker_timeout: float = 3.0,
-                 outage_buffer: int = 10000, outage_limit: float = 30.0) -> None:
+                 outage_buffer: int = 10000, outage_limit: float = 30.0,
+                 curve: Optional[ClientKeys] = None, max_msg_size: int = MAX_MSG_SIZE) -> None:
         import zmq.green as zmq
         self.zmq = zmq
         self.port = port
@@ -67,7 +69,12 @@ class BrokerLink:
         self.core = LinkCore(worker_id, port.entries, limit, pid=os.getpid(), serves=serves,
                              broker_timeout=broker_timeout, outage_buffer=outage_buffer,
                              outage_limit=outage_limit, now=time.monotonic())
+        self.curve = curve
+        self.max_msg_size = max_msg_size
+        # why the broker refused the handshake (CURVE), until one succeeds
+        self.refused: Optional[str] = None
         self.sock: Any = None
+        self._monitor: Any = None
         self._answers: Dict[int, AsyncResult] = {}
         self._greenlets: List[gevent.Greenlet] = []
         self._stopped = False
@@ -86,11 +93,21 @@ class BrokerLink:
         self.sock.setsockopt(zmq.IDENTITY, self.worker_id.encode("ascii"))
         self.sock.setsockopt(zmq.SNDHWM, self.outage_buffer)
         self.sock.setsockopt(zmq.RCVHWM, 100000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.max_msg_size)
+        self._greenlets = []
+        if self.curve is not None:
+            self.curve.apply(self.sock)
+        if needs_curve(self.endpoint):
+            # handshake failures are the only sign of a refused key: watch them
+            self._monitor = self.sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            self._greenlets.append(gevent.spawn(self._monitor_loop))
         self.sock.connect(self.endpoint)
         self._send(self.core.hello())
-        self._greenlets = [gevent.spawn(self._recv_loop), gevent.spawn(self._hb_loop)]
-        log.info("worker %s (pid %d) joined broker %s", self.worker_id, os.getpid(),
-                 self.endpoint)
+        self._greenlets += [gevent.spawn(self._recv_loop), gevent.spawn(self._hb_loop)]
+        log.info("worker %s (pid %d) joined broker %s%s", self.worker_id, os.getpid(),
+                 self.endpoint, " with CURVE" if self.curve is not None else "")
 
     def stop(self) -> None:
         if self._stopped:
@@ -100,6 +117,13 @@ class BrokerLink:
         self._flush()
         for g in self._greenlets:
             g.kill(block=False)
+        if self._monitor is not None:
+            try:
+                self.sock.disable_monitor()
+            except self.zmq.ZMQError:
+                pass
+            self._monitor.close(0)
+            self._monitor = None
         if self.sock is not None:
             self.sock.close(linger=500)
 
@@ -209,6 +233,38 @@ class BrokerLink:
             # commands stay in the outbox (resent with the next hello); a join
             # waits for its answer and decides locally after request_timeout
             log.error("cannot reach the broker (%s): %d message(s) not sent", exc, len(messages))
+
+    def _monitor_loop(self) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+        zmq = self.zmq
+        while True:
+            try:
+                event = parse_monitor_message(self._monitor.recv_multipart())
+            except zmq.ZMQError:
+                return
+            kind, value = event["event"], event["value"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self.refused is not None:
+                    log.info("CURVE handshake with the broker %s succeeded", self.endpoint)
+                self.refused = None
+                continue
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                # also a broker that went away mid-handshake: not a verdict
+                log.debug("%s: a handshake with the broker failed", self.endpoint)
+                continue
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                why = (f"the broker refused this key (ZAP status {value}): is this worker's"
+                       " public key in the broker's --allow-workers (or --allow-clients)"
+                       " directory?")
+            elif self.curve is None:
+                why = ("the handshake with the broker failed: a CURVE broker needs this side's"
+                       " keys (--broker-key and --curve-secret)")
+            else:
+                why = ("the CURVE handshake with the broker failed (is it a CURVE broker, and"
+                       " is --broker-key its public key?)")
+            if self.refused != why:
+                log.error("%s: %s", self.endpoint, why)
+            self.refused = why
 
     def _hb_loop(self) -> None:
         while True:

@@ -100,10 +100,18 @@ class Hub:
                                           heartbeat=options["heartbeat"])
             self.embedded_broker.bind()
             self._broker_loop = gevent.spawn(self.embedded_broker.run)
+        from ..cluster.curve import client_keys
+        try:
+            curve = client_keys(endpoint, options["broker_key"], options["curve_secret"])
+        except BaseException:
+            ctx.term()
+            self._ctx = None
+            raise
         self.link = BrokerLink(self, self.worker_id, endpoint, ctx,
                                limit=self.server.conn_per_user, serves=self.server.serves,
                                heartbeat=options["heartbeat"],
-                               request_timeout=options["broker_timeout"])
+                               request_timeout=options["broker_timeout"], curve=curve,
+                               max_msg_size=options["broker_max_msg_size"])
         self.link.start()
         self._sweeper = gevent.spawn(self._sweep)
 

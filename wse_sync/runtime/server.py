@@ -39,6 +39,12 @@ DEFAULTS: Dict[str, Any] = {
     "max_fragments": 1000,      # frames one message may arrive in (1008 beyond)
     "broker": None,             # endpoint; None = embedded broker
     "broker_timeout": 5.0,      # seconds to wait for a broker answer
+    # CURVE on a tcp:// broker (README, "A broker and workers on several hosts"):
+    # the broker's public key and this process's secret key, as key files or
+    # 40-character keys; default $WSE_SYNC_BROKER_KEY / $WSE_SYNC_CURVE_SECRET
+    "broker_key": None,
+    "curve_secret": None,
+    "broker_max_msg_size": 64 * 1024 * 1024,  # ZMQ_MAXMSGSIZE of the broker link
     "heartbeat": 1.0,
     "certfile": None,
     "keyfile": None,

@@ -1,4 +1,4 @@
-"""``wse-sync serve | broker | stats`` (also ``python -m wse_sync``)."""
+"""``wse-sync serve | broker | stats | keys`` (also ``python -m wse_sync``)."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     s.add_argument("--broker", default=None, help="attach to this broker instead of starting one")
+    _client_key_flags(s)
     s.add_argument("--path", default=None)
     s.add_argument("--max-message-size", type=int, default=None)
     s.add_argument("--certfile", default=None, help="serve TLS with this certificate (PEM)")
@@ -52,10 +53,30 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--sync-window", type=float, default=2.5,
                    help="seconds to hold routed commands after start while workers resend"
                         " their tables (default 2.5; 0 for a fresh cluster)")
+    b.add_argument("--curve-secret", default=None, metavar="FILE",
+                   help="the broker's secret key file (NAME.key_secret; default"
+                        " $WSE_SYNC_CURVE_SECRET): CURVE on tcp://")
+    b.add_argument("--allow-workers", default=None, metavar="DIR",
+                   help="directory of the public keys (*.key) allowed as workers (default"
+                        " $WSE_SYNC_ALLOW_WORKERS); reloaded on SIGHUP")
+    b.add_argument("--allow-clients", default=None, metavar="DIR",
+                   help="directory of the public keys allowed as connect_cluster() clients:"
+                        " send, broadcast, drop_client and stats only (default"
+                        " $WSE_SYNC_ALLOW_CLIENTS); reloaded on SIGHUP")
+    b.add_argument("--insecure", action="store_true",
+                   help="allow tcp:// without CURVE keys (anyone who reaches the port joins)")
+    b.add_argument("--max-msg-size", type=int, default=None, metavar="BYTES",
+                   help="largest frame a peer may send (ZMQ_MAXMSGSIZE; default 64 MiB)")
 
     st = sub.add_parser("stats", help="print a broker's users, connections and counters")
     st.add_argument("--broker", required=True)
     st.add_argument("--timeout", type=float, default=3.0)
+    _client_key_flags(st)
+
+    k = sub.add_parser("keys", help="make a CURVE key pair: DIR/NAME.key and DIR/NAME.key_secret")
+    k.add_argument("name", help="e.g. broker, worker1, cron")
+    k.add_argument("--dir", required=True, help="where to write them (made 0700 if missing)")
+    k.add_argument("--force", action="store_true", help="replace existing files")
 
     w = sub.add_parser("_worker", help=argparse.SUPPRESS)
     w.add_argument("app")
@@ -68,13 +89,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _client_key_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker-key", default=None, metavar="FILE",
+                   help="the broker's public key file (broker.key; default $WSE_SYNC_BROKER_KEY):"
+                        " CURVE to a tcp:// broker")
+    p.add_argument("--curve-secret", default=None, metavar="FILE",
+                   help="this side's secret key file (NAME.key_secret; default"
+                        " $WSE_SYNC_CURVE_SECRET)")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "keys":
+        return _keys(args.name, args.dir, args.force)
     if args.command == "stats":
-        return _stats(args.broker, args.timeout)
+        return _stats(args.broker, args.timeout, args.broker_key, args.curve_secret)
     _setup_logging(args.log_level)
     if args.command == "broker":
-        return _broker(args.bind, args.parent, args.sync_window)
+        return _broker(args)
     if args.command == "_worker":
         from .worker import run_worker
         return run_worker(args.app, args.fd, args.broker, options=json.loads(args.options),
@@ -105,7 +137,15 @@ def _serve(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             sys.stderr.write(f"wse-sync: cannot use --certfile/--keyfile: {exc}\n")
             return 2
+    if args.broker:
+        from ..cluster.curve import CurveError, client_keys
+        try:  # here, once, rather than in every worker
+            client_keys(args.broker, args.broker_key, args.curve_secret)
+        except CurveError as exc:
+            sys.stderr.write(f"wse-sync: {exc}\n")
+            return 2
     options = {"path": args.path, "max_message_size": args.max_message_size,
+               "broker_key": args.broker_key, "curve_secret": args.curve_secret,
                "certfile": args.certfile, "keyfile": args.keyfile,
                "max_connections": args.max_connections,
                "max_connections_per_ip": args.max_connections_per_ip,
@@ -115,30 +155,71 @@ def _serve(args: argparse.Namespace) -> int:
     return sup.run()
 
 
-def _broker(bind: str, parent: Optional[int] = None, sync_window: float = 2.5) -> int:
+def _broker(args: argparse.Namespace) -> int:
     import signal
 
     from ..cluster.broker import Broker
+    from ..cluster.curve import CurveError, server_curve
+    from ..core.messages import MAX_MSG_SIZE
 
-    broker = Broker(bind, parent_pid=parent, sync_window=sync_window)
+    log = logging.getLogger("wse_sync.broker")
+    try:
+        curve = server_curve(args.bind, args.curve_secret, args.allow_workers,
+                             args.allow_clients, args.insecure)
+        broker = Broker(args.bind, parent_pid=args.parent, sync_window=args.sync_window,
+                        curve=curve, insecure=args.insecure,
+                        max_msg_size=args.max_msg_size or MAX_MSG_SIZE)
+        broker.bind()
+    except CurveError as exc:
+        log.error("broker not started: %s", exc)
+        return 2
+    except Exception as exc:  # zmq.ZMQError (address in use...), OSError
+        log.error("broker not started: cannot bind %s: %s", args.bind, exc)
+        return 1
     signal.signal(signal.SIGTERM, lambda s, f: broker.stop())
     signal.signal(signal.SIGINT, lambda s, f: broker.stop())
+    signal.signal(signal.SIGHUP, lambda s, f: broker.reload())
     broker.run()
     return 0
 
 
-def _stats(endpoint: str, timeout: float) -> int:
+def _keys(name: str, directory: str, force: bool) -> int:
+    from ..cluster.curve import CurveError, write_keys
+
+    try:
+        public, secret = write_keys(name, directory, force)
+    except (CurveError, OSError) as exc:
+        print(f"wse-sync: {exc}", file=sys.stderr)
+        return 2
+    print(f"public key: {public}\nsecret key: {secret} (mode 0600: keep it on this host)")
+    return 0
+
+
+def _stats(endpoint: str, timeout: float, broker_key: Optional[str] = None,
+           secret: Optional[str] = None) -> int:
     import zmq
 
-    from ..core.messages import decode, encode
+    from ..cluster.curve import CurveError, client_keys
+    from ..core.messages import MAX_MSG_SIZE, decode, encode
 
+    try:
+        curve = client_keys(endpoint, broker_key, secret)
+    except CurveError as exc:
+        print(f"wse-sync: {exc}", file=sys.stderr)
+        return 2
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_SIZE)
+    if curve is not None:
+        curve.apply(sock)
     sock.connect(endpoint)
     sock.send_multipart(encode("stats"))
     if not sock.poll(timeout * 1000):
-        print(f"no answer from {endpoint} in {timeout}s", file=sys.stderr)
+        hint = " (is this key allowed by the broker?)" if curve is not None else ""
+        print(f"no answer from {endpoint} in {timeout}s{hint}", file=sys.stderr)
+        sock.close(0)
+        ctx.term()
         return 1
     msg = decode(sock.recv_multipart())
     print(json.dumps(msg.body, indent=2, sort_keys=True))

@@ -75,7 +75,12 @@ def run_worker(app_spec: str, fd: int, broker: str, worker_id: Optional[str] = N
         if value is not None:
             server.options[key] = value
     listener = socket.socket(fileno=fd)
-    server.start(broker=broker, worker_id=worker_id)
+    from ..cluster.curve import CurveError
+    try:
+        server.start(broker=broker, worker_id=worker_id)
+    except CurveError as exc:
+        log.error("worker %d not started: %s", os.getpid(), exc)
+        return 2
     http = make_wsgi_server(server, listener)  # TLS from the options, context built once
     http.start()
     log.info("worker %d serving %s on %s", os.getpid(), app_spec, listener.getsockname())

@@ -1,0 +1,420 @@
+"""CURVE on the broker's tcp:// links, with real processes on 127.0.0.1.
+
+A broker started with keys, `wse-sync serve --broker tcp://...` workers and
+connect_cluster() handles holding keys of their own; peers with unknown or
+client keys, and forged commands from raw DEALER sockets (the broker map is
+read back through `stats` after each). Also: --insecure, a broker that
+refuses to start without keys, SIGHUP reloading the allowed keys, and the
+ipc socket's mode.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import pytest
+import zmq
+import zmq.auth
+
+from helpers import UNIT, ServerProcess, free_port, serve_process, wait_for
+from wse_sync import WseClient, connect_cluster
+from wse_sync.core.errors import WSE_ERROR, WseError
+from wse_sync.core.messages import decode, encode, split
+
+pytestmark = pytest.mark.timeout(60)
+
+APP = "tests/apps/cluster_app.py:server"
+
+
+# -- helpers -------------------------------------------------------------------
+def make_keys(root, *names: str) -> Dict[str, str]:
+    """keys/NAME.key(_secret) via the CLI; returns {name: secret path}."""
+    out = {}
+    for name in names:
+        done = subprocess.run([sys.executable, "-m", "wse_sync", "keys", name, "--dir",
+                               str(root)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        out[name] = os.path.join(str(root), name + ".key_secret")
+    return out
+
+
+def allow(directory, root, *names: str) -> str:
+    """Copy the public keys of ``names`` into ``directory`` (an --allow-* directory)."""
+    os.makedirs(str(directory), exist_ok=True)
+    for name in names:
+        shutil.copy(os.path.join(str(root), name + ".key"), str(directory))
+    return str(directory)
+
+
+class Cluster:
+    """A CURVE broker with keys for: broker, w1 and w2 (workers), cron (client), rogue."""
+
+    def __init__(self, tmp_path, clients: bool = True, extra: Optional[List[str]] = None):
+        self.root = tmp_path / "keys"
+        self.secret = make_keys(self.root, "broker", "w1", "w2", "cron", "rogue")
+        self.broker_key = os.path.join(str(self.root), "broker.key")
+        self.workers_dir = allow(tmp_path / "workers", self.root, "w1", "w2")
+        self.clients_dir = allow(tmp_path / "clients", self.root, "cron")
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        argv = ["broker", "--bind", self.endpoint, "--sync-window", "0",
+                "--curve-secret", self.secret["broker"], "--allow-workers", self.workers_dir]
+        if clients:
+            argv += ["--allow-clients", self.clients_dir]
+        self.proc = ServerProcess(argv + (extra or []))
+        self.proc.wait_line(r"broker listening on .* with CURVE")
+        self.ctx = zmq.Context()
+        self.socks: List[zmq.Socket] = []
+
+    def keys(self, name: str) -> List[str]:
+        """`serve`/`stats` flags for the key ``name``."""
+        return ["--broker-key", self.broker_key, "--curve-secret", self.secret[name]]
+
+    def handle(self, name: str = "cron", **kw):
+        return connect_cluster(self.endpoint, broker_key=self.broker_key,
+                               secret=self.secret[name], timeout=10 * UNIT, **kw)
+
+    def dealer(self, name: str, identity: bytes) -> zmq.Socket:
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IDENTITY, identity)
+        public, secret = zmq.auth.load_certificate(self.secret[name])
+        s.curve_serverkey = zmq.auth.load_certificate(self.broker_key)[0]
+        s.curve_publickey, s.curve_secretkey = public, secret
+        s.connect(self.endpoint)
+        self.socks.append(s)
+        return s
+
+    def stats(self, name: str = "cron") -> dict:
+        out = subprocess.run([sys.executable, "-m", "wse_sync", "stats", "--broker",
+                              self.endpoint, *self.keys(name)], capture_output=True, text=True,
+                             timeout=30 * UNIT)
+        assert out.returncode == 0, out.stderr + self.proc.stderr
+        return json.loads(out.stdout)
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close(0)
+        self.ctx.term()
+        rc = self.proc.stop()
+        assert rc == 0, self.proc.stderr
+        assert "Traceback" not in self.proc.stderr, self.proc.stderr
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def send(s: zmq.Socket, kind: str, body: Optional[dict] = None, data=None) -> None:
+    s.send_multipart(encode(kind, body or {}, data))
+
+
+class Inbox:
+    """What a raw DEALER received, by kind. Every raw worker that said hello
+    beats its heart while a test waits (the broker drops a worker silent for 3 s)."""
+
+    beating: List[zmq.Socket] = []
+    last_beat = [0.0]
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.sock = sock
+        self.got: Dict[str, List] = defaultdict(list)
+
+    @classmethod
+    def beat(cls) -> None:
+        now = time.monotonic()
+        if now - cls.last_beat[0] > 0.5:
+            cls.last_beat[0] = now
+            for s in list(cls.beating):
+                if s.closed:
+                    cls.beating.remove(s)
+                else:
+                    send(s, "hb")
+
+    def until(self, kind: str, count: int = 1, timeout: float = 10 * UNIT) -> list:
+        def arrived():
+            Inbox.beat()
+            while self.sock.poll(0):
+                for part in split(self.sock.recv_multipart()):
+                    m = decode(part)
+                    self.got[m.kind].append(m)
+            return len(self.got[kind]) >= count
+        wait_for(arrived, timeout=timeout)
+        return self.got[kind]
+
+    def stats(self) -> dict:
+        """A stats round trip on this socket: what it sent before has been carried out."""
+        n = len(self.got["stats"])
+        send(self.sock, "stats")
+        return self.until("stats", n + 1)[-1].body
+
+
+def worker_hello(s: zmq.Socket, table=()) -> Inbox:
+    send(s, "hello", {"pid": 1, "limit": 2, "table": list(table), "base": 0, "serves": True})
+    inbox = Inbox(s)
+    inbox.until("snapshot")
+    Inbox.beating.append(s)
+    return inbox
+
+
+def conn_map(stats: dict) -> Dict[str, int]:
+    return {w: v["connections"] for w, v in stats["workers"].items()}
+
+
+# -- the cluster with CURVE ------------------------------------------------------
+def test_a_curve_cluster_serves_rpc_and_a_client_key_handle_sends(cluster):
+    with serve_process(APP, workers=1, extra=["--broker", cluster.endpoint,
+                                              *cluster.keys("w1")]) as sp:
+        sp.wait_line(r"joined broker tcp://.* with CURVE")
+        c = WseClient(sp.url, rpc_timeout=10 * UNIT)
+        got = []
+        c.channel.on("notice", got.append)
+        c.connect("alice")
+        assert c.call("pid") == c.call("pid")  # RPC through the worker
+        with cluster.handle("cron") as handle:
+            wait_for(lambda: "alice" in handle.clients)
+            handle.send("alice", "notice", {"text": "export ready"})
+            handle.broadcast("notice", "to all")
+            stats = cluster.stats("cron")
+        wait_for(lambda: len(got) == 2)
+        assert got == [{"text": "export ready"}, "to all"]
+        roles = sorted(v["role"] for v in stats["workers"].values())
+        assert roles == ["client", "worker"], stats
+        assert stats["users"] == 1 and stats["connections"] == 1
+        assert not [k for k in stats["counters"] if k.startswith("refused")], stats
+        c.close()
+    assert "Traceback" not in sp.stderr
+
+
+def test_a_worker_with_an_unknown_key_is_refused_and_never_gets_a_byte(cluster):
+    rogue = cluster.dealer("rogue", b"w-rogue")
+    send(rogue, "hello", {"pid": 1, "table": [["x", "eve", None, 1.0]]})
+    wait_for(lambda: cluster.stats()["counters"].get("refused.unknown-key", 0) >= 1,
+             timeout=10 * UNIT, interval=0.1)
+    # a second try with the same key: counted, not logged again
+    again = cluster.dealer("rogue", b"w-rogue-2")
+    send(again, "hb")
+    wait_for(lambda: cluster.stats()["counters"].get("refused.unknown-key", 0) >= 2,
+             timeout=10 * UNIT, interval=0.1)
+    assert not rogue.poll(0) and not again.poll(0)  # no snapshot, no reset: nothing
+    stats = cluster.stats()
+    assert "w-rogue" not in stats["workers"] and stats["connections"] == 0
+    assert len(cluster.proc.wait_line(r"unknown CURVE key")) == 1
+    # connect_cluster with that key fails at once, saying why
+    with pytest.raises(WseError) as err:
+        cluster.handle("rogue")
+    assert err.value.code == WSE_ERROR.BROKER_UNAVAILABLE
+    assert "refused this key" in err.value.details["reason"]
+    # and so does a keyless one
+    with pytest.raises(WseError) as err:
+        connect_cluster(cluster.endpoint, timeout=10 * UNIT)
+    assert "needs this side's keys" in err.value.details["reason"]
+
+
+def test_serve_with_a_wrong_key_logs_the_refusal(cluster):
+    with serve_process(APP, workers=1, extra=["--broker", cluster.endpoint,
+                                              *cluster.keys("rogue")]) as sp:
+        sp.wait_line(r"the broker refused this key")
+        assert cluster.stats()["workers"] == {}
+    assert "Traceback" not in sp.stderr
+
+
+def test_a_client_key_may_not_join_leave_or_call(cluster):
+    w1 = cluster.dealer("w1", b"w1")
+    w1_in = worker_hello(w1)
+    send(w1, "join", {"req": 1, "conn_id": "cA", "cid": "alice", "limit": 2, "at": 1.0})
+    w1_in.until("joined")
+    handle = cluster.dealer("cron", b"client-raw")
+    inbox = Inbox(handle)
+    send(handle, "hello", {"pid": 2, "table": [], "serves": False})
+    assert inbox.until("snapshot")[0].body["entries"][0][:2] == ["cA", "alice"]
+    send(handle, "join", {"req": 1, "conn_id": "cM", "cid": "mallory"})
+    send(handle, "leave", {"conn_id": "cA", "cid": "alice", "code": 1000, "reason": ""})
+    send(handle, "call", {"call": 1, "conn_id": "cA", "rp": "whoami"})
+    send(handle, "conn_drop", {"conn_id": "cA", "reason": "x", "seq": 1})
+    stats = inbox.stats()
+    assert stats["counters"]["refused.role"] == 4, stats
+    assert conn_map(stats) == {"w1": 1, "client-raw": 0} and stats["users"] == 1
+    assert not inbox.got["joined"] and not inbox.got["left"] and not inbox.got["result"]
+    # the worker got no drop and no call
+    w1_in.stats()
+    assert not w1_in.got["drop"] and not w1_in.got["call"]
+    # what a handle may do still works
+    send(handle, "send", {"cid": "alice", "seq": 1}, '["hi",null,null]')
+    assert w1_in.until("deliver")[0].data == '["hi",null,null]'
+    # and a handle made by connect_cluster() with that key is refused the same way
+    with cluster.handle("cron") as h:
+        h.send("alice", "hi", 2)
+    w1_in.until("deliver", 2)
+
+
+def test_forged_commands_leave_the_map_unchanged(cluster):
+    w1 = cluster.dealer("w1", b"w1")
+    w1_in = worker_hello(w1)
+    send(w1, "join", {"req": 1, "conn_id": "cA", "cid": "alice", "limit": 1, "at": 1.0})
+    w1_in.until("joined")
+    w2 = cluster.dealer("w2", b"w2")
+    w2_in = worker_hello(w2, [["cB", "bob", None, 2.0]])
+    # w2 (a worker key) forges: a join taking alice's connection (it would evict it),
+    # a leave of a connection it does not hold, a table claiming cA
+    send(w2, "join", {"req": 9, "conn_id": "cA", "cid": "alice", "limit": 1, "at": 9.0})
+    send(w2, "leave", {"conn_id": "cA", "cid": "alice", "code": 1000, "reason": ""})
+    stats = w2_in.stats()
+    assert stats["counters"]["refused.conn-taken"] == 1
+    assert stats["counters"]["refused.not-holder"] == 1
+    assert conn_map(stats) == {"w1": 1, "w2": 1} and stats["users"] == 2
+    w2_in.until("stats")
+    assert not w2_in.got["joined"] and not w2_in.got["left"]
+    # a result for a call it was not asked: w1 calls bob on w2, w3 answers in its name
+    w3 = cluster.dealer("w1", b"w3")  # another worker holding w1's key
+    w3_in = worker_hello(w3)
+    send(w1, "call", {"call": 7, "conn_id": "cB", "rp": "whoami", "timeout": 5})
+    assert w2_in.until("call")[0].body["origin"] == "w1"
+    send(w3, "result", {"call": 7, "origin": "w1", "ok": True, "value": "forged"})
+    assert w3_in.stats()["counters"]["refused.not-holder"] == 2
+    send(w2, "result", {"call": 7, "origin": "w1", "ok": True, "value": "bob here"})
+    assert [m.body["value"] for m in w1_in.until("result")] == ["bob here"]
+    # a client key's hello spoofing a table (deltas to everyone): refused
+    spoof = cluster.dealer("cron", b"spoofer")
+    spoof_in = Inbox(spoof)
+    send(spoof, "hello", {"pid": 3, "table": [["cE", "eve", None, 3.0], ["cA", "alice", None, 0.1]]})
+    stats = spoof_in.stats()
+    assert stats["counters"]["refused.role"] == 1
+    assert conn_map(stats) == {"w1": 1, "w2": 1, "w3": 0} and stats["users"] == 2
+    # a client key taking a worker's identity to say bye in its name: refused
+    w1.close(0)
+    cluster.socks.remove(w1)
+    impostor = cluster.dealer("cron", b"w1")
+    watcher = Inbox(cluster.dealer("cron", b"watcher"))
+
+    def taken():
+        # (lost while the broker's ROUTER still holds w1's old link: sent again)
+        send(impostor, "bye")
+        send(impostor, "hello", {"pid": 4, "table": []})
+        stats = watcher.stats()
+        return stats if stats["counters"].get("refused.identity-taken", 0) >= 2 else None
+
+    stats = wait_for(taken)
+    # (w1 itself is gone: the broker would drop it after 3 s of silence)
+    assert "w1" in stats["workers"] and stats["connections"] == 2, stats
+    # nobody was dropped or told of a change
+    for inbox in (w2_in, w3_in):
+        inbox.stats()
+        assert not inbox.got["drop"]
+        assert all(not m.body.get("remove") and all(e[0] != "cE" for e in m.body.get("add", []))
+                   for m in inbox.got["delta"])
+    assert "Traceback" not in cluster.proc.stderr
+
+
+def test_malformed_and_oversize_frames_are_dropped(tmp_path):
+    c = Cluster(tmp_path, extra=["--max-msg-size", "100000"])
+    try:
+        w1 = c.dealer("w1", b"w1")
+        w1_in = worker_hello(w1)
+        send(w1, "join", {"req": 1, "conn_id": "x" * 500, "cid": "u"})
+        send(w1, "join", {"req": 2, "conn_id": "c", "cid": {"not": "an id"}})
+        stats = w1_in.stats()
+        assert stats["counters"]["dropped.oversize"] == 1
+        assert stats["counters"]["dropped.malformed"] == 1
+        # a frame over --max-msg-size: the peer is cut before it is read
+        big = c.dealer("w2", b"w2")
+        send(big, "bcast", {"seq": 1}, "x" * 200000)
+        w1_in.stats()
+        assert not w1_in.got["deliver"] and c.stats()["counters"].get("in.bcast", 0) == 0
+    finally:
+        c.close()
+
+
+def test_sighup_reloads_the_allowed_keys(cluster):
+    late = make_keys(cluster.root, "late")
+    with pytest.raises(WseError):
+        connect_cluster(cluster.endpoint, broker_key=cluster.broker_key, secret=late["late"],
+                        timeout=10 * UNIT)
+    allow(cluster.workers_dir, cluster.root, "late")
+    cluster.proc.proc.send_signal(signal.SIGHUP)
+    cluster.proc.wait_line(r"CURVE: 3 worker key\(s\)")
+    with connect_cluster(cluster.endpoint, broker_key=cluster.broker_key, secret=late["late"],
+                         timeout=10 * UNIT) as h:
+        assert h.clients == {}
+    # revoked: a connection already made loses its rights at once
+    w2 = cluster.dealer("w2", b"w2")
+    w2_in = worker_hello(w2)
+    os.remove(os.path.join(cluster.workers_dir, "w2.key"))
+    cluster.proc.proc.send_signal(signal.SIGHUP)
+    cluster.proc.wait_line(r"CURVE: 2 worker key\(s\)", count=2)  # at start, and now
+    send(w2, "stats")
+    wait_for(lambda: cluster.stats()["counters"].get("refused.revoked-key", 0) >= 1,
+             timeout=10 * UNIT, interval=0.1)
+    assert not w2_in.got["stats"] and not w2.poll(0)
+
+
+# -- without CURVE ------------------------------------------------------------------
+def test_a_tcp_broker_without_keys_refuses_to_start():
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    out = subprocess.run([sys.executable, "-m", "wse_sync", "broker", "--bind", endpoint],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "needs CURVE keys" in out.stderr and "--insecure" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_an_insecure_broker_warns_and_serves():
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    broker = ServerProcess(["broker", "--bind", endpoint, "--insecure"])
+    try:
+        line = broker.wait_line(r"WITHOUT CURVE")[0]
+        assert "WARNING" in line and endpoint in line
+        with connect_cluster(endpoint, timeout=10 * UNIT) as h:
+            assert h.clients == {}
+        assert broker.stop() == 0
+    finally:
+        broker.stop()
+    assert "Traceback" not in broker.stderr
+
+
+def test_the_ipc_socket_is_0600_in_a_0700_directory_and_removed_on_stop(tmp_path):
+    run_dir = tmp_path / "run" / "wse"
+    path = run_dir / "broker.sock"
+    old = os.umask(0)  # the broker inherits the loosest umask
+    try:
+        broker = ServerProcess(["broker", "--bind", f"ipc://{path}"])
+    finally:
+        os.umask(old)
+    try:
+        broker.wait_line(r"broker listening on ipc://")
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
+        with connect_cluster(f"ipc://{path}", timeout=10 * UNIT) as h:  # no keys on ipc
+            assert h.clients == {}
+        assert broker.stop() == 0
+    finally:
+        broker.stop()
+    assert not path.exists()
+    assert "Traceback" not in broker.stderr
+
+
+def test_keys_are_pyzmq_certificates(tmp_path):
+    secret = make_keys(tmp_path / "k", "node")["node"]
+    public_path = secret[: -len("_secret")]
+    public, none = zmq.auth.load_certificate(public_path)
+    assert none is None and len(public) == 40
+    assert zmq.auth.load_certificate(secret) == (public, zmq.auth.load_certificate(secret)[1])
+    assert zmq.curve_public(zmq.auth.load_certificate(secret)[1]) == public
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "k").st_mode) == 0o700
+    again = subprocess.run([sys.executable, "-m", "wse_sync", "keys", "node", "--dir",
+                            str(tmp_path / "k")], capture_output=True, text=True, timeout=30)
+    assert again.returncode == 2 and "exists" in again.stderr
