@@ -9,6 +9,7 @@ ipc socket's mode.
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -418,3 +419,51 @@ def test_keys_are_pyzmq_certificates(tmp_path):
     again = subprocess.run([sys.executable, "-m", "wse_sync", "keys", "node", "--dir",
                             str(tmp_path / "k")], capture_output=True, text=True, timeout=30)
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+GREEN_BROKER = r"""
+import sys
+from gevent import monkey
+monkey.patch_all()
+import gevent
+import zmq.green as zmq
+from wse_sync import connect_cluster
+from wse_sync.cluster.broker import Broker
+from wse_sync.cluster.curve import server_curve
+
+endpoint, secret, workers, clients, broker_key, cron, rogue = sys.argv[1:]
+broker = Broker(endpoint, zmq, curve=server_curve(endpoint, secret, workers, clients))
+broker.bind()
+loop = gevent.spawn(broker.run)
+with connect_cluster(endpoint, broker_key=broker_key, secret=cron, timeout=10) as handle:
+    handle.broadcast("x", 1)
+    print("client ok", handle.background)
+try:
+    connect_cluster(endpoint, broker_key=broker_key, secret=rogue, timeout=10)
+except Exception as exc:
+    print("rogue refused", exc.details["reason"][:27])
+print(sorted(k for k in broker.core.counters if k.startswith(("refused", "in."))))
+broker.stop()
+loop.join(5)
+"""
+
+
+def test_zap_is_served_by_a_green_broker_under_monkey_patching(tmp_path):
+    """The broker in a greenlet of a monkey-patched process (zmq.green), with a
+    handle in the same hub: ZAP answers from the broker's own loop."""
+    root = tmp_path / "keys"
+    secret = make_keys(root, "broker", "cron", "rogue")
+    workers = allow(tmp_path / "workers", root)
+    clients = allow(tmp_path / "clients", root, "cron")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    out = subprocess.run([sys.executable, "-c", GREEN_BROKER, endpoint, secret["broker"],
+                          workers, clients, os.path.join(str(root), "broker.key"),
+                          secret["cron"], secret["rogue"]],
+                         capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[:2] == ["client ok False", "rogue refused the broker refused this key"], \
+        out.stdout + out.stderr
+    counters = ast.literal_eval(lines[2])  # a list of counter names
+    assert {"in.hello", "in.bcast", "in.bye", "refused.unknown-key"} <= set(counters), counters
+    assert "Traceback" not in out.stderr
