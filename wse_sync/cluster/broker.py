@@ -186,8 +186,11 @@ class Broker:
 
     def _dispatch_curve(self, parts: List[Any], zap: Zap) -> Out:
         """A message on a CURVE socket: its User-Id (the sender's key) gives the role."""
-        user_id = parts[0].get("User-Id")
-        role = zap.roles.get(user_id)
+        try:
+            user_id = parts[0].get("User-Id")
+        except self.zmq.ZMQError:  # no metadata: not a CURVE peer (cannot happen here)
+            user_id = None
+        role = zap.roles.get(user_id) if user_id else None
         if role is None:
             # allowed at the handshake, removed from the directories since
             self.core.counters["refused.revoked-key"] += 1
