@@ -150,12 +150,20 @@ class Broker:
                     out: Out = []
                     for _ in range(1000):
                         try:
-                            # with CURVE, frames carry the sender's key (User-Id)
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=zap is None)
+                            if zap is None:
+                                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                            else:
+                                # the first frame (as a Frame) carries the sender's key
+                                first = sock.recv(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        out += (self._dispatch(frames) if zap is None
-                                else self._dispatch_curve(frames, zap))
+                        if zap is None:
+                            out += self._dispatch(frames)
+                        else:
+                            frames = [first.bytes]
+                            while sock.getsockopt(zmq.RCVMORE):  # the rest is there already
+                                frames.append(sock.recv(zmq.NOBLOCK, copy=True))
+                            out += self._dispatch_curve(first, frames, zap)
                     # everything this round produced: one message per worker
                     self._send_all(out)
                 now = time.monotonic()
@@ -184,10 +192,10 @@ class Broker:
         except OSError:
             pass  # gone already
 
-    def _dispatch_curve(self, parts: List[Any], zap: Zap) -> Out:
+    def _dispatch_curve(self, first: Any, frames: List[bytes], zap: Zap) -> Out:
         """A message on a CURVE socket: its User-Id (the sender's key) gives the role."""
         try:
-            user_id = parts[0].get("User-Id")
+            user_id = first.get("User-Id")
         except self.zmq.ZMQError:  # no metadata: not a CURVE peer (cannot happen here)
             user_id = None
         role = zap.roles.get(user_id) if user_id else None
@@ -197,9 +205,9 @@ class Broker:
             if user_id not in self._revoked:
                 self._revoked[user_id] = None
                 log.warning("refused messages of %r: its key %s is no longer allowed",
-                            parts[0].bytes, user_id)
+                            frames[0], user_id)
             return []
-        return self._dispatch([p.bytes for p in parts], role, user_id)
+        return self._dispatch(frames, role, user_id)
 
     def _dispatch(self, frames: list, role: str = ROLE_WORKER,
                   key: Optional[str] = None) -> Out:
