@@ -400,10 +400,14 @@ def test_a_routing_identity_stays_with_the_key_that_first_used_it():
     before = map_of(core)
     # another key (a client's) under w1's identity: neither bye nor hello in its name
     for msg in (Message("bye", {}), Message("hello", {"pid": 1, "table": []})):
-        assert core.handle("w1", msg, 0, role=ROLE_CLIENT, key="KEY-OTHER") == []
+        core.handle("w1", msg, 0, role=ROLE_CLIENT, key="KEY-OTHER")
     assert core.counters["refused.identity-taken"] == 2
-    assert map_of(core) == before and "w1" in core.workers
-    assert core.handle("w1", Message("hb", {}), 0, key="KEY-W1") == []
+    # and nothing more is routed to that identity: the worker's own link is down
+    # (one link per identity), so it is removed at once rather than after 3 s
+    assert "w1" not in core.workers and core.registry.conns == {}
+    assert core.handle("w1", Message("hb", {}), 0, key="KEY-W1") == [("w1", Message("reset", {}))]
+    hello(core, "w1", table=[["a", "alice", None, 1.0]])
+    assert map_of(core) == before
     assert core.counters["refused.identity-taken"] == 2
 
 

@@ -116,6 +116,12 @@ class BrokerCore:
         self.counters["in." + msg.kind] += 1
         out: Out = []
         if key is not None and not self._owned_by(sender, key):
+            if sender in self.workers:
+                # the ROUTER lets one link per identity in: the worker's own link is
+                # down, and its identity now reaches another key; route nothing more to it
+                log.warning("worker %s is unreachable (another key holds its routing identity):"
+                            " removing its connections", sender)
+                return self.remove_worker(sender)
             return []
         refusal = check(msg, role)
         if refusal is not None:
