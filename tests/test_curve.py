@@ -468,3 +468,135 @@ def test_zap_is_served_by_a_green_broker_under_monkey_patching(tmp_path):
     counters = ast.literal_eval(lines[2])  # a list of counter names
     assert {"in.hello", "in.bcast", "in.bye", "refused.unknown-key"} <= set(counters), counters
     assert "Traceback" not in out.stderr
+
+
+def test_faults_with_curve_on_worker_killed_then_broker_killed(cluster, tmp_path):
+    """kill -9 of a worker, then of the broker, on CURVE links: 'left' fires on
+    the survivor, and a restarted broker (same keys) gets the map back."""
+    extra = ["--broker", cluster.endpoint]
+    with serve_process(APP, extra=extra + cluster.keys("w1")) as sp1, \
+            serve_process(APP, extra=extra + cluster.keys("w2")) as sp2:
+        a = WseClient(sp1.url, rpc_timeout=10 * UNIT)
+        b = WseClient(sp2.url, rpc_timeout=10 * UNIT, reconnect=True)
+        evs = []
+        b.channel.on("ev", evs.append)
+        a.connect("alice")
+        b.connect("bob")
+        wait_for(lambda: cluster.stats()["users"] == 2, timeout=10 * UNIT, interval=0.1)
+        os.kill(a.call("pid"), signal.SIGKILL)
+        wait_for(lambda: any(e[:2] == ["left", "alice"] for e in evs), timeout=20 * UNIT)
+        left = next(e for e in evs if e[:2] == ["left", "alice"])
+        assert left[3:] == [1006, "wse.worker-died"]
+        wait_for(lambda: cluster.stats()["users"] == 1, timeout=10 * UNIT, interval=0.1)
+        # the broker dies and comes back on the same port with the same keys
+        cluster.proc.proc.send_signal(signal.SIGKILL)
+        cluster.proc.proc.wait(10)
+        cluster.proc = ServerProcess(
+            ["broker", "--bind", cluster.endpoint, "--sync-window", "0.5",
+             "--curve-secret", cluster.secret["broker"], "--allow-workers", cluster.workers_dir,
+             "--allow-clients", cluster.clients_dir])
+        cluster.proc.wait_line(r"broker listening on .* with CURVE")
+        wait_for(lambda: cluster.stats()["connections"] == 1, timeout=20 * UNIT, interval=0.2)
+        assert b.call("pid") > 0            # bob was served throughout
+        a.close()
+        b.close()
+    assert "Traceback" not in sp1.stderr + sp2.stderr
+
+
+def _netns_available() -> Optional[str]:
+    """None when two network namespaces joined by a veth pair can be made, else why not."""
+    if os.geteuid() != 0:
+        return "needs root (ip netns)"
+    if shutil.which("ip") is None:
+        return "no `ip` command (iproute2)"
+    name = f"wseprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True,
+                          timeout=10)
+    if made.returncode != 0:
+        return "cannot make a network namespace: " + made.stderr.strip()
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+    return None
+
+
+def test_broker_and_worker_in_two_network_namespaces(tmp_path):
+    """A CURVE link over a real (veth) network between two namespaces: the
+    broker in one, `serve` and its client in the other."""
+    why = _netns_available()
+    if why is not None:
+        pytest.skip(why)
+    tag = str(os.getpid() % 100000)
+    ns_b, ns_w, v_b, v_w = f"wseb{tag}", f"wsew{tag}", f"veb{tag}", f"vew{tag}"
+
+    def run(*argv: str) -> None:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=20)
+        assert done.returncode == 0, (argv, done.stderr)
+
+    procs: List[subprocess.Popen] = []
+    try:
+        run("ip", "netns", "add", ns_b)
+        run("ip", "netns", "add", ns_w)
+        run("ip", "link", "add", v_b, "type", "veth", "peer", "name", v_w)
+        for ns, dev, addr in ((ns_b, v_b, "10.231.0.1/30"), (ns_w, v_w, "10.231.0.2/30")):
+            run("ip", "link", "set", dev, "netns", ns)
+            run("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+            run("ip", "-n", ns, "link", "set", dev, "up")
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+        root = tmp_path / "keys"
+        secret = make_keys(root, "broker", "w1", "cron")
+        workers = allow(tmp_path / "workers", root, "w1")
+        clients = allow(tmp_path / "clients", root, "cron")
+        broker_key = os.path.join(str(root), "broker.key")
+        endpoint = "tcp://10.231.0.1:5599"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        broker = subprocess.Popen(
+            ["ip", "netns", "exec", ns_b, sys.executable, "-m", "wse_sync", "broker", "--bind",
+             endpoint, "--sync-window", "0", "--curve-secret", secret["broker"],
+             "--allow-workers", workers, "--allow-clients", clients],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        procs.append(broker)
+        serve = subprocess.Popen(
+            ["ip", "netns", "exec", ns_w, sys.executable, "-m", "wse_sync", "serve", APP,
+             "--host", "127.0.0.1", "--port", "4201", "--workers", "1", "--broker", endpoint,
+             "--broker-key", broker_key, "--curve-secret", secret["w1"]],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        procs.append(serve)
+        # a client inside the workers' namespace, a handle inside the broker's
+        client = ("import sys, time; from wse_sync import WseClient\n"
+                  "deadline = time.monotonic() + 30\n"
+                  "while True:\n"
+                  "    try:\n"
+                  "        c = WseClient('ws://127.0.0.1:4201/', rpc_timeout=10)\n"
+                  "        c.connect('netns-user'); break\n"
+                  "    except Exception:\n"
+                  "        if time.monotonic() > deadline: raise\n"
+                  "        time.sleep(0.2)\n"
+                  "print(c.call('pid'), flush=True)\n"
+                  "sys.stdin.readline()\n")
+        user = subprocess.Popen(["ip", "netns", "exec", ns_w, sys.executable, "-c", client],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+        procs.append(user)
+        assert int(user.stdout.readline()) > 0          # served, through the CURVE link
+        look = ("from wse_sync import connect_cluster\n"
+                f"h = connect_cluster({endpoint!r}, broker_key={broker_key!r},"
+                f" secret={secret['cron']!r}, timeout=20)\n"
+                "import time; deadline = time.monotonic() + 20\n"
+                "while 'netns-user' not in h.clients and time.monotonic() < deadline:\n"
+                "    time.sleep(0.1)\n"
+                "print(sorted(h.clients)); h.close()\n")
+        seen = subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, "-c", look],
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert seen.stdout.strip() == "['netns-user']", seen.stderr
+        user.stdin.write("\n")
+        user.stdin.flush()
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+        for ns in (ns_b, ns_w):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
