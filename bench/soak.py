@@ -46,14 +46,23 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--clients", type=int, default=30)
     ap.add_argument("--kills", type=int, default=0, help="worker kills (default: duration/40+1)")
+    ap.add_argument("--curve", action="store_true",
+                    help="a CURVE broker on tcp:// (kept alive by broker_keeper) instead of"
+                         " serve's own ipc broker")
     args = ap.parse_args()
     kills = args.kills or int(args.duration // 40) + 1
     log_path = tempfile.mktemp(prefix="wse-soak-", suffix=".log")
     env = dict(os.environ, WSE_SOAK_LOG=log_path)
     port = free_port()
+    extra: list = []
+    keeper = None
+    if args.curve:
+        keeper, extra = _curve_broker(env)
     sp = ServerProcess(["serve", os.path.join(HERE, "soak_app.py") + ":server", "--host",
                         "127.0.0.1", "--port", str(port), "--workers", str(args.workers),
-                        "--log-level", "warning"], env=env)
+                        "--log-level", "warning", *extra], env=env)
+    # the broker's parent: serve's supervisor, or the keeper of the CURVE broker
+    broker_parent = keeper.pid if keeper is not None else sp.proc.pid
     url = f"ws://127.0.0.1:{port}/"
     counts = dict(connects=0, connect_errors=0, rpcs=0, rpc_ok=0, rpc_err=0, msgs=0,
                   broadcasts=0, worker_kills=0, broker_kills=0, closes=0)
@@ -64,6 +73,9 @@ def main() -> int:
         while True:
             kids = subprocess.run(["pgrep", "-P", str(sp.proc.pid)], capture_output=True,
                                   text=True).stdout.split()
+            if keeper is not None:
+                kids += subprocess.run(["pgrep", "-P", str(keeper.pid)], capture_output=True,
+                                       text=True).stdout.split()
             if len(kids) >= args.workers + 1:
                 break
             assert time.monotonic() < deadline, "processes did not start"
@@ -71,8 +83,12 @@ def main() -> int:
 
         def children():
             out = {}
-            for pid in subprocess.run(["pgrep", "-P", str(sp.proc.pid)], capture_output=True,
-                                      text=True).stdout.split():
+            pids = subprocess.run(["pgrep", "-P", str(sp.proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+            if broker_parent != sp.proc.pid:
+                pids += subprocess.run(["pgrep", "-P", str(broker_parent)], capture_output=True,
+                                       text=True).stdout.split()
+            for pid in pids:
                 try:
                     cmd = open(f"/proc/{pid}/cmdline").read().split("\0")
                 except OSError:
@@ -203,10 +219,40 @@ def main() -> int:
             except Exception:
                 pass
         sp.stop()
+        if keeper is not None:
+            keeper.terminate()
+            try:
+                keeper.wait(20)
+            except subprocess.TimeoutExpired:
+                keeper.kill()
+                keeper.wait()
         try:
             os.unlink(log_path)
         except OSError:
             pass
+
+
+def _curve_broker(env: dict):
+    """Keys, and a CURVE broker on tcp://127.0.0.1 kept alive by broker_keeper.
+
+    Returns (the keeper process, the ``serve`` flags that attach to it). This
+    process's ``stats`` calls get a worker key through the environment.
+    """
+    keys = tempfile.mkdtemp(prefix="wse-soak-keys-")
+    for name, where in (("broker", keys), ("w", os.path.join(keys, "workers"))):
+        subprocess.run([sys.executable, "-m", "wse_sync", "keys", name, "--dir", where],
+                       check=True, capture_output=True, timeout=30)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    broker_env = dict(env, WSE_SYNC_CURVE_SECRET=os.path.join(keys, "broker.key_secret"),
+                      WSE_SYNC_ALLOW_WORKERS=os.path.join(keys, "workers"))
+    keeper = subprocess.Popen([sys.executable, "-m", "wse_sync.serve.broker_keeper", "--bind",
+                               endpoint, "--log-level", "warning"], env=broker_env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    broker_key = os.path.join(keys, "broker.key")
+    secret = os.path.join(keys, "workers", "w.key_secret")
+    os.environ["WSE_SYNC_BROKER_KEY"] = broker_key   # for broker_stats (wse-sync stats)
+    os.environ["WSE_SYNC_CURVE_SECRET"] = secret
+    return keeper, ["--broker", endpoint, "--broker-key", broker_key, "--curve-secret", secret]
 
 
 def _try_connect(url: str) -> bool:

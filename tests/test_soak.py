@@ -1,4 +1,5 @@
-"""The short soak CI runs: churn across 3 workers, one worker and one broker kill."""
+"""The short soak CI runs: churn across 3 workers, one worker and one broker kill;
+on serve's own ipc broker, and on a CURVE tcp:// broker (kept by broker_keeper)."""
 import json
 import os
 import subprocess
@@ -11,9 +12,10 @@ from helpers import ROOT
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_short_soak():
+@pytest.mark.parametrize("link", [[], ["--curve"]], ids=["ipc", "curve"])
+def test_short_soak(link):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "soak.py"),
-                          "--duration", "25", "--kills", "2"],
+                          "--duration", "25", "--kills", "2", *link],
                          capture_output=True, text=True, timeout=220)
     print(out.stdout[-4000:])
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
