@@ -273,15 +273,21 @@ def test_sigterm_lets_running_handlers_finish(tmp_path, monkeypatch):
         assert "Traceback" not in sp.stderr
 
 
-def test_tls_with_certfile_and_keyfile(tmp_path):
-    """`serve` with an app whose options name a certificate speaks wss://."""
-    import ssl
+def make_cert(tmp_path):
+    """A self-signed certificate for 127.0.0.1: (cert path, key path)."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
                            "-keyout", str(key), "-out", str(cert), "-days", "1",
                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                           capture_output=True, timeout=60)
     assert made.returncode == 0, made.stderr
+    return cert, key
+
+
+def test_tls_with_certfile_and_keyfile(tmp_path):
+    """`serve` with an app whose options name a certificate speaks wss://."""
+    import ssl
+    cert, key = make_cert(tmp_path)
     app = tmp_path / "tls_app.py"
     app.write_text(
         "from wse_sync import WseServer\n"
@@ -302,12 +308,7 @@ def test_tls_with_certfile_and_keyfile(tmp_path):
 def test_tls_from_the_command_line_flags(tmp_path):
     """`serve --certfile/--keyfile` on a plain app; a bad path is one clear line."""
     import ssl
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
-                           "-keyout", str(key), "-out", str(cert), "-days", "1",
-                           "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                          capture_output=True, timeout=60)
-    assert made.returncode == 0, made.stderr
+    cert, key = make_cert(tmp_path)
     with serve_process(ECHO, extra=["--certfile", str(cert), "--keyfile", str(key)]) as sp:
         c = WseClient(f"wss://127.0.0.1:{sp.port}/",
                       ssl_context=ssl.create_default_context(cafile=str(cert)))
