@@ -311,7 +311,9 @@ def test_forged_commands_leave_the_map_unchanged(cluster):
         send(impostor, "bye")
         send(impostor, "hello", {"pid": 4, "table": []})
         stats = watcher.stats()
-        return stats if stats["counters"].get("refused.identity-taken", 0) >= 2 else None
+        # (>= 1: once refused, the broker drops w1 at once; whether the bye or the
+        # hello is the one that gets through first depends on when the old link ends)
+        return stats if stats["counters"].get("refused.identity-taken", 0) >= 1 else None
 
     wait_for(taken)
     # the bye was not carried out (w1 itself is gone: the broker drops it after
