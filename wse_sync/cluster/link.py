@@ -48,6 +48,8 @@ class LocalPort(Protocol):
 
     def error(self, error: WseError) -> None: ...
 
+    def metrics_report(self) -> Dict[str, Any]: ...
+
 
 class BrokerLink:
     """Connects one worker runtime to the broker."""
@@ -56,7 +58,8 @@ class BrokerLink:
                  limit: Optional[int] = 1, serves: bool = True, heartbeat: float = 1.0,
                  request_timeout: float = 5.0, broker_timeout: float = 3.0,
                  outage_buffer: int = 10000, outage_limit: float = 30.0,
-                 curve: Optional[ClientKeys] = None, max_msg_size: int = MAX_MSG_SIZE) -> None:
+                 curve: Optional[ClientKeys] = None, max_msg_size: int = MAX_MSG_SIZE,
+                 report_interval: float = 5.0) -> None:
         import zmq.green as zmq
         self.zmq = zmq
         self.port = port
@@ -80,6 +83,9 @@ class BrokerLink:
         self._stopped = False
         # encoded messages waiting for the end of this event-loop turn
         self._outgoing: List[List[bytes]] = []
+        # seconds of the last stats round trip; metrics reports every report_every beats
+        self.rtt: Optional[float] = None
+        self.report_every = max(1, round(report_interval / heartbeat)) if heartbeat else 5
 
     @property
     def view(self) -> ClusterView:
@@ -191,6 +197,41 @@ class BrokerLink:
         err = body.get("value") or {}
         raise WseError(err.get("code", WSE_ERROR.RP_EXECUTION_FAILED), err.get("details"))
 
+    def stats(self, full: bool = True, timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        """Send this worker's metrics report; the broker's answer: the cluster's
+        stats (``full``) or ``{}``, None without an answer in ``timeout``
+        (default ``request_timeout``). Measures ``rtt``."""
+        if self._stopped:
+            return None
+        req, out = self.core.stats(self.port.metrics_report(), full)
+        result = self._answers[req] = AsyncResult()
+        started = time.monotonic()
+        try:
+            self._send(out)
+            body = result.get(timeout=self.request_timeout if timeout is None else timeout)
+        except gevent.Timeout:
+            return None
+        finally:
+            self._answers.pop(req, None)
+            self.core.call_done(req)
+        self.rtt = time.monotonic() - started
+        return body
+
+    @property
+    def state(self) -> str:
+        """"up" (in sync with the broker), "joining" (no snapshot yet), "away"
+        (silent past broker_timeout) or "refused" (CURVE handshake refused)."""
+        if self.refused is not None:
+            return "refused"
+        if self.core.down_since is not None:
+            return "away"
+        return "up" if self.core.synced else "joining"
+
+    @property
+    def resent(self) -> int:
+        """Commands sent again to a broker that had lost them."""
+        return self.core.resent
+
     @property
     def synced(self) -> bool:
         return self.core.synced
@@ -267,9 +308,13 @@ class BrokerLink:
             self.refused = why
 
     def _hb_loop(self) -> None:
+        beats = 0
         while True:
             gevent.sleep(self.heartbeat)
             self._carry_out(self.core.tick(time.monotonic()))
+            beats += 1
+            if beats % self.report_every == 0 and self.core.down_since is None:
+                gevent.spawn(self.stats, False)
 
     def _recv_loop(self) -> None:
         zmq = self.zmq

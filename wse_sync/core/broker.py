@@ -67,6 +67,8 @@ class WorkerInfo:
     serves: bool = True
     # what its key allows (core.checks): "worker", or "client" for a connect_cluster() key
     role: str = ROLE_WORKER
+    # its last metrics report (core.metrics), shown to every worker's /metrics
+    report: Optional[Dict[str, Any]] = None
 
 
 class BrokerCore:
@@ -128,7 +130,7 @@ class BrokerCore:
             self._refuse(sender, refusal.what, "%s", refusal.why, kind=msg.kind)
             return []
         if msg.kind == "stats":
-            return [(sender, Message("stats", self.stats()))]
+            return [(sender, self._stats(sender, msg.body))]
         info = self.workers.get(sender)
         if info is not None and info.role != role:
             # its key moved to the other directory (reloaded): it starts again
@@ -286,16 +288,31 @@ class BrokerCore:
         return out
 
     def stats(self) -> Dict[str, Any]:
+        """The map's figures, per worker too, with each worker's last metrics report."""
         per_worker: Dict[str, int] = {w: 0 for w in self.workers}
         for e in self.registry.conns.values():
             per_worker[e.worker] = per_worker.get(e.worker, 0) + 1
         return {
             "users": len(self.registry.users),
             "connections": len(self.registry.conns),
-            "workers": {w: {"pid": i.pid, "connections": per_worker.get(w, 0), "role": i.role}
+            "workers": {w: {"pid": i.pid, "connections": per_worker.get(w, 0), "role": i.role,
+                            "serves": i.serves}
                         for w, i in self.workers.items()},
+            "reports": {w: i.report for w, i in self.workers.items() if i.report is not None},
             "counters": dict(self.counters),
         }
+
+    def _stats(self, sender: str, body: Dict[str, Any]) -> Message:
+        """``{}``: the stats. A worker's ``{req, report, full}``: keep its report;
+        answer ``req`` with the stats when ``full``, else with nothing more."""
+        info = self.workers.get(sender)
+        if info is not None and "report" in body:
+            info.report = body["report"]
+        if "req" not in body:
+            return Message("stats", self.stats())
+        answer = self.stats() if body.get("full") else {}
+        answer["req"] = body["req"]
+        return Message("stats", answer)
 
     # -- worker -> broker kinds --------------------------------------
     def _hello(self, sender: str, body: Dict[str, Any], now: float, role: str) -> Out:

@@ -23,6 +23,7 @@ import math
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
 from .messages import Message
+from .metrics import BUCKETS, MAX_REPORT_KEYS
 
 __all__ = ["ROLE_WORKER", "ROLE_CLIENT", "ROLES", "CLIENT_KINDS", "Refusal", "check",
            "MAX_ID", "MAX_CID", "MAX_TEXT", "MAX_TABLE"]
@@ -231,10 +232,42 @@ def _empty(msg: Message) -> None:
     return None
 
 
+def _stats(msg: Message) -> None:
+    """``{}`` (``wse-sync stats``), or a worker's ``{req, full, report}`` (core.metrics)."""
+    body = msg.body
+    if "req" in body:
+        _request_id(body, "req")
+    _bool(body, "full")
+    report = body.get("report")
+    if report is None:
+        return
+    if not isinstance(report, dict):
+        raise _malformed("'report' is not an object")
+    for part in ("counters", "gauges"):
+        values = report.get(part, {})
+        if not isinstance(values, dict):
+            raise _malformed(f"report {part!r} is not an object")
+        if len(values) > MAX_REPORT_KEYS:
+            raise _Bad("dropped.oversize", f"report {part!r} has {len(values)} keys"
+                                           f" (at most {MAX_REPORT_KEYS})")
+        for key in values:
+            if not isinstance(key, str) or len(key) > MAX_ID:
+                raise _malformed(f"report {part!r} has a bad key")
+            _number(values, key)
+    rpc = report.get("rpc", {})
+    if not isinstance(rpc, dict):
+        raise _malformed("report 'rpc' is not an object")
+    counts = rpc.get("counts", [])
+    if (not isinstance(counts, list) or len(counts) > len(BUCKETS) + 1
+            or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts)):
+        raise _malformed("report 'rpc.counts' is not a list of counts")
+    _number(rpc, "sum")
+
+
 _CHECKS: Dict[str, Callable[[Message], None]] = {
     "hello": _hello, "join": _join, "leave": _leave, "send": _send, "bcast": _bcast,
     "drop_cid": _drop_cid, "conn_send": _conn_send, "conn_drop": _conn_drop, "call": _call,
-    "result": _result, "hb": _empty, "bye": _empty, "stats": _empty,
+    "result": _result, "hb": _empty, "bye": _empty, "stats": _stats,
 }
 
 

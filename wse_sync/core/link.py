@@ -165,6 +165,8 @@ class LinkCore:
         self.last_broker = now
         self.down_since: Optional[float] = None
         self._ids = 0
+        # commands sent again to a broker that lost them (metrics: "resends")
+        self.resent = 0
         self._seq = 0
         # cross-worker commands not yet acked: (seq, kind, body, data)
         self._outbox: Deque[Tuple[int, str, Dict[str, Any], Any]] = deque()
@@ -202,6 +204,7 @@ class LinkCore:
         out = [Message("hello", {"pid": self.pid, "limit": self.limit, "table": table,
                                  "base": base, "serves": self.serves})]
         out += [Message(kind, body, data) for _seq, kind, body, data in self._outbox]
+        self.resent += len(self._outbox)
         return out
 
     def bye(self) -> List[Message]:
@@ -308,6 +311,14 @@ class LinkCore:
                 "timeout": timeout}
         return req, [Message("call", body)]
 
+    def stats(self, report: Dict[str, Any], full: bool) -> Tuple[int, List[Message]]:
+        """Send this worker's metrics ``report`` (core.metrics); the broker's answer
+        (the cluster's stats when ``full``) comes as an ``Answer`` for the req."""
+        self._ids += 1
+        req = self._ids
+        self._waiting.add(req)
+        return req, [Message("stats", {"req": req, "full": full, "report": report})]
+
     def call_done(self, req: int) -> None:
         """The caller stopped waiting (answered or timed out)."""
         self._waiting.discard(req)
@@ -337,7 +348,7 @@ class LinkCore:
             if body.get("last"):
                 effects.append(UserLeft(body["cid"], body.get("code", 1005),
                                         body.get("reason", ""), body.get("meta")))
-        elif kind in ("joined", "result"):
+        elif kind in ("joined", "result", "stats"):
             req = body.get("req", body.get("call"))
             if req in self._waiting:
                 effects.append(Answer(req, body))

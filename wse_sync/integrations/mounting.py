@@ -15,6 +15,9 @@ returns a WSGI app that routes by exact ``PATH_INFO``:
 - a plain (not upgrade) request on a mounted path goes to ``app`` too: a path
   the app also uses is shared, upgrades to wse_sync and plain requests to the
   app. Without an app, the WseServer answers it (426) and other paths get 404.
+- the WseServers' plain HTTP paths (``health_path``, ``metrics_path``,
+  ``client_path``: runtime/endpoints.py) go to ``app`` first; only when it
+  answers 404 at once does the WseServer answer them (the app's own routes win).
 
 Serve it with gevent's ``pywsgi.WSGIServer`` and ``wse_sync.wsgi.WseHandler``
 (or gevent-websocket's ``WebSocketHandler``), or under gunicorn with
@@ -127,9 +130,52 @@ class WseMount:
             if self.app is None:
                 return wse(environ, start_response)
         if self.app is not None:
+            served = self._endpoint(environ.get("PATH_INFO", ""))
+            if served is not None and environ.get("wsgi.websocket") is None:
+                return self._app_first(served, environ, start_response)
             return self.app(environ, start_response)
+        served = self._endpoint(environ.get("PATH_INFO", ""))
+        if served is not None:
+            return served(environ, start_response)
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
+
+    def _endpoint(self, path: str) -> Any:
+        """The WseServer that answers ``path`` as /healthz, /metrics... or None."""
+        for server in self.wse_servers():
+            if server.endpoint_for(path) is not None:
+                return server
+        return None
+
+    def _app_first(self, server: Any, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        """The app's answer, unless it is a 404 given at once: then ``server``'s."""
+        held: List[Any] = []
+
+        def hold(status: str, headers: List[Any], exc_info: Any = None) -> Callable:
+            if exc_info is not None or held == ["passed"]:
+                return start_response(status, headers, exc_info)
+            held[:] = [status, headers]
+            return _late_write
+
+        def _late_write(data: bytes) -> None:  # the app used write(): it answers itself
+            if len(held) == 2:
+                status, headers = held
+                held[:] = ["passed"]
+                start_response(status, headers)(data)
+
+        body = self.app(environ, hold)  # type: ignore[misc]
+        if len(held) == 2 and str(held[0]).startswith("404"):
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+            return server(environ, start_response)
+        if len(held) == 2:
+            status, headers = held
+            held[:] = ["passed"]
+            start_response(status, headers)
+        else:  # it will call start_response while iterating: let it through
+            held[:] = ["passed"]
+        return body
 
     def _no_websocket(self, environ: dict, start_response: Callable) -> List[bytes]:
         text = NO_WEBSOCKET.format(path=environ.get("PATH_INFO", ""),

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
-from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List, Optional
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List, Optional,
+                    Tuple)
 
 import gevent
 from gevent.lock import BoundedSemaphore
@@ -27,6 +27,7 @@ from ..core.limits import KeyedCounter
 from ..core.limits import parse_rate
 from ..core.ids import make_id
 from ..core.link import LocalEntry
+from ..core.metrics import WorkerMetrics
 from ..core.table import ConnectionTable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,8 +67,10 @@ class Hub:
         self._sweeper: Optional[gevent.Greenlet] = None
         # handlers running now (RPC, channel, event), for a graceful stop
         self._busy = 0
-        # what the limits refused, by name ("refused.max_unauthenticated", ...)
-        self.counters: Counter = Counter()
+        # what this worker counts (core.metrics); ``counters`` also holds what
+        # the limits refused, by name ("refused.max_unauthenticated", ...)
+        self.metrics = WorkerMetrics()
+        self.counters = self.metrics.counters
         # sessions upgraded and not yet welcomed (max_unauthenticated), and per address
         self._unauthenticated: set = set()
         self._unauthenticated_of = KeyedCounter(
@@ -163,7 +166,7 @@ class Hub:
         transport = Transport(handler.socket, handler.rfile, options["max_message_size"],
                               options["max_send_queue"], options["close_timeout"],
                               options["max_fragments"], parse_rate(options["rate_limit"]),
-                              parse_rate(options["control_rate_limit"]))
+                              parse_rate(options["control_rate_limit"]), self.counters)
         requested = [p.strip() for p in
                      environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",")]
         remote = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),
@@ -245,6 +248,8 @@ class Hub:
             protocol.pack(protocol.internal_types["welcome"], welcome, None))
         session.ready()
         self._welcomed(session)
+        self.counters["handshakes"] += 1
+        log.debug("connection %s from %s: user %r welcomed", conn.conn_id, conn.remote_addr, cid)
         if first:
             self.emit("joined", identity, conn.meta)
         self.emit("connected", conn)
@@ -374,17 +379,54 @@ class Hub:
     def error(self, error: WseError) -> None:
         self.emit_error(error, None)
 
+    def metrics_report(self) -> Dict[str, Any]:
+        """This worker's figures for the broker and /metrics (core.metrics)."""
+        link = self.link
+        if link is not None:
+            self.counters["resends"] = link.resent
+        sessions = list(self._sessions)
+        return self.metrics.report({
+            "connections": len(sessions),
+            "unauthenticated": len(self._unauthenticated),
+            "send_queue_bytes": sum(s.conn.transport.queued for s in sessions),
+            "broker_outbox": link.unconfirmed if link is not None else 0,
+            "rpc_running": self.rpc_running,
+            "broker_rtt_seconds": (link.rtt or 0.0) if link is not None else 0.0,
+        })
+
+    def health(self) -> Tuple[bool, Dict[str, Any]]:
+        """(serving?, why): False while stopping or without a working broker link."""
+        body: Dict[str, Any] = {"worker": self.worker_id, "pid": os.getpid()}
+        if self.stopping:
+            return False, dict(body, status="stopping")
+        try:
+            link = self._cluster()
+        except Exception as exc:  # a bad endpoint or keys: say it
+            return False, dict(body, status="no-broker", reason=str(exc))
+        state = link.state
+        body.update(status="ok" if state == "up" else "no-broker", broker=state,
+                    endpoint=link.endpoint, connections=len(self._sessions))
+        if link.refused:
+            body["reason"] = link.refused
+        return state == "up", body
+
     # -- application code ------------------------------------------------------
     def emit(self, name: str, *args: Any) -> None:
         """Fire a ``when`` event: each handler in a greenlet of its own."""
         for handler in self.server.when.emitter.handlers(name):
             self.spawn(self._run_event, name, handler, args)
 
-    def emit_error(self, error: WseError, conn: Optional[Any] = None) -> None:
+    def emit_error(self, error: WseError, conn: Optional[Any] = None,
+                   exc: Optional[BaseException] = None) -> None:
+        """Fire ``when.error``; without a handler, log it: at ERROR with its
+        traceback when application code raised ``exc``, else at WARNING."""
         if self.server.when.emitter.has("error"):
             self.emit("error", error, conn)
+        elif exc is not None:
+            log.error("%s (connection %s)", _describe(error), getattr(conn, "conn_id", None),
+                      exc_info=(type(exc), exc, exc.__traceback__))
         else:
-            log.warning("%s (connection %s)", error, getattr(conn, "conn_id", None))
+            log.warning("%s (connection %s)", _describe(error), getattr(conn, "conn_id", None))
 
     def spawn(self, fn: Callable, *args: Any) -> None:
         """Run application code in a greenlet of its own (counted for a graceful stop)."""
@@ -403,10 +445,10 @@ class Hub:
         except Exception as exc:
             conn = args[0] if args and isinstance(args[0], WseConnection) else None
             if name == "error":
-                log.error("the error handler raised %s: %s", type(exc).__name__, exc)
+                log.exception("the error handler raised %s: %s", type(exc).__name__, exc)
             else:
                 self.emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR, {
-                    "event": name, "exception": exc, "message": str(exc)}), conn)
+                    "event": name, "exception": exc, "message": str(exc)}), conn, exc)
 
     @staticmethod
     def _write(conns: Iterable[WseConnection], data: Any) -> int:
@@ -439,3 +481,12 @@ class Hub:
                     t.abort((1006, "wse.ping-timeout"))
                 elif idle >= interval and t.open:
                     t.ping()
+
+
+def _describe(error: WseError) -> str:
+    """One line for the log: the code and the details that say what happened."""
+    details = error.details
+    if not isinstance(details, dict):
+        return str(error)
+    shown = {k: v for k, v in details.items() if k not in ("exception", "payload", "origin")}
+    return f"{error.code} {shown}" if shown else error.code

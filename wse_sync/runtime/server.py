@@ -18,6 +18,7 @@ from ..core.events import Emitter, When
 from ..core.forwarded import parse_trusted
 from ..core.limits import parse_rate
 from ..core.protocol import WseJSON, check_protocol
+from . import endpoints
 from .connection import WseIdentity
 from .hub import Hub
 from .stock_handler import harden
@@ -53,6 +54,10 @@ DEFAULTS: Dict[str, Any] = {
     "trusted_proxies": ("127.0.0.1", "::1"),
     # send the handler's full traceback in RPC errors (names server files)
     "rpc_tracebacks": False,
+    # plain HTTP paths on the same port (runtime/endpoints.py); None turns one off
+    "health_path": "/healthz",  # 200 in sync with the broker, else 503
+    "metrics_path": "/metrics",  # Prometheus text format (the [metrics] extra)
+    "client_path": None,         # e.g. "/wse.js": the shipped JavaScript client
     # -- limits: what one client can make a worker spend (README, "Limits") --
     "header_timeout": 10.0,         # seconds for the request line and headers (408)
     "tls_handshake_timeout": 10.0,  # seconds for the TLS handshake (closed)
@@ -201,8 +206,18 @@ class WseServer:
     def wants(self, path: str) -> bool:
         return self.options["path"] in (None, path)
 
+    def endpoint_for(self, path: str) -> Optional[str]:
+        """What this server answers on ``path`` besides WebSocket upgrades:
+        "health", "metrics", "client" or None (runtime/endpoints.py)."""
+        return endpoints.paths_of(self).get(path)
+
     def __call__(self, environ: dict, start_response: Callable):
-        if not self.wants(environ.get("PATH_INFO", "")):
+        path = environ.get("PATH_INFO", "")
+        if environ.get("wsgi.websocket") is None:
+            what = self.endpoint_for(path)
+            if what is not None:
+                return endpoints.answer(self, what, environ, start_response)
+        if not self.wants(path):
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found\n"]
         ws = environ.get("wsgi.websocket")

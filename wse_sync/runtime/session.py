@@ -8,6 +8,7 @@ reading greenlet never blocks on application code.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -82,6 +83,7 @@ class Session:
 
     def on_data(self, data: Any) -> None:
         server = self.server
+        self.hub.counters["messages_in"] += 1
         self._size = len(data)
         try:
             type_, payload, stamp = server.protocol.unpack(data)
@@ -166,7 +168,8 @@ class Session:
                         handler(self.conn, payload)
                     except Exception as exc:
                         self.hub.emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR, {
-                            "type": type_, "exception": exc, "message": str(exc)}), self.conn)
+                            "type": type_, "exception": exc, "message": str(exc)}), self.conn,
+                            exc)
         finally:
             self._channel_busy = False
 
@@ -180,17 +183,23 @@ class Session:
     def _answer_rpc(self, rp: str, payload: Any, stamp: str) -> None:
         server, conn = self.server, self.conn
         handler = server.rpc_handler(rp)
+        metrics = self.hub.metrics
+        metrics.counters["rpc_calls"] += 1
         if handler is None:
+            metrics.counters["rpc_errors"] += 1
             answer = (server.protocol.internal_types["response_error"],
                       {"code": WSE_ERROR.RP_NOT_REGISTERED})
         else:
+            started = time.monotonic()
             try:
                 answer = (self._t_response, handler(conn, payload))
             except Exception as exc:
+                metrics.counters["rpc_errors"] += 1
                 error = rpc_error_payload(exc, rp, payload, server.options["rpc_tracebacks"])
                 answer = (self._t_response_err, error)
                 if not isinstance(exc, WseError):
-                    self.hub.emit_error(WseError(error["code"], error["details"]), conn)
+                    self.hub.emit_error(WseError(error["code"], error["details"]), conn, exc)
+            metrics.rpc_seconds.observe(time.monotonic() - started)
         if conn.ready_state == OPEN:
             try:
                 data = server.protocol.pack(answer[0], answer[1], stamp)
@@ -232,7 +241,7 @@ class Session:
             except Exception as exc:
                 self.hub.emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
                     "message": f"identify raised {type(exc).__name__}: {exc}",
-                    "exception": exc}), conn)
+                    "exception": exc}), conn, exc)
                 raise _Refused() from None
             outcome = decision.get()  # the auth deadline bounds this wait
             if outcome is None:
@@ -247,6 +256,8 @@ class Session:
                     self.joining = False
         except _Refused:
             self._cancel_deadline()
+            self.hub.counters["auth_refused"] += 1
+            log.info("refused a login from %s (connection %s)", conn.remote_addr, conn.conn_id)
             conn.close(1000, WSE_REASON.NOT_AUTHORIZED)
         finally:
             if not self.joining:
@@ -274,7 +285,7 @@ class Session:
         except Exception as exc:
             self.hub.emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
                 "message": f"challenge generator raised {type(exc).__name__}: {exc}",
-                "exception": exc}), conn)
+                "exception": exc}), conn, exc)
             raise _Refused() from None
         kind, data = quest_sent.get()
         if kind == "refuse":
@@ -303,7 +314,9 @@ class Session:
     def _deadline_passed(self) -> None:
         self._timer = None
         if self.core.authenticating and self.conn.ready_state != CLOSED:
-            log.info("connection %s did not authenticate in time", self.conn.conn_id)
+            self.hub.counters["refused.auth_timeout"] += 1
+            log.info("connection %s from %s did not authenticate in time", self.conn.conn_id,
+                     self.conn.remote_addr)
             if self._auth is not None and not self.joining:
                 self._auth.kill(block=False)
             self.conn.close(1000, WSE_REASON.NOT_AUTHORIZED)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Callable, Optional, Tuple
 
 import gevent
@@ -44,7 +44,8 @@ class Transport:
                  max_send_queue: int = 4 * 1024 * 1024, close_timeout: float = 2.0,
                  max_fragments: Optional[int] = None,
                  rate_limit: Optional[Tuple[float, float]] = None,
-                 control_rate_limit: Optional[Tuple[float, float]] = None) -> None:
+                 control_rate_limit: Optional[Tuple[float, float]] = None,
+                 counters: Optional[Counter] = None) -> None:
         # the gevent socket; its non-blocking raw socket for the fast path
         self.sock = sock
         # (a TLS socket's _sock is the TCP socket under it: never write there)
@@ -52,6 +53,8 @@ class Transport:
         self.rfile = rfile
         self.protocol = Protocol(SERVER, max_message_size, max_fragments)
         self.max_send_queue = max_send_queue
+        # the worker's counters: "messages_out" counts frames queued here
+        self._counters: Counter = counters if counters is not None else Counter()
         self.close_timeout = close_timeout
         self._cut = False
         # the status of a cut before any close frame passed (ping timeout, full queue)
@@ -76,6 +79,11 @@ class Transport:
     @property
     def open(self) -> bool:
         return self.protocol.state == State.OPEN and not self._cut
+
+    @property
+    def queued(self) -> int:
+        """Bytes waiting for the socket."""
+        return self._queued
 
     @property
     def close_status(self) -> Optional[Tuple[int, str]]:
@@ -106,6 +114,7 @@ class Transport:
             return False
         if self._cut or not self.protocol.send_frame(frame):
             return False
+        self._counters["messages_out"] += 1
         return self._flush()
 
     def _flush(self) -> bool:
