@@ -57,7 +57,7 @@ class WorkerMetrics:
     """One worker's counters (``counters[name] += 1``) and RPC latencies."""
 
     def __init__(self) -> None:
-        self.counters: Counter = Counter()
+        self.counters: "Counter[str]" = Counter()
         self.rpc_seconds = Histogram()
 
     def report(self, gauges: Mapping[str, float]) -> Dict[str, Any]:
