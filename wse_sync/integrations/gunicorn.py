@@ -89,6 +89,7 @@ def prepare_worker(worker: Any) -> List[Any]:
         raise
     servers = servers_of(getattr(worker, "wsgi", None))
     worker._wse_prepared = servers
+    _share_gunicorn_log(worker)
     if not servers:
         worker.log.warning("wse_sync: no WseServer found in %s: nothing to start",
                            worker.cfg.wsgi_app or "the app")
@@ -109,6 +110,21 @@ def prepare_worker(worker: Any) -> List[Any]:
     if not isinstance(worker, Worker):
         _chain_sigterm(worker, servers)
     return servers
+
+
+def _share_gunicorn_log(worker: Any) -> None:
+    """Without a logging setup of the app's own, wse_sync's lines go through
+    gunicorn's error log (its handlers, format and level): one format."""
+    ours = logging.getLogger("wse_sync")
+    if ours.handlers or logging.getLogger().handlers:
+        return
+    error_log = getattr(worker.log, "error_log", None)
+    if error_log is None or not error_log.handlers:
+        return
+    for handler in error_log.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(error_log.level or logging.INFO)
+    ours.propagate = False
 
 
 def close_connections(worker: Any, servers: List[Any]) -> None:

@@ -18,6 +18,7 @@ One command::
   gevent worker is refused with a message saying what to use), starts the
   app's WseServers, and closes their connections with 1012 on SIGTERM.
 - ``on_exit``: stops the broker it started, after the workers.
+- ``logconfig_dict``: gunicorn's and wse_sync's lines in one format.
 
 In your own config file: ``from wse_sync.gunicorn_conf import *`` and set
 ``bind``, ``workers``... beside (see ``workers/gunicorn.conf.py``).
@@ -31,9 +32,15 @@ import sys
 import tempfile
 from typing import Any, Dict
 
-__all__ = ["worker_class", "on_starting", "post_worker_init", "on_exit"]
+from ..serve.logs import dict_config
+
+__all__ = ["worker_class", "logconfig_dict", "on_starting", "post_worker_init", "on_exit"]
 
 worker_class = "wse_sync.gunicorn.Worker"
+
+# one log format for gunicorn's lines and wse_sync's (wse_sync.serve.logs);
+# gunicorn's access log stays quiet unless you set logconfig_dict yourself
+logconfig_dict = dict_config()
 
 _state: Dict[str, Any] = {}
 

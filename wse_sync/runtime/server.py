@@ -17,6 +17,7 @@ from ..core.errors import WSE_ERROR, WSE_REASON, WseError
 from ..core.events import Emitter, When
 from ..core.forwarded import parse_trusted
 from ..core.limits import parse_rate
+from ..core.options import DEFAULTS
 from ..core.protocol import WseJSON, check_protocol
 from . import endpoints
 from .connection import WseIdentity
@@ -25,56 +26,8 @@ from .stock_handler import harden
 
 __all__ = ["WseServer", "DEFAULTS"]
 
-# Listening and limit options (all may be given to WseServer(**options)).
-DEFAULTS: Dict[str, Any] = {
-    "host": "127.0.0.1",
-    "port": 4200,
-    "path": None,               # None: any path; else other paths get 404
-    "max_message_size": 1024 * 1024,
-    "handshake_timeout": 10.0,  # seconds to receive ~wse:hi
-    "auth_timeout": 10.0,       # seconds for challenge + identify to decide
-    "ping_interval": 20.0,      # idle seconds before the server pings
-    "ping_timeout": 20.0,       # further silent seconds before the socket is cut
-    "close_timeout": 2.0,       # seconds to wait for the peer's close frame
-    "max_send_queue": 4 * 1024 * 1024,  # bytes queued per slow client (every frame counts)
-    "max_fragments": 1000,      # frames one message may arrive in (1008 beyond)
-    "broker": None,             # endpoint; None = embedded broker
-    "broker_timeout": 5.0,      # seconds to wait for a broker answer
-    # CURVE on a tcp:// broker (README, "A broker and workers on several hosts"):
-    # the broker's public key and this process's secret key, as key files or
-    # 40-character keys; default $WSE_SYNC_BROKER_KEY / $WSE_SYNC_CURVE_SECRET
-    "broker_key": None,
-    "curve_secret": None,
-    "broker_max_msg_size": 64 * 1024 * 1024,  # ZMQ_MAXMSGSIZE of the broker link
-    "heartbeat": 1.0,
-    "certfile": None,
-    "keyfile": None,
-    # addresses whose X-Forwarded-For is believed (uvicorn's forwarded_allow_ips);
-    # a string "a,b" or an iterable; "*" trusts everyone
-    "trusted_proxies": ("127.0.0.1", "::1"),
-    # send the handler's full traceback in RPC errors (names server files)
-    "rpc_tracebacks": False,
-    # plain HTTP paths on the same port (runtime/endpoints.py); None turns one off
-    "health_path": "/healthz",  # 200 in sync with the broker, else 503
-    "metrics_path": "/metrics",  # Prometheus text format (the [metrics] extra)
-    "client_path": None,         # e.g. "/wse.js": the shipped JavaScript client
-    # -- limits: what one client can make a worker spend (README, "Limits") --
-    "header_timeout": 10.0,         # seconds for the request line and headers (408)
-    "tls_handshake_timeout": 10.0,  # seconds for the TLS handshake (closed)
-    "ssl_context": None,            # an ssl.SSLContext; else one is built from certfile
-    "max_connections": 10000,       # sockets per worker, in any state (503)
-    "max_connections_per_ip": 256,  # per client address per worker; trusted proxies exempt (503)
-    "allowed_origins": None,        # None: any Origin; else the allowed ones (403)
-    "max_unauthenticated": 1000,    # upgraded, not yet welcomed, per worker (1013)
-    "max_unauthenticated_per_ip": 50,  # ... per client address (X-Forwarded-For aware) (1013)
-    "max_identify": 100,            # identify / challenge calls at once per worker (others wait)
-    "max_rpc_per_conn": 64,         # RPC handlers running per connection (error at once beyond)
-    "max_rpc_per_worker": 4096,     # ... and per worker
-    "max_channel_queue": 256,       # channel messages waiting per connection (1008 beyond)
-    "max_channel_queue_bytes": 8 * 1024 * 1024,
-    "rate_limit": None,             # frames per second per connection: rate or (rate, burst) (1008)
-    "control_rate_limit": (50, 200),  # pings + pongs per second per connection (1008)
-}
+# DEFAULTS: the options of WseServer(**options); core/options.py says what each
+# means, and how a flag or WSE_SYNC_<OPTION> sets it.
 
 
 class _Clients(Mapping):
@@ -110,19 +63,13 @@ class WseServer:
             rpc_timeout = options.pop("tO")
         if not callable(identify):
             raise WseError(WSE_ERROR.IDENTIFY_HANDLER_MISSING)
-        unknown = set(options) - set(DEFAULTS)
-        if unknown:
-            raise TypeError(f"unknown WseServer options: {sorted(unknown)}")
         self.identify = identify
         self.conn_per_user = conn_per_user
         self.rpc_timeout = rpc_timeout
         self.protocol = check_protocol(protocol if protocol is not None else WseJSON())
-        self.options: Dict[str, Any] = dict(DEFAULTS, **options)
+        self.options: Dict[str, Any] = dict(DEFAULTS)
+        self.configure(**options)
         harden()  # gevent-websocket's stock handler, should it serve us
-        # bad values fail here, not per connection
-        parse_rate(self.options["rate_limit"])
-        parse_rate(self.options["control_rate_limit"])
-        parse_trusted(self.options["trusted_proxies"])
         self.channel = Emitter()
         self.when = When()
         self._rpcs: Dict[str, Callable] = {}
@@ -131,6 +78,23 @@ class WseServer:
         # False for a cluster member without sockets (connect_cluster)
         self.serves = True
         self._hub = Hub(self)
+
+    def configure(self, **options: Any) -> None:
+        """Change options (and ``conn_per_user``, ``rpc_timeout``) before the
+        server starts; bad names or values raise here, not per connection."""
+        unknown = set(options) - set(DEFAULTS) - {"conn_per_user", "rpc_timeout"}
+        if unknown:
+            raise TypeError(f"unknown WseServer options: {sorted(unknown)}")
+        merged = dict(self.options)
+        merged.update((k, v) for k, v in options.items() if k in DEFAULTS)
+        parse_rate(merged["rate_limit"])
+        parse_rate(merged["control_rate_limit"])
+        parse_trusted(merged["trusted_proxies"])
+        self.options.update(merged)  # (in place: the runtime holds this dict)
+        if "conn_per_user" in options:
+            self.conn_per_user = options["conn_per_user"]
+        if "rpc_timeout" in options:
+            self.rpc_timeout = options["rpc_timeout"]
 
     # -- the original names ---------------------------------------------
     @property

@@ -18,7 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
+
+from . import runfile
+from .reload import Watcher
+from .worker import probe_app
 
 __all__ = ["Supervisor"]
 
@@ -32,7 +36,10 @@ def _python_cmd(*args: str) -> List[str]:
 class Supervisor:
     def __init__(self, app: str, host: str, port: int, workers: int,
                  broker: Optional[str] = None, options: Optional[dict] = None,
-                 grace: float = 10.0, log_level: str = "info") -> None:
+                 grace: float = 10.0, log_level: str = "info",
+                 log_args: Optional[List[str]] = None,
+                 reload_dirs: Optional[List[str]] = None,
+                 runinfo: Optional[Dict[str, Any]] = None) -> None:
         self.app = app
         self.host = host
         self.port = port
@@ -41,6 +48,12 @@ class Supervisor:
         self.options = options or {}
         self.grace = grace
         self.log_level = log_level
+        # the logging flags every child gets (--log-level, --log-format, --log-config)
+        self.log_args = log_args or ["--log-level", log_level]
+        self.reload_dirs = reload_dirs
+        # what runfile records for `wse-sync stats` (the broker endpoint is added)
+        self.runinfo = dict(runinfo or {})
+        self._runfile: Optional[str] = None
         self.signals: List[int] = []
         self.workers: Dict[int, subprocess.Popen] = {}
         self.broker_proc: Optional[subprocess.Popen] = None
@@ -65,7 +78,7 @@ class Supervisor:
         # a restarted broker waits for the workers' tables before routing
         window = "0" if fresh else "2.5"
         self.broker_proc = subprocess.Popen(
-            _python_cmd("broker", "--bind", self.broker_endpoint, "--log-level", self.log_level,
+            _python_cmd("broker", "--bind", self.broker_endpoint, *self.log_args,
                         "--parent", str(os.getpid()), "--sync-window", window),
             start_new_session=True)
         log.info("broker started (pid %d) on %s", self.broker_proc.pid, self.broker_endpoint)
@@ -79,7 +92,7 @@ class Supervisor:
         proc = subprocess.Popen(
             _python_cmd("_worker", self.app, "--fd", str(fd), "--broker", self.broker_endpoint,
                         "--options", json.dumps(self.options), "--grace", str(self.grace),
-                        "--log-level", self.log_level, "--ready-fd", str(ready_w)),
+                        *self.log_args, "--ready-fd", str(ready_w)),
             pass_fds=(fd, ready_w), start_new_session=True)
         os.close(ready_w)
         self.workers[proc.pid] = proc
@@ -116,8 +129,20 @@ class Supervisor:
             self._start_worker()
         log.info("wse-sync serving %s on %s:%d with %d worker(s)",
                  self.app, self.host, self.port, self.n_workers)
+        self._runfile = runfile.write(dict(self.runinfo, host=self.host, port=self.port,
+                                           app=self.app, broker=self.broker_endpoint))
+        watcher = None
+        if self.reload_dirs:
+            watcher = Watcher(self.reload_dirs)
+            log.info("--reload: watching *.py under %s", ", ".join(watcher.dirs))
+        next_scan = time.monotonic()
         try:
             while True:
+                if watcher is not None and time.monotonic() >= next_scan:
+                    next_scan = time.monotonic() + 0.5
+                    changed = watcher.changed()
+                    if changed:
+                        self._reload(changed)
                 while self.signals:
                     sig = self.signals.pop(0)
                     if sig == signal.SIGHUP:
@@ -130,8 +155,21 @@ class Supervisor:
                 self._reap()
                 time.sleep(0.1)
         finally:
+            runfile.remove(self._runfile)
             if self._tmpdir:
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def _reload(self, changed: List[str]) -> None:
+        """--reload: replace the workers, unless the changed app does not import."""
+        shown = ", ".join(os.path.relpath(p) for p in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        error = probe_app(self.app)[1]
+        if error:
+            log.error("--reload: %s%s changed, but the app does not load: %s (the workers"
+                      " keep the old code)", shown, more, error)
+            return
+        log.info("--reload: %s%s changed", shown, more)
+        self._roll()
 
     def _reap(self) -> None:
         if self.broker_proc is not None and self.broker_proc.poll() is not None:

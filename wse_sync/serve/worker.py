@@ -10,9 +10,9 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["run_worker", "load_app"]
+__all__ = ["run_worker", "load_app", "probe_app"]
 
 log = logging.getLogger("wse_sync.worker")
 
@@ -59,6 +59,26 @@ def load_app(spec: str) -> Any:
     return obj
 
 
+def probe_app(spec: str) -> Tuple[Optional[Dict[str, Any]], Optional[str], str]:
+    """Load the app in a throwaway process (never import it before a fork):
+    ({"host", "port"} of its options, None, ""), or (None, what went wrong in
+    one line, the whole stderr)."""
+    import json
+    import subprocess
+
+    code = ("import json,sys;from wse_sync.serve.worker import load_app;"
+            "s=load_app(sys.argv[1]);print(json.dumps({'host':s.options['host'],"
+            "'port':s.options['port']}))")
+    out = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True)
+    if out.returncode != 0:
+        lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit code {out.returncode}"
+        if last.startswith("wse-sync: "):
+            last = last[len("wse-sync: "):]
+        return None, last, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1]), None, ""
+
+
 def run_worker(app_spec: str, fd: int, broker: str, worker_id: Optional[str] = None,
                options: Optional[dict] = None, grace: float = 10.0,
                ready_fd: Optional[int] = None) -> int:
@@ -71,9 +91,8 @@ def run_worker(app_spec: str, fd: int, broker: str, worker_id: Optional[str] = N
     from ..integrations.wsgi import make_wsgi_server
 
     server = load_app(app_spec)
-    for key, value in (options or {}).items():
-        if value is not None:
-            server.options[key] = value
+    # flags and WSE_SYNC_<OPTION> (parsed by the CLI) over the app's own values
+    server.configure(**(options or {}))
     listener = socket.socket(fileno=fd)
     from ..cluster.curve import CurveError
     try:

@@ -1,0 +1,37 @@
+"""An app for tests/test_config.py: its code sets some options, an RPC tells
+what the worker runs with; ``boom`` raises, ``nobody`` is refused."""
+import os
+
+from wse_sync import WseServer
+
+VERSION = 1
+
+
+def identify(identity, accept, refuse, **_):
+    if identity == "nobody":
+        refuse()
+    else:
+        accept(identity, {"pid": os.getpid()})
+
+
+server = WseServer(identify=identify, conn_per_user=2, max_message_size=1000,
+                   ping_interval=30.0)
+
+
+@server.register("options")
+def _options(conn, payload):
+    keys = ("max_message_size", "ping_interval", "health_path", "trusted_proxies",
+            "rate_limit")
+    out = {k: server.options[k] for k in keys}
+    out["conn_per_user"] = server.conn_per_user
+    return out
+
+
+@server.register("version")
+def _version(conn, payload):
+    return VERSION
+
+
+@server.register("boom")
+def _boom(conn, payload):
+    raise RuntimeError("kaboom")
