@@ -116,6 +116,26 @@ def test_compose_reads_the_same_as_yaml():
         assert yaml.safe_load(f) == compose
 
 
+def _compose_cli():
+    """`docker compose` (v2) or `docker-compose`: both check a file with no daemon."""
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True,
+                                 timeout=30 * UNIT).returncode == 0:
+        return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy else None
+
+
+def test_compose_is_valid_for_docker_compose():
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("neither `docker compose` nor docker-compose is installed"
+                    " (apt-get install docker-compose: `config` needs no daemon)")
+    out = subprocess.run([*cli, "-f", COMPOSE, "config", "-q"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60 * UNIT)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_compose_services_volumes_and_order():
     compose = load_compose()
     services = compose["services"]
