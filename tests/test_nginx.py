@@ -82,12 +82,13 @@ def nginx_in_front(upstream_port: int):
             f.write(MAIN.format(prefix=prefix))
         cmd = [binary, "-p", prefix, "-c", os.path.join(prefix, "nginx.conf"),
                "-g", "daemon off;"]
-        if os.geteuid() == 0:  # as root here: run it as nobody, as a user would
+        setpriv = shutil.which("setpriv")
+        if os.geteuid() == 0 and setpriv:  # as root here: run it as nobody, as a user would
             for dirpath, _, files in os.walk(prefix):
                 os.chown(dirpath, NOBODY, NOBODY)
                 for name in files:
                     os.chown(os.path.join(dirpath, name), NOBODY, NOBODY)
-            cmd = [shutil.which("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}",
+            cmd = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}",
                    "--clear-groups", *cmd]
         p = Proc(cmd, env=child_env(), cwd=prefix)
         try:
