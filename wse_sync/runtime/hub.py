@@ -258,6 +258,8 @@ class Hub:
         """The socket is gone (the session's last word)."""
         accepted = self._table.remove(conn.conn_id) is not None
         conn.ready_state = CLOSED
+        log.debug("connection %s from %s closed: %s %r", conn.conn_id, conn.remote_addr, code,
+                  reason)
         conn.fail_calls(code, reason)
         if not accepted:
             return
