@@ -154,9 +154,10 @@ def gunicorn(app: str, *args: str, workers: int = 2, conf: Optional[str] = "pyth
 
 
 def http(port: int, method: str, path: str, body: bytes = b"", headers: Optional[dict] = None,
-         timeout: float = 10 * UNIT):
+         timeout: float = 10 * UNIT, source: str = "127.0.0.1"):
     """One HTTP/1.1 request; returns (status, headers {lower: [values]}, body, raw chunks)."""
-    sock = gsocket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock = gsocket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                     source_address=(source, 0))
     try:
         lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
         if body or method in ("POST", "PUT"):

@@ -15,7 +15,7 @@ from typing import Optional
 
 import pytest
 
-from deploy_helpers import Proc, child_env
+from deploy_helpers import Proc, child_env, http
 from helpers import ROOT, UNIT, RawWS, free_port, serve_process, wait_for
 from wse_sync import WseClient
 from wse_sync.runtime.server import DEFAULTS
@@ -195,3 +195,12 @@ def test_nginx_not_trusted_means_nginx_is_the_client():
             c.close()
         # nginx did send the header; the server did not believe it
         wait_for(lambda: 'xff="203.0.113.9, 127.0.0.2"' in _log(ngx))
+
+
+def test_health_through_nginx_and_metrics_only_from_this_host(trusted):
+    sp, ngx = trusted
+    port = int(ngx.url.rsplit(":", 1)[1].split("/")[0])
+    status, _, body, _ = http(port, "GET", "/healthz")
+    assert status == 200 and b'"broker":"up"' in body
+    assert http(port, "GET", "/metrics")[0] == 200            # from 127.0.0.1
+    assert http(port, "GET", "/metrics", source="127.0.0.2")[0] == 403
