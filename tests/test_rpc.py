@@ -210,6 +210,28 @@ def test_calling_an_unregistered_procedure():
         c.close()
 
 
+def test_an_unknown_procedure_is_named_in_the_error_not_on_the_wire():
+    # the wire answer stays the reference's {"code": ...} alone (test_node_protocol
+    # pins its bytes) and the caller's details stay the received ones ({} as in the
+    # JS client); the raised error names the procedure through its ``rpc``
+    server = make_server()
+    with inproc_server(server) as url:
+        c, conn = connected_pair(server, url)
+        with pytest.raises(WseError) as info:
+            c.call("mul", {"a": 2, "b": 3})
+        assert info.value.code == WSE_ERROR.RP_NOT_REGISTERED
+        assert info.value.details == {}
+        assert info.value.rpc == "mul"
+        assert "'mul'" in str(info.value) and "'mul'" in repr(info.value)
+        assert info.value.to_json() == {"code": WSE_ERROR.RP_NOT_REGISTERED, "details": {}}
+        with pytest.raises(WseError) as info:
+            conn.call("on-the-client", 1)
+        assert info.value.code == WSE_ERROR.RP_NOT_REGISTERED
+        assert info.value.rpc == "on-the-client" and "'on-the-client'" in str(info.value)
+        c.close()
+    assert str(WseError("x.y")) == "x.y" and repr(WseError("x.y", {})) == "WseError('x.y', {})"
+
+
 def test_register_twice_and_unregister_unknown():
     server = make_server()
     server.register("once", lambda conn, p: 1)

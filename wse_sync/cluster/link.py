@@ -188,14 +188,15 @@ class BrokerLink:
                 # the holder enforces the timeout; allow it one broker hop more
                 body = result.get(timeout=timeout + self.request_timeout)
             except gevent.Timeout:
-                raise WseError(WSE_ERROR.RP_TIMEOUT, {"rpc": rp, "timeout": timeout}) from None
+                raise WseError(WSE_ERROR.RP_TIMEOUT, {"rpc": rp, "timeout": timeout},
+                               rpc=rp) from None
         finally:
             self._answers.pop(req, None)
             self.core.call_done(req)
         if body.get("ok"):
             return body.get("value")
         err = body.get("value") or {}
-        raise WseError(err.get("code", WSE_ERROR.RP_EXECUTION_FAILED), err.get("details"))
+        raise WseError(err.get("code", WSE_ERROR.RP_EXECUTION_FAILED), err.get("details"), rpc=rp)
 
     def stats(self, full: bool = True, timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
         """Send this worker's metrics report; the broker's answer: the cluster's

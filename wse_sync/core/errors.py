@@ -111,23 +111,36 @@ WSE_STATUS = _Statuses(
 
 
 class WseError(Exception):
-    """An error with a protocol ``code`` string and JSON-able ``details``."""
+    """An error with a protocol ``code`` string and JSON-able ``details``.
 
-    def __init__(self, code: str, details: Optional[Any] = None) -> None:
+    ``rpc`` (keyword only) names the procedure when the error answers a call
+    made here: ``call()`` sets it on what it raises, so that the message
+    names the procedure even when the other side sent no details (the wire
+    answer to an unknown procedure is ``{"code": "wse.server.rp.not-registered"}``
+    alone, and ``details`` stay the received ones, protocol.md). It is not
+    part of ``to_json()``, so nothing of it goes on the wire.
+    """
+
+    def __init__(self, code: str, details: Optional[Any] = None, *,
+                 rpc: Optional[str] = None) -> None:
         super().__init__(code, details)
         self.code = code
         self.details = details
+        self.rpc = rpc
 
     def to_json(self) -> Dict[str, Any]:
         return {"code": self.code, "details": self.details}
 
     def __str__(self) -> str:
+        text = self.code if self.rpc is None else f"{self.code} (calling {self.rpc!r})"
         if self.details is None:
-            return self.code
-        return f"{self.code} {self.details!r}"
+            return text
+        return f"{text} {self.details!r}"
 
     def __repr__(self) -> str:
-        return f"WseError({self.code!r}, {self.details!r})"
+        if self.rpc is None:
+            return f"WseError({self.code!r}, {self.details!r})"
+        return f"WseError({self.code!r}, {self.details!r}, rpc={self.rpc!r})"
 
 
 def rpc_error_payload(exc: BaseException, rp: str, payload: Any,

@@ -133,7 +133,8 @@ class WseClient:
         ``timeout`` defaults to ``rpc_timeout``; 0 (or less) waits forever, as
         in the JS client. Raises WseError with the server's code and details
         (``{}`` when it sent none), RP_TIMEOUT (details ``{}``), RP_DISCONNECT
-        (``{"disconnected": [code, reason]}``) or CONNECTION_NOT_READY.
+        (``{"disconnected": [code, reason]}``) or CONNECTION_NOT_READY; the
+        error's ``rpc`` is ``rp``, and its message names it.
         """
         self._require_ready()
         stamp = make_id(10)
@@ -144,17 +145,17 @@ class WseClient:
             try:
                 ok, value = result.get(timeout=timeout if timeout and timeout > 0 else None)
             except gevent.Timeout:
-                raise WseError(WSE_ERROR.RP_TIMEOUT, {}) from None
+                raise WseError(WSE_ERROR.RP_TIMEOUT, {}, rpc=rp) from None
         finally:
             self._calls.pop(stamp, None)
         if ok == "ok":
             return value
         if ok == "closed":
-            raise WseError(WSE_ERROR.RP_DISCONNECT, {"disconnected": list(value)})
+            raise WseError(WSE_ERROR.RP_DISCONNECT, {"disconnected": list(value)}, rpc=rp)
         if isinstance(value, dict) and isinstance(value.get("code"), str):
             details = value.get("details")
-            raise WseError(value["code"], details if details is not None else {})
-        raise WseError(WSE_ERROR.RP_EXECUTION_FAILED, {"rpc": rp, "error": value})
+            raise WseError(value["code"], details if details is not None else {}, rpc=rp)
+        raise WseError(WSE_ERROR.RP_EXECUTION_FAILED, {"rpc": rp, "error": value}, rpc=rp)
 
     def register(self, rp: str, handler: Optional[Callable] = None):
         """``handler(payload) -> result`` answers server calls of ``rp``; decorator too."""

@@ -90,17 +90,18 @@ class WseConnection:
             try:
                 kind, value = result.get(timeout=timeout)
             except gevent.Timeout:
-                raise WseError(WSE_ERROR.RP_TIMEOUT, {"rpc": rp, "timeout": timeout}) from None
+                raise WseError(WSE_ERROR.RP_TIMEOUT, {"rpc": rp, "timeout": timeout},
+                               rpc=rp) from None
         finally:
             self._calls.pop(stamp, None)
         if kind == "ok":
             return value
         if kind == "closed":
             raise WseError(WSE_ERROR.RP_DISCONNECT,
-                           {"rpc": rp, "disconnected": [value.code, value.reason]})
+                           {"rpc": rp, "disconnected": [value.code, value.reason]}, rpc=rp)
         if isinstance(value, dict) and isinstance(value.get("code"), str):
-            raise WseError(value["code"], value.get("details"))
-        raise WseError(WSE_ERROR.RP_EXECUTION_FAILED, {"rpc": rp, "error": value})
+            raise WseError(value["code"], value.get("details"), rpc=rp)
+        raise WseError(WSE_ERROR.RP_EXECUTION_FAILED, {"rpc": rp, "error": value}, rpc=rp)
 
     def drop(self, reason: str = WSE_REASON.BY_SERVER) -> None:
         """Close this connection (code 1000 with ``reason``)."""
