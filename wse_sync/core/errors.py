@@ -133,7 +133,7 @@ class WseError(Exception):
 
     def __str__(self) -> str:
         text = self.code if self.rpc is None else f"{self.code} (calling {self.rpc!r})"
-        if self.details is None:
+        if self.details is None or (self.rpc is not None and self.details == {}):
             return text
         return f"{text} {self.details!r}"
 
