@@ -214,17 +214,141 @@ def broker_of(sp: "ServerProcess") -> tuple:
     return int(m.group(1)), m.group(2)
 
 
+def worker_pid(sp: "ServerProcess") -> int:
+    """The pid of the newest worker a ``serve`` process reported serving."""
+    line = sp.wait_line(r"worker \d+ serving")[-1]
+    return int(re.search(r"worker (\d+) serving", line).group(1))
+
+
+@contextlib.contextmanager
+def serve_cluster(app: str, n: int = 2, extra: Optional[List[str]] = None
+                  ) -> Iterator[List[ServerProcess]]:
+    """``n`` single-worker ``wse-sync serve`` processes, each on its own port,
+    joined by one broker: the first serve's own (its supervisor restarts it if
+    it dies), which the others attach to with ``--broker``.
+
+    A connection to ``sps[i].url`` lands on worker ``sps[i].worker_pid``, so a
+    test knows where each user is without hoping the kernel spreads
+    connections over a shared port. ``sps[0].broker_pid`` / ``.broker`` are
+    the broker's pid and endpoint. The attached serves stop first, the
+    broker's serve last."""
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(serve_process(app, 1, extra))
+        first.broker_pid, first.broker = broker_of(first)
+        sps = [first]
+        for _ in range(n - 1):
+            sps.append(stack.enter_context(
+                serve_process(app, 1, [*(extra or []), "--broker", first.broker])))
+        for sp in sps:
+            sp.worker_pid = worker_pid(sp)
+        yield sps
+
+
+def _listening_inodes(port: int) -> set:
+    """Inodes of the TCP sockets listening on ``port`` (IPv4 and IPv6)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                inodes.add(fields[9])
+    return inodes
+
+
+def listening_workers(port: int) -> List[int]:
+    """The worker processes of a shared listening socket on ``port``: the
+    processes holding it whose parent holds it too (the supervisor or the
+    gunicorn master binds it, its children inherit it)."""
+    targets = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    holders = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+            held = any(os.readlink(f"/proc/{entry}/fd/{fd}") in targets for fd in fds)
+            if held:
+                with open(f"/proc/{entry}/stat") as f:
+                    holders[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:  # gone, or not ours
+            continue
+    return sorted(pid for pid, ppid in holders.items() if ppid in holders)
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except OSError:
+        return True  # gone: it accepts nothing either
+
+
+def workers_of(url: str, workers: int = 2) -> List[int]:
+    """The pids of the ``workers`` worker processes sharing the port of ``url``
+    (``listening_workers``), once that many hold it."""
+    port = int(re.match(r"wss?://[^:/]+:(\d+)", url).group(1))
+    found: List[int] = []
+
+    def enough() -> bool:
+        found[:] = listening_workers(port)
+        return len(found) == workers
+
+    try:
+        wait_for(enough, timeout=10 * UNIT, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"expected {workers} worker processes sharing port {port},"
+                             f" found {found}") from None
+    return list(found)
+
+
+@contextlib.contextmanager
+def only_worker(target: int, pids: List[int]) -> Iterator[None]:
+    """Within the block only worker ``target`` of ``pids`` runs: the others are
+    stopped (SIGSTOP) so that a connection made to their shared port can only
+    be accepted by ``target``; they continue (SIGCONT) at the end. Keep the
+    block short (handshakes): a stopped worker sends no heartbeat, and the
+    broker declares it dead after 3 s."""
+    others = [p for p in pids if p != target]
+    try:
+        for p in others:
+            os.kill(p, signal.SIGSTOP)
+        wait_for(lambda: all(_stopped(p) for p in others), timeout=5 * UNIT)
+        yield
+    finally:
+        for p in others:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGCONT)
+
+
 def spread_clients(url: str, workers: int, per_worker: int, prefix: str = "u",
-                   limit: int = 200, **client_kw) -> dict:
-    """Connect clients (identity prefix+n) until each of ``workers`` worker pids
-    holds ``per_worker`` of them; returns {pid: [client, ...]}."""
+                   pids: Optional[List[int]] = None, **client_kw) -> dict:
+    """``per_worker`` clients (identities prefix+n) on each of the ``workers``
+    worker processes sharing the port of ``url``; returns {pid: [client, ...]}.
+
+    Placement does not depend on how the kernel hands out connections on a
+    shared socket: each worker in turn is the only one running
+    (``only_worker``) while its clients connect. The workers are ``pids``,
+    else the processes holding the listening socket (``workers_of``). The
+    app's welcome must carry ``{"pid": os.getpid()}``, which is checked."""
     from wse_sync import WseClient
+    if pids is None:
+        pids = workers_of(url, workers)
     by_pid: dict = {}
-    for n in range(limit):
-        c = WseClient(url, **client_kw)
-        welcome = c.connect(f"{prefix}{n}")
-        by_pid.setdefault(welcome["pid"], []).append(c)
-        if len(by_pid) >= workers and all(len(v) >= per_worker for v in by_pid.values()):
-            return by_pid
-    raise AssertionError(f"connections did not spread over {workers} workers: "
-                         f"{ {p: len(v) for p, v in by_pid.items()} }")
+    n = 0
+    for target in pids:
+        with only_worker(target, pids):
+            for _ in range(per_worker):
+                c = WseClient(url, **client_kw)
+                welcome = c.connect(f"{prefix}{n}")
+                n += 1
+                if welcome.get("pid") != target:
+                    raise AssertionError(f"worker {target} was the only one running, but"
+                                         f" {welcome.get('pid')} welcomed {prefix}{n - 1}:"
+                                         f" the workers of {url} are not {pids}")
+                by_pid.setdefault(target, []).append(c)
+    return by_pid

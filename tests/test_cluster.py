@@ -2,7 +2,11 @@
 an external broker, and `wse-sync stats`.
 
 Every test checks, by the worker pid each welcome reveals, that the
-connections it relies on really live in different worker processes.
+connections it relies on really live in different worker processes. Where
+they go is decided, not hoped for: on the shared port of one serve, the
+connection is made while its worker is the only one running
+(helpers.only_worker); the concurrent-connections test runs two serves on
+their own ports around one broker (helpers.serve_cluster).
 The app is tests/apps/cluster_app.py (its RPCs act from inside a worker).
 """
 from __future__ import annotations
@@ -18,7 +22,8 @@ import pytest
 import zmq
 from gevent.event import Event
 
-from helpers import UNIT, RawWS, ServerProcess, free_port, serve_process, wait_for
+from helpers import (UNIT, RawWS, ServerProcess, free_port, only_worker, serve_cluster,
+                     serve_process, wait_for, workers_of)
 from wse_sync import WseClient
 from wse_sync.core.errors import WSE_ERROR, WSE_REASON
 from wse_sync.core.protocol import WseJSON
@@ -39,30 +44,27 @@ def connect(url: str, identity: str) -> WseClient:
     return c
 
 
-def connect_where(url: str, identity: str, pid_ok: Callable[[int], bool],
-                  tries: int = 60) -> WseClient:
-    """Connect ``identity`` until a connection lands in a worker ``pid_ok``
-    accepts; the other attempts are closed (one at a time)."""
-    for _ in range(tries):
+def connect_on(url: str, identity: str, pid: int, pids: List[int]) -> WseClient:
+    """``identity`` connected to worker ``pid`` of the serve at ``url`` (the
+    only one of ``pids`` running while it connects)."""
+    with only_worker(pid, pids):
         c = connect(url, identity)
-        if pid_ok(c.pid):
-            return c
-        c.close()
-    raise AssertionError(f"no connection of {identity!r} landed in the wanted worker")
+    assert c.pid == pid, (c.pid, pid)
+    return c
+
+
+def connect_where(url: str, identity: str, pid_ok: Callable[[int], bool]) -> WseClient:
+    """``identity`` connected to a worker whose pid ``pid_ok`` accepts."""
+    pids = workers_of(url, 2)
+    wanted = [p for p in pids if pid_ok(p)]
+    assert wanted, f"no worker of {pids} is wanted"
+    return connect_on(url, identity, wanted[0], pids)
 
 
 def observers(url: str, prefix: str, n_workers: int = 2) -> Dict[int, WseClient]:
     """One client (user ``prefix<i>``) in each worker: {pid: client}."""
-    found: Dict[int, WseClient] = {}
-    for i in range(80):
-        c = connect(url, f"{prefix}{i}")
-        if c.pid in found:
-            c.close()
-        else:
-            found[c.pid] = c
-            if len(found) == n_workers:
-                return found
-    raise AssertionError(f"connections landed in {len(found)} worker(s) only")
+    pids = workers_of(url, n_workers)
+    return {pid: connect_on(url, f"{prefix}{i}", pid, pids) for i, pid in enumerate(pids)}
 
 
 def _boom(payload):
@@ -117,9 +119,12 @@ def test_conn_per_user_closes_the_oldest_wherever_it_lives(monkeypatch, limit):
     monkeypatch.setenv("WSE_TEST_CPU", str(limit))
     with serve_process(APP, workers=2) as sp:
         live: List[WseClient] = []  # oldest first
+        pids = workers_of(sp.url, 2)
         crossed = 0
-        for i in range(40):
-            c = connect(sp.url, "cpu")
+        # `limit` connections on one worker, then `limit` on the other...: each
+        # new connection beyond the limit evicts one held by the other worker
+        for i in range(limit + 2):
+            c = connect_on(sp.url, "cpu", pids[(i // limit) % 2], pids)
             c.register("whoami", lambda p, i=i: i)
             c.index = i
             live.append(c)
@@ -127,10 +132,8 @@ def test_conn_per_user_closes_the_oldest_wherever_it_lives(monkeypatch, limit):
                 old = live.pop(0)
                 assert closed(old) == (1000, WSE_REASON.CLIENTS_CONCURRENCY)
                 assert all(k.ready for k in live), "a newer connection was closed"
-                if old.pid != c.pid:
-                    crossed += 1
-                    if crossed == 2:
-                        break
+                assert old.pid != c.pid
+                crossed += 1
         assert crossed == 2, "never evicted a connection held by the other worker"
         # the cluster holds exactly the newest `limit` connections, seen from both workers
         obs = observers(sp.url, "cpu-obs")
@@ -173,7 +176,10 @@ def test_joined_and_left_fire_once_in_one_worker():
 
 def test_joined_and_left_once_for_concurrent_connections_in_both_workers(monkeypatch):
     """A new user's connections authenticating at the same moment in both
-    workers: one joined; all of them closing at once: one left."""
+    workers: one joined; all of them closing at once: one left.
+
+    Two single-worker serves on their own ports around one broker: four
+    sockets to each, so the race always spans both workers."""
     monkeypatch.setenv("WSE_TEST_CPU", "20")
     proto = WseJSON()
 
@@ -185,18 +191,20 @@ def test_joined_and_left_once_for_concurrent_connections_in_both_workers(monkeyp
             if type_ == "~wse:welcome":
                 return payload["pid"]
 
-    with serve_process(APP, workers=2) as sp:
-        obs = observers(sp.url, "race-obs")
-        for attempt in range(5):
+    with serve_cluster(APP, 2) as sps:
+        obs = {sp.worker_pid: connect(sp.url, f"race-obs{i}") for i, sp in enumerate(sps)}
+        assert sorted(o.pid for o in obs.values()) == sorted(obs)
+        for attempt in range(3):
             cid = f"race{attempt}"
-            # upgraded sockets opened one by one (they spread over the workers),
-            # then the same new identity sent on all of them at once
-            socks = [RawWS(sp.url) for _ in range(8)]
+            # upgraded sockets, four in each worker, then the same new identity
+            # sent on all of them at once
+            socks = [RawWS(sps[i % 2].url) for i in range(8)]
+            assert all(ws.status == 101 for ws in socks)
             hi = proto.pack("~wse:hi", {"identity": cid, "meta": {}})
             for ws in socks:
                 ws.send_text(hi)
             pids = [welcome_pid(ws) for ws in socks]
-            spread = len(set(pids)) == 2
+            assert pids == [sps[i % 2].worker_pid for i in range(8)], pids
             for o in obs.values():
                 wait_for(lambda o=o, cid=cid: user_events(o, cid))
             for ws in socks:
@@ -213,9 +221,6 @@ def test_joined_and_left_once_for_concurrent_connections_in_both_workers(monkeyp
                 assert evs[1][3] == 1000
             events = all_events(obs, cid)
             assert sorted(e[0] for e in events) == ["joined", "left"], events
-            if spread:
-                break
-        assert spread, "the concurrent connections never spanned both workers"
         close_all(*obs.values())
 
 
