@@ -1,7 +1,11 @@
 """Faults with real processes: SIGKILL a worker, SIGKILL the broker, SIGHUP roll.
 
-Each test starts `wse-sync serve tests/apps/cluster_app.py:server` with several
-workers and checks the outcome the README's "What happens when..." promises.
+Each test starts `wse-sync serve tests/apps/cluster_app.py:server` workers
+around one broker and checks the outcome the README's "What happens when..."
+promises. The kills run two single-worker serves on their own ports around
+the first one's broker (helpers.serve_cluster), so the users of the killed
+worker are known by construction; the rolling restart is about one serve's
+shared socket and places its clients with helpers.spread_clients.
 """
 import os
 import signal
@@ -10,33 +14,40 @@ import gevent
 import gevent.event
 import pytest
 
-from helpers import UNIT, broker_of, broker_stats, serve_process, spread_clients, wait_for
+from helpers import UNIT, broker_of, broker_stats, serve_cluster, serve_process, spread_clients, wait_for
 from wse_sync import WSE_ERROR, WSE_STATUS, WseClient, WseError
 
 APP = "tests/apps/cluster_app.py:server"
 pytestmark = pytest.mark.timeout(120)
 
 
-def observer(url, pid, name="observer"):
-    """A client on worker ``pid`` that records the app's joined/left broadcasts."""
-    for n in range(100):
-        c = WseClient(url)
-        seen = []
-        c.channel.on("ev", seen.append)
-        if c.connect(f"{name}{n}")["pid"] == pid:
-            return c, seen
-        c.close()
-    raise AssertionError(f"no connection landed on worker {pid}")
+def clients_on(sp, first, n=2):
+    """``n`` clients (users u<first>...) of the serve ``sp``: all on its one worker."""
+    out = []
+    for i in range(first, first + n):
+        c = WseClient(sp.url)
+        assert c.connect(f"u{i}")["pid"] == sp.worker_pid
+        out.append(c)
+    return out
+
+
+def observer(sp, name="observer"):
+    """A client on the worker of ``sp`` that records the app's joined/left broadcasts."""
+    c = WseClient(sp.url)
+    seen = []
+    c.channel.on("ev", seen.append)
+    assert c.connect(name)["pid"] == sp.worker_pid
+    return c, seen
 
 
 def test_worker_killed(monkeypatch):
     monkeypatch.setenv("WSE_TEST_CPU", "3")
-    with serve_process(APP, workers=2) as sp:
-        _, endpoint = broker_of(sp)
-        by_pid = spread_clients(sp.url, 2, 2)
-        (victim, doomed), (survivor, safe) = list(by_pid.items())[:2]
+    with serve_cluster(APP, 2) as (survivor_sp, victim_sp):
+        endpoint = survivor_sp.broker
+        victim, survivor = victim_sp.worker_pid, survivor_sp.worker_pid
+        doomed, safe = clients_on(victim_sp, 0), clients_on(survivor_sp, 2)
         watcher = safe[0]
-        obs, seen = observer(sp.url, survivor)
+        obs, seen = observer(survivor_sp)
         # a call from the survivor towards a client on the victim, left hanging
         hang = doomed[0]
         reached = gevent.event.Event()
@@ -49,7 +60,8 @@ def test_worker_killed(monkeypatch):
         pending = gevent.spawn(watcher.call, "call_conn",
                                {"cid": hang.identity, "rp": "hang", "timeout": 30}, 40)
         assert reached.wait(10 * UNIT)
-        total = sum(len(v) for v in by_pid.values()) + 1
+        total = len(doomed) + len(safe) + 1
+        wait_for(lambda: (broker_stats(endpoint) or {}).get("connections") == total)
         os.kill(victim, signal.SIGKILL)
         # the victim's clients see their sockets close; nobody else does
         wait_for(lambda: all(c.close_status for c in doomed), timeout=5 * UNIT)
@@ -61,8 +73,8 @@ def test_worker_killed(monkeypatch):
         wait_for(lambda: (broker_stats(endpoint) or {}).get("connections")
                  == total - len(doomed), timeout=10 * UNIT)
         # 'left' fired exactly once per user of the dead worker, on a survivor
-        def lefts():  # (the observer's own probes that landed elsewhere left too)
-            return [e for e in seen if e[0] == "left" and not e[1].startswith("observer")]
+        def lefts():
+            return [e for e in seen if e[0] == "left"]
 
         wait_for(lambda: len(lefts()) >= len(doomed), timeout=10 * UNIT)
         # give a duplicate one more round trip through the cluster to show up
@@ -73,33 +85,35 @@ def test_worker_killed(monkeypatch):
         # everyone else is still served
         assert all(c.status == WSE_STATUS.READY for c in safe)
         assert watcher.call("pid") == survivor
-        # a replacement worker serves new connections on the same port
-        sp.wait_line(r"worker \d+ serving", count=3)
-        pids = {WseClient(sp.url).connect(f"late{i}")["pid"] for i in range(12)}
-        assert victim not in pids
+        # a replacement worker serves new connections on the victim's port
+        victim_sp.wait_line(r"worker \d+ serving", count=2)
+        pids = {WseClient(victim_sp.url).connect(f"late{i}")["pid"] for i in range(3)}
+        assert victim not in pids and survivor not in pids and len(pids) == 1
 
 
 def test_broker_killed(monkeypatch):
     monkeypatch.setenv("WSE_TEST_CPU", "3")
-    with serve_process(APP, workers=2) as sp:
-        broker_pid, endpoint = broker_of(sp)
-        by_pid = spread_clients(sp.url, 2, 2)
-        (pid_a, side_a), (pid_b, side_b) = list(by_pid.items())[:2]
+    with serve_cluster(APP, 2) as sps:
+        broker_pid, endpoint = sps[0].broker_pid, sps[0].broker
+        side_a, side_b = clients_on(sps[0], 0), clients_on(sps[1], 2)
+        pid_a, pid_b = sps[0].worker_pid, sps[1].worker_pid
         a, b = side_a[0], side_b[0]
         got = []
         b.channel.on("hello", got.append)
-        clients = [c for cs in by_pid.values() for c in cs]
+        clients = side_a + side_b
+        wait_for(lambda: (broker_stats(endpoint) or {}).get("connections") == len(clients))
         os.kill(broker_pid, signal.SIGKILL)
         # local traffic goes on
-        assert a.call("pid") == pid_a
+        assert a.call("pid") == pid_a and b.call("pid") == pid_b
         # a cross-worker send issued during the outage arrives after the resync
         a.call("send", {"cid": b.identity, "type": "hello", "payload": "during"})
-        sp.wait_line(r"broker started", count=2)
+        sps[0].wait_line(r"broker started", count=2)
         wait_for(lambda: got == ["during"], timeout=15 * UNIT)
-        # the map is rebuilt and equals reality
+        # the map is rebuilt (from both serves' workers) and equals reality
         stats = wait_for(lambda: (s := broker_stats(endpoint)) and
                          s["connections"] == len(clients) and s, timeout=10 * UNIT)
         assert stats["users"] == len(clients)
+        assert sorted(w["pid"] for w in stats["workers"].values()) == sorted([pid_a, pid_b])
         # no client connection was lost, and no joined/left fired because of it
         assert all(c.status == WSE_STATUS.READY and c.close_status is None for c in clients)
         events = a.call("events") + b.call("events")
@@ -107,7 +121,7 @@ def test_broker_killed(monkeypatch):
             c.identity for c in clients)
         assert [e for e in events if e[0] == "left"] == []
         # and the cluster works as before
-        c_new = WseClient(sp.url)
+        c_new = WseClient(sps[0].url)
         c_new.connect("newcomer")
         wait_for(lambda: "newcomer" in a.call("clients") and "newcomer" in b.call("clients"))
 
