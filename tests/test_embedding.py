@@ -15,7 +15,7 @@ from geventwebsocket.handler import WebSocketHandler
 from gevent.pywsgi import WSGIServer
 
 from deploy_helpers import Proc, child_env, http, python, upgrade_request
-from helpers import APPS, UNIT, RawWS, broker_stats, serve_process, spread_clients, wait_for
+from helpers import APPS, UNIT, RawWS, broker_stats, serve_process, wait_for
 from wse_sync import WSE_ERROR, WseClient, WseError, WseMount, WseServer, connect_cluster, mount
 from wse_sync.wsgi import WseHandler, make_wsgi_server
 
@@ -213,14 +213,21 @@ def test_embedded_servers_join_the_broker_named_by_the_environment(monkeypatch):
 
 @contextlib.contextmanager
 def cluster_of_two():
-    with broker_process() as endpoint:
-        with serve_process(os.path.join(APPS, "embed_app.py") + ":server", workers=2,
-                           extra=["--broker", endpoint]) as sp:
-            by_pid = spread_clients(sp.url, workers=2, per_worker=1, prefix="cc")
-            yield endpoint, by_pid
-            for clients in by_pid.values():
-                for c in clients:
-                    c.close()
+    """Two workers on one `wse-sync broker` (two single-worker serves on their own
+    ports, so each user's worker is known), one user on each: (endpoint, by_pid)."""
+    app = os.path.join(APPS, "embed_app.py") + ":server"
+    with broker_process() as endpoint, \
+            serve_process(app, workers=1, extra=["--broker", endpoint]) as sa, \
+            serve_process(app, workers=1, extra=["--broker", endpoint]) as sb:
+        by_pid = {}
+        for n, sp in enumerate((sa, sb)):
+            c = WseClient(sp.url)
+            by_pid.setdefault(c.connect(f"cc{n}")["pid"], []).append(c)
+        assert len(by_pid) == 2, by_pid
+        yield endpoint, by_pid
+        for clients in by_pid.values():
+            for c in clients:
+                c.close()
 
 
 def _inboxes(by_pid, type_="notice"):
