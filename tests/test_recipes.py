@@ -18,7 +18,7 @@ import pytest
 from deploy_helpers import Proc, child_env
 from helpers import ROOT, UNIT, free_port, wait_for
 from wse_sync import WseClient
-from wse_sync.serve.cli import _parser
+from wse_sync.serve.cli import build_parser as _parser
 
 pytestmark = pytest.mark.timeout(int(90 * UNIT))
 
