@@ -1,16 +1,30 @@
-'use strict'
 /**
- * Drives a wse_sync server (tests/apps/node_app.py) with Node's `ws`, as the
- * JavaScript WseClient would, and prints one JSON line per flow with what it
- * observed. The assertions live in tests/test_node_protocol.py.
+ * Drives a wse_sync server (tests/apps/node_app.py) with Node's `ws`, partly
+ * through the shipped JavaScript client (wse_sync/static/wse.js, given the
+ * `ws` constructor as its WebSocket option), and prints one JSON line per flow
+ * with what it observed. The assertions live in tests/test_node_protocol.py.
  *
- *   node flows.js ws://127.0.0.1:PORT/ ws://127.0.0.1:CRA_PORT/ [flow ...]
+ *   node flows.mjs ws://127.0.0.1:PORT/ ws://127.0.0.1:CRA_PORT/ [flow ...]
  *
  * The first URL serves `server` (no challenge), the second `cra_server`
  * (challenge-response on). Each flow is bounded by WSE_FLOW_TIMEOUT_MS.
+ * WSE_CLIENT_JS names the client module to test (a path; default the one of
+ * this source tree): the tests pass the file of the wse_sync they import.
  */
-const WS = require('ws')
-const { WseClient, WseError } = require('./wse_client')
+import path from 'node:path'
+import { fileURLToPath, pathToFileURL } from 'node:url'
+import WS from 'ws'
+
+const HERE = path.dirname(fileURLToPath(import.meta.url))
+const CLIENT_JS = process.env.WSE_CLIENT_JS || path.join(HERE, '..', '..', 'wse_sync', 'static', 'wse.js')
+const { WseClient: ShippedClient, WseError } = await import(pathToFileURL(path.resolve(CLIENT_JS)).href)
+
+/** The shipped client on Node's `ws` (Node 20 has no global WebSocket). */
+class WseClient extends ShippedClient {
+  constructor (options) {
+    super({ WebSocket: WS, ...options })
+  }
+}
 
 const [URL_PLAIN, URL_CRA, ...ONLY] = process.argv.slice(2)
 const FLOW_MS = Number(process.env.WSE_FLOW_TIMEOUT_MS || 10000)
@@ -120,8 +134,8 @@ async function handshake (protocols) {
   return { opened: p.opened, protocol: p.protocol, header: p.header, error: p.error, close: p.close, frames: p.frames }
 }
 
-async function connectOutcome (identity, url = URL_PLAIN, solver = null) {
-  const rec = traced(url)
+async function connectOutcome (identity, url = URL_PLAIN, solver = null, options = {}) {
+  const rec = traced(url, options)
   if (solver) rec.client.challenge(solver)
   let welcome = null
   let welcomed = false
@@ -216,6 +230,8 @@ const FLOWS = {
   refused: () => connectOutcome('bad'),
   accept_falsy: () => connectOutcome('falsy'),
   identify_raises: () => connectOutcome('raise'),
+  // a refusal closes with 1000, which nothing retries: connect() settles even with re on
+  refused_with_re: () => connectOutcome('bad', URL_PLAIN, null, { re: true }),
 
   async cra_pass () {
     const quests = []
@@ -448,7 +464,7 @@ const FLOWS = {
 
 async function main () {
   if (!URL_PLAIN || !URL_CRA) {
-    process.stderr.write('usage: node flows.js PLAIN_URL CRA_URL [flow ...]\n')
+    process.stderr.write('usage: node flows.mjs PLAIN_URL CRA_URL [flow ...]\n')
     process.exit(2)
   }
   const names = ONLY.length ? ONLY : Object.keys(FLOWS)
