@@ -2,6 +2,7 @@
 headless Chromium), flask_app (under gunicorn), cra_login, cluster."""
 import hashlib
 import hmac
+import importlib.resources
 import json
 import os
 import re
@@ -16,6 +17,8 @@ from helpers import ROOT, UNIT, RawWS, free_port, serve_process, spread_clients,
 from wse_sync import WSE_REASON, WseClient, WseError
 
 EXAMPLES = os.path.join(ROOT, "examples")
+# the JS client the pages import (chat and flask_app serve it as /wse.js)
+SHIPPED_CLIENT = importlib.resources.files("wse_sync") / "static" / "wse.js"
 
 
 def run_script(*args, env=None, timeout=60 * UNIT):
@@ -49,10 +52,14 @@ def test_chat_example_serves_the_page_and_the_protocol():
     p = start_chat(port)
     try:
         status, headers, body, _ = http(port, "GET", "/")
-        assert status == 200 and b'<script src="wse.js">' in body
+        assert status == 200 and b'<script type="module" src="chat.js">' in body
+        status, headers, body, _ = http(port, "GET", "/chat.js")
+        assert status == 200 and b"import { WseClient, WSE_STATUS } from './wse.js'" in body
+        # /wse.js is the client shipped in the package, byte for byte
         status, headers, body, _ = http(port, "GET", "/wse.js")
         assert status == 200 and "javascript" in headers["content-type"][0]
-        assert b"class WseClient" in body
+        assert body == SHIPPED_CLIENT.read_bytes() and b"export class WseClient" in body
+        assert not os.path.exists(os.path.join(EXAMPLES, "chat", "static", "wse.js"))
         assert http(port, "GET", "/../app.py")[0] == 404
         assert http(port, "GET", "/%2e%2e/app.py")[0] == 404
         assert http(port, "GET", "/nothing.js")[0] == 404
@@ -197,7 +204,10 @@ def test_flask_app_example_under_gunicorn(tmp_path):
         # the Flask app works as before
         status, headers, body, _ = http(g.port, "GET", "/")
         assert status == 200 and b"<h1>notes</h1>" in body
-        assert http(g.port, "GET", "/wse.js")[0] == 200
+        assert b'<script type="module">' in body and b"from '/wse.js'" in body
+        status, headers, body, _ = http(g.port, "GET", "/wse.js")
+        assert status == 200 and "javascript" in headers["content-type"][0]
+        assert body == SHIPPED_CLIENT.read_bytes()
         assert http(g.port, "GET", "/missing")[0] == 404
         # a view broadcasts: every reader on every worker gets it
         status, _, body, _ = http(g.port, "POST", "/notes", json.dumps({"text": "first"}).encode(),

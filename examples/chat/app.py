@@ -9,9 +9,11 @@ Several workers sharing one broker, under gunicorn:
 
     gunicorn -c python:wse_sync.gunicorn_conf -w 2 -b 127.0.0.1:8000 --chdir examples/chat app:application
 
-The page (static/index.html + static/chat.js) uses static/wse.js, a small
-dependency-free client with the API of the JavaScript WseClient. The server
-is a WseServer mounted on /ws beside a tiny static-file WSGI app, on one port.
+The page (static/index.html + static/chat.js, an ES module) imports /wse.js:
+the JavaScript client shipped inside the wse_sync package
+(wse_sync/static/wse.js, dependency-free, the API of the wse 4.x WseClient),
+served here from the installed package. The server is a WseServer mounted on
+/ws beside a tiny static-file WSGI app, on one port.
 """
 if __name__ == "__main__":
     # first thing: handlers may block, only their greenlet must wait
@@ -19,6 +21,7 @@ if __name__ == "__main__":
 
     monkey.patch_all()
 
+import importlib.resources  # noqa: E402
 import mimetypes  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
@@ -26,6 +29,8 @@ import time  # noqa: E402
 from wse_sync import WseServer, mount  # noqa: E402
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# the client the page imports: the one shipped in the package, not a copy
+CLIENT_JS = importlib.resources.files("wse_sync") / "static" / "wse.js"
 
 
 def identify(identity, accept, refuse, **_):
@@ -63,20 +68,24 @@ def left(client, code, reason):
 
 
 def static_app(environ, start_response):
-    """Files of static/ (GET and HEAD); ``/`` is index.html."""
+    """Files of static/ (GET and HEAD); ``/`` is index.html, ``/wse.js`` the
+    package's client."""
     path = environ.get("PATH_INFO", "/")
     if path == "/":
         path = "/index.html"
     name = os.path.normpath(path.lstrip("/"))
     full = os.path.join(STATIC, name)
-    if (environ.get("REQUEST_METHOD") not in ("GET", "HEAD") or name.startswith("..")
+    if environ.get("REQUEST_METHOD") in ("GET", "HEAD") and name == "wse.js":
+        body = CLIENT_JS.read_bytes()
+    elif (environ.get("REQUEST_METHOD") not in ("GET", "HEAD") or name.startswith("..")
             or os.path.isabs(name) or not os.path.isfile(full)):
         body = b"not found\n"
         start_response("404 Not Found", [("Content-Type", "text/plain"),
                                          ("Content-Length", str(len(body)))])
         return [body]
-    with open(full, "rb") as f:
-        body = f.read()
+    else:
+        with open(full, "rb") as f:
+            body = f.read()
     ctype = mimetypes.guess_type(full)[0] or "application/octet-stream"
     if ctype.startswith("text/") or ctype.endswith("javascript"):
         ctype += "; charset=utf-8"

@@ -9,6 +9,7 @@ at once, whichever worker served the POST. The lines marked ``# wse_sync``
 are all it took. From outside the web app (a cron job, a management
 command), ``notify.py`` broadcasts through the same broker.
 """
+import importlib.resources
 import os
 import sqlite3
 import tempfile
@@ -18,7 +19,6 @@ from flask import Flask, Response, jsonify, request
 
 from wse_sync import WseServer, mount  # wse_sync
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DB = os.environ.get("NOTES_DB", os.path.join(tempfile.gettempdir(), "wse-sync-notes.sqlite3"))
 
 app = Flask(__name__)
@@ -37,10 +37,10 @@ PAGE = """<!doctype html>
 <form id="new"><input id="text" required placeholder="a note"><button>post</button></form>
 <p>live: <b id="status">IDLE</b></p>
 <ul id="notes">{items}</ul>
-<script src="/wse.js"></script>
-<script>
+<script type="module">
+  import {{ WseClient }} from '/wse.js'
   const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws'
-  const client = new wse.WseClient({{ url, re: true }})
+  const client = new WseClient({{ url, re: true }})
   client.when.updated(s => {{ document.getElementById('status').textContent = s }})
   client.channel.on('note', note => {{
     const li = document.createElement('li')
@@ -95,9 +95,9 @@ def notify_one(cid):
 
 @app.get("/wse.js")
 def wse_js():
-    # the dependency-free browser client shipped with the chat example
-    with open(os.path.join(HERE, "..", "chat", "static", "wse.js"), "rb") as f:
-        return Response(f.read(), mimetype="text/javascript")
+    # the dependency-free JS client (an ES module) shipped inside the wse_sync package
+    body = (importlib.resources.files("wse_sync") / "static" / "wse.js").read_bytes()
+    return Response(body, mimetype="text/javascript")
 
 
 def identify(identity, accept, refuse, **_):

@@ -1,82 +1,83 @@
 /* The chat page: who is online (joined/left + the `who` RPC), messages,
- * and automatic reconnection (re: true) after a server restart. */
-'use strict'
-;(function () {
-  const $ = sel => document.querySelector(sel)
-  const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws'
-  const online = new Set()
-  let client = null
+ * and automatic reconnection (re: true) after a server restart. An ES module:
+ * it imports the client shipped in the wse_sync package, served as /wse.js. */
+import { WseClient, WSE_STATUS } from './wse.js'
 
-  function render () {
-    const ul = $('#online')
-    ul.textContent = ''
-    for (const cid of [...online].sort()) {
-      const li = document.createElement('li')
-      li.textContent = cid
-      li.dataset.cid = cid
-      ul.appendChild(li)
-    }
+// a module has its own scope: nothing below is global but window.chatClient
+const $ = sel => document.querySelector(sel)
+const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws'
+const online = new Set()
+let client = null
+
+function render () {
+  const ul = $('#online')
+  ul.textContent = ''
+  for (const cid of [...online].sort()) {
+    const li = document.createElement('li')
+    li.textContent = cid
+    li.dataset.cid = cid
+    ul.appendChild(li)
   }
+}
 
-  function log (text, cls = 'msg') {
-    const div = document.createElement('div')
-    div.className = cls
-    div.textContent = text
-    $('#log').appendChild(div)
-    $('#log').scrollTop = $('#log').scrollHeight
-  }
+function log (text, cls = 'msg') {
+  const div = document.createElement('div')
+  div.className = cls
+  div.textContent = text
+  $('#log').appendChild(div)
+  $('#log').scrollTop = $('#log').scrollHeight
+}
 
-  async function refresh () {
-    const users = await client.call('who') // a client -> server RPC
-    online.clear()
-    users.forEach(cid => online.add(cid))
+async function refresh () {
+  const users = await client.call('who') // a client -> server RPC
+  online.clear()
+  users.forEach(cid => online.add(cid))
+  render()
+}
+
+function join (name) {
+  client = new WseClient({ url, re: true })
+  window.chatClient = client
+  client.when.updated(status => {
+    $('#status').textContent = status
+    document.body.dataset.status = status
+  })
+  client.when.ready(welcome => {
+    log(`welcome, ${welcome.name}`, 'event')
+    refresh().catch(err => log(`who failed: ${err.code || err}`, 'event'))
+  })
+  client.when.closed((code, reason) => log(`disconnected (${code}${reason ? ' ' + reason : ''})`, 'event'))
+  client.channel.on('said', m => log(`${m.from}: ${m.text}`))
+  client.channel.on('joined', cid => {
+    online.add(cid)
     render()
-  }
-
-  function join (name) {
-    client = new wse.WseClient({ url, re: true })
-    window.chatClient = client
-    client.when.updated(status => {
-      $('#status').textContent = status
-      document.body.dataset.status = status
-    })
-    client.when.ready(welcome => {
-      log(`welcome, ${welcome.name}`, 'event')
-      refresh().catch(err => log(`who failed: ${err.code || err}`, 'event'))
-    })
-    client.when.closed((code, reason) => log(`disconnected (${code}${reason ? ' ' + reason : ''})`, 'event'))
-    client.channel.on('said', m => log(`${m.from}: ${m.text}`))
-    client.channel.on('joined', cid => {
-      online.add(cid)
-      render()
-      log(`${cid} joined`, 'event')
-    })
-    client.channel.on('left', cid => {
-      online.delete(cid)
-      render()
-      log(`${cid} left`, 'event')
-    })
-    $('#login').hidden = true
-    $('#room').hidden = false
-    return client.connect(name, { page: location.pathname })
-  }
-
-  $('#login').addEventListener('submit', event => {
-    event.preventDefault()
-    const name = $('#name').value.trim()
-    if (name) join(name)
+    log(`${cid} joined`, 'event')
   })
-
-  $('#composer').addEventListener('submit', event => {
-    event.preventDefault()
-    const text = $('#text').value
-    if (!text.trim() || !client || client.status !== 'READY') return
-    client.send('say', text)
-    $('#text').value = ''
+  client.channel.on('left', cid => {
+    online.delete(cid)
+    render()
+    log(`${cid} left`, 'event')
   })
+  $('#login').hidden = true
+  $('#room').hidden = false
+  return client.connect(name, { page: location.pathname })
+}
 
-  $('#refresh').addEventListener('click', () => refresh())
+$('#login').addEventListener('submit', event => {
+  event.preventDefault()
+  const name = $('#name').value.trim()
+  if (name) join(name)
+})
 
-  const preset = new URLSearchParams(location.search).get('name')
-  if (preset) join(preset)
-})()
+$('#composer').addEventListener('submit', event => {
+  event.preventDefault()
+  const text = $('#text').value
+  if (!text.trim() || !client || client.status !== WSE_STATUS.READY) return
+  client.send('say', text)
+  $('#text').value = ''
+})
+
+$('#refresh').addEventListener('click', () => refresh())
+
+const preset = new URLSearchParams(location.search).get('name')
+if (preset) join(preset)
