@@ -33,6 +33,10 @@ README_PORT = "4200"
 INSTALL = "python3 -m venv .venv && . .venv/bin/activate && pip install ."
 APT = "sudo apt-get install -y python3-venv"
 CLIENT = "python client.py"
+COPY_JS = """cp "$(python -c 'import wse_sync; print(wse_sync.CLIENT_JS)')" wse.mjs"""
+NPM_WS = "npm install ws"
+NODE_CLIENT = "node client.mjs"
+NODE_DIR = os.path.join(ROOT, "tests", "node")
 
 
 def section(title: str) -> str:
@@ -80,13 +84,14 @@ def qs() -> QuickStart:
 
 
 def test_every_command_of_the_quick_start_is_one_this_test_runs(qs):
-    known = {APT, INSTALL, CLIENT, qs.serve_command()}
+    known = {APT, INSTALL, CLIENT, COPY_JS, NPM_WS, NODE_CLIENT, qs.serve_command()}
     unknown = [c for c in qs.commands if c not in known]
     assert not unknown, f"test_readme.py does not know how to check {unknown}: teach it"
     assert qs.commands.index(INSTALL) < qs.commands.index(qs.serve_command()) \
         < qs.commands.index(CLIENT)
     assert set(qs.files) == {"app.py", "client.py", "client.mjs"}, sorted(qs.files)
-    assert len(qs.outputs) == 1, "one ```text block: what client.py prints"
+    assert len(qs.outputs) == 2, "two ```text blocks: what client.py and client.mjs print"
+    assert qs.commands.index(COPY_JS) < qs.commands.index(NODE_CLIENT)
 
 
 def test_the_extras_the_quick_start_names_exist(qs):
@@ -104,8 +109,9 @@ def with_port(text: str, port: int) -> str:
 
 
 def run_quick_start(qs: QuickStart, folder: str, bin_dir: Optional[str] = None,
-                    env: Optional[dict] = None) -> None:
-    """Write app.py and client.py into ``folder``, serve, run the client, compare."""
+                    env: Optional[dict] = None, node: bool = False) -> None:
+    """Write app.py and client.py into ``folder``, serve, run the client, compare;
+    with ``node``, the JS client's steps too."""
     port = free_port()
     for name in ("app.py", "client.py"):
         body = qs.files[name] if name == "app.py" else with_port(qs.files[name], port)
@@ -126,13 +132,44 @@ def run_quick_start(qs: QuickStart, folder: str, bin_dir: Optional[str] = None,
         assert out.returncode == 0, f"client.py failed:\n{out.stdout}{out.stderr}\n{server.output}"
         assert out.stdout == qs.outputs[0], (
             f"client.py printed\n{out.stdout}\nthe README says\n{qs.outputs[0]}")
+        if node:
+            _run_js(qs, folder, port, env)
     finally:
         rc = server.stop()
     assert rc == 0, server.output
 
 
+def _node_ready() -> Optional[str]:
+    """Why the JS steps cannot run here, or None (``ws`` comes from tests/node)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node/npm are not on PATH"
+    if not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "ws")):
+        out = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, "npm ci in tests/node failed:\n" + out.stdout + out.stderr
+    return None
+
+
+def _run_js(qs: QuickStart, folder: str, port: int, env: dict) -> None:
+    """COPY_JS as written; NPM_WS as tests/node's installed ws (no network); NODE_CLIENT."""
+    with open(os.path.join(folder, "client.mjs"), "w", encoding="utf-8") as f:
+        f.write(with_port(qs.files["client.mjs"], port))
+    out = subprocess.run(["bash", "-c", COPY_JS], cwd=folder, env=env, capture_output=True,
+                         text=True, timeout=60 * UNIT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    os.symlink(os.path.join(NODE_DIR, "node_modules"), os.path.join(folder, "node_modules"))
+    out = subprocess.run(shlex.split(NODE_CLIENT), cwd=folder, env=env, capture_output=True,
+                         text=True, timeout=60 * UNIT)
+    assert out.returncode == 0, f"client.mjs failed:\n{out.stdout}{out.stderr}"
+    assert out.stdout == qs.outputs[1], (
+        f"client.mjs printed\n{out.stdout}\nthe README says\n{qs.outputs[1]}")
+
+
 def test_the_quick_start_runs_as_written(qs, tmp_path):
-    run_quick_start(qs, str(tmp_path))
+    why = _node_ready()
+    if why:
+        print(f"the JS steps of the Quick start are not run: {why}", file=sys.stderr)
+    run_quick_start(qs, str(tmp_path), node=why is None)
 
 
 def _checkout_copy(dest: str) -> None:
@@ -194,17 +231,3 @@ def test_the_clients_use_what_app_py_defines(qs):
     tokens = _names(r"\"(token-\w+)\"", app)
     assert _names(r"'(token-\w+)'", js) <= tokens
     assert f"ws://127.0.0.1:{README_PORT}/" in js
-
-
-def test_the_js_snippet_parses(qs, tmp_path):
-    # TODO(lead): run the JS snippet against the served app.py once the ES module
-    # client (wse_sync/static/wse.js, being written) lands: import it in place of
-    # 'wse' and compare what it prints. Until then it is only parsed, never run.
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not on PATH")
-    path = tmp_path / "client.mjs"
-    path.write_text(qs.files["client.mjs"], encoding="utf-8")
-    out = subprocess.run([node, "--check", str(path)], capture_output=True, text=True,
-                         timeout=30 * UNIT)
-    assert out.returncode == 0, out.stderr

@@ -6,6 +6,7 @@ The public names are imported on first use, so importing a pure module
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
@@ -15,6 +16,9 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# the JavaScript client shipped in the package (an ES module; docs/api.md)
+CLIENT_JS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "wse.js")
 
 # public name -> the module that defines it
 _LAZY = {
