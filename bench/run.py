@@ -1,16 +1,18 @@
-"""Run the wse_sync benchmarks against wse_sync and two bare baselines; print a table.
+"""Run the wse_sync benchmarks against wse_sync and five bare baselines; print a table.
 
-    python bench/run.py --quick                 # under 2 minutes
-    python bench/run.py                         # the full set (~10 minutes)
+    python bench/run.py --quick                 # about 4 minutes
+    python bench/run.py                         # the full set (about 25 minutes)
     python bench/run.py --servers wse_sync,node --scenarios rpc,msg
     python bench/run.py --from-json bench/results/latest.json --markdown   # reprint
 
-For each server (wse_sync, bare gevent-websocket, bare Node ws) and scenario, the
-server runs pinned to CPU 0 and the Node load generator (bench/node/loadgen.js) to
+For each server (wse_sync; bare gevent-websocket, Node ws, picows on uvloop,
+websockets and aiohttp on asyncio's loop) and scenario, the server runs pinned to CPU 0 and the Node load generator (bench/node/loadgen.js) to
 CPU 1. The primary figure is the server's CPU time per operation: utime+stime from
 /proc/PID/stat, summed over the whole server process tree (supervisor, broker,
 workers), read when the generator enters and leaves its measured window (warm-up
-excluded). Each cell is the median of 3 runs. See bench/README.md.
+excluded). Each cell is the median of 3 runs. The Python peers (picows, websockets,
+aiohttp) run under --peer-python (default: bench/.peers-venv, made on first use from
+bench/requirements-peers.txt). See bench/README.md.
 """
 from __future__ import annotations
 
@@ -37,8 +39,22 @@ NODE_DIR = os.path.join(HERE, "node")
 LOADGEN = os.path.join(NODE_DIR, "loadgen.js")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-SERVERS = ["wse_sync", "gevent", "node"]
-SERVER_LABELS = {"wse_sync": "wse_sync", "gevent": "bare gevent", "node": "bare node"}
+SERVERS = ["wse_sync", "gevent", "node", "picows", "websockets", "aiohttp"]
+SERVER_LABELS = {"wse_sync": "wse_sync", "gevent": "bare gevent", "node": "bare node",
+                 "picows": "bare picows", "websockets": "bare websockets",
+                 "aiohttp": "bare aiohttp"}
+# the baselines run by --peer-python (bench/bare_<kind>.py), and what they import
+PEERS = ["picows", "websockets", "aiohttp"]
+PEER_CHECK = """
+import json, platform
+import aiohttp, picows, ujson, uvloop, websockets
+from websockets.asyncio.server import broadcast, serve
+v = {m.__name__: getattr(m, "__version__", "?") for m in (picows, uvloop, websockets, aiohttp, ujson)}
+v["python"] = platform.python_version()
+print(json.dumps(v))
+"""
+PEERS_VENV = os.path.join(HERE, ".peers-venv")
+PEERS_REQUIREMENTS = os.path.join(HERE, "requirements-peers.txt")
 SCENARIOS = ["rpc", "msg", "fanout", "connect", "cross"]
 
 # Scenario parameters per mode. "sizes" lists the cells a scenario expands to.
@@ -47,7 +63,8 @@ PARAMS = {
         "rpc": dict(conns=50, slices=2, warmup=0.15, duration=0.4),
         "msg": dict(conns=50, slices=2, warmup=0.15, duration=0.4),
         "fanout": dict(sizes=[2000], deliveries=10000, warmup=0.1, duration=0.6),
-        "connect": dict(sizes=[2000], concurrency=200, warmup=0.2),
+        # 2,000: measured on the fanout's receivers; 10,000: the idle-memory figure
+        "connect": dict(sizes=[2000, 10000], concurrency=200, warmup=0.2),
         "cross": dict(receivers=100, count=10, warmup=0.1, duration=0.6),
     },
     "full": {
@@ -147,7 +164,8 @@ class Server:
     """One server under test, in its own session, bounded in time by ``timeout``."""
 
     def __init__(self, kind: str, workers: int = 1, lifetime: float = 600,
-                 gevent_wsaccel: bool = False) -> None:
+                 gevent_wsaccel: bool = False, peer_python: Optional[str] = None,
+                 asyncio_uvloop: bool = False) -> None:
         self.kind = kind
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}/"
@@ -162,6 +180,11 @@ class Server:
         elif kind == "node":
             cmd = ["node", os.path.join(NODE_DIR, "bare_server.js"), "--port", str(self.port),
                    "--max-seconds", str(lifetime)]
+        elif kind in PEERS:
+            cmd = [peer_python or py, os.path.join(HERE, f"bare_{kind}.py"), "--port", str(self.port),
+                   "--max-seconds", str(lifetime)]
+            if asyncio_uvloop and kind != "picows":  # picows always runs on uvloop
+                cmd.append("--uvloop")
         else:
             raise ValueError(kind)
         argv, preexec = pinned(cmd, 0)
@@ -442,7 +465,9 @@ def start_servers(kinds: List[str], args, workers: int = 1) -> Dict[str, Server]
     servers: Dict[str, Server] = {}
     try:
         for kind in kinds:
-            servers[kind] = Server(kind, workers=workers, gevent_wsaccel=args.gevent_wsaccel)
+            servers[kind] = Server(kind, workers=workers, gevent_wsaccel=args.gevent_wsaccel,
+                                   peer_python=args.peer_python,
+                                   asyncio_uvloop=args.asyncio_uvloop)
         for kind, server in servers.items():
             gen = Gen(server, "probe", {"timeout": 30, "expect-pids": workers if kind == "wse_sync" else 0},
                       windows=1, timeout=40)
@@ -477,14 +502,14 @@ def plan(scenarios: List[str], params: Dict[str, Dict[str, Any]]) -> List[Dict[s
             opts = {"receivers": n, "count": max(1, round(p["deliveries"] / n)),
                     "warmup": p["warmup"], "duration": p["duration"],
                     "concurrency": pc["concurrency"]}
-            cells = [f"fanout-{n // 1000}k"]
+            cells = [f"fanout-{size_name(n)}"]
             if n in connect_sizes:
                 connect_sizes.remove(n)
                 opts["measure-connect"] = 1
-                cells.insert(0, f"connect-{n // 1000}k")
+                cells.insert(0, f"connect-{size_name(n)}")
             tasks.append({"how": "fresh", "scenario": "fanout", "cells": cells, "opts": opts})
     for n in connect_sizes:
-        tasks.append({"how": "fresh", "scenario": "connect", "cells": [f"connect-{n // 1000}k"],
+        tasks.append({"how": "fresh", "scenario": "connect", "cells": [f"connect-{size_name(n)}"],
                       "opts": {"conns": n, "concurrency": pc["concurrency"], "warmup": pc["warmup"]}})
     if "cross" in scenarios:
         p = params["cross"]
@@ -494,9 +519,16 @@ def plan(scenarios: List[str], params: Dict[str, Dict[str, Any]]) -> List[Dict[s
     return tasks
 
 
+def size_name(n: int) -> str:
+    """2000 -> "2k"; a size that is not a multiple of 1000 keeps its digits."""
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
 def cell_order(cell: str) -> tuple:
     scenario, _, size = cell.partition("-")
-    return (SCENARIOS.index(scenario), int(size[:-1] or 0) if size else 0)
+    if not size:
+        return (SCENARIOS.index(scenario), 0)
+    return (SCENARIOS.index(scenario), int(size[:-1]) * 1000 if size.endswith("k") else int(size))
 
 
 def time_budget(opts: Dict[str, Any], windows: int) -> float:
@@ -513,7 +545,7 @@ def show(cell: str, kind: str, i: int, fig: Dict[str, Any], unit: str) -> None:
     split = fig.get("remote", fig).get("us_per_op_by_process", {})
     if kind == "wse_sync" and split:
         extra += "  [" + ", ".join(f"{k} {v:.1f}" for k, v in split.items() if v >= 0.05) + "]"
-    log(f"  {cell:11s} {kind:8s} run {i + 1}: {fig['us_per_op']:8.1f} us/{unit}"
+    log(f"  {cell:11s} {kind:10s} run {i + 1}: {fig['us_per_op']:8.1f} us/{unit}"
         f"  {fig.get('rate') or 0:9.0f}/s  server {fig['server_util']:4.0%}"
         f"  gen {fig['gen_util']:4.0%}  others on CPU 0 {fig.get('cpu0_others') or 0:4.0%}{extra}")
 
@@ -544,7 +576,7 @@ def run_interleaved(cell: str, scenario: str, opts: Dict[str, Any], kinds: List[
                     except LoadgenError as exc:
                         live.discard(kind)
                         results[kind]["errors"].append(str(exc))
-                        log(f"  {cell:11s} {kind:8s} run {i + 1}: FAILED {exc}\n{servers[kind].log_tail()}")
+                        log(f"  {cell:11s} {kind:10s} run {i + 1}: FAILED {exc}\n{servers[kind].log_tail()}")
                 turn += 1
         for kind in kinds:
             if kind not in live:
@@ -603,7 +635,7 @@ def run_fresh(task: Dict[str, Any], kinds: List[str], runs: int, args) -> Dict[s
                         f"{res['errors']} errors: {res.get('last_error')}")
             except LoadgenError as exc:
                 out[task["cells"][-1]][kind]["errors"].append(str(exc))
-                log(f"  {task['cells'][-1]:11s} {kind:8s} run {i + 1}: FAILED {exc}\n{server.log_tail()}")
+                log(f"  {task['cells'][-1]:11s} {kind:10s} run {i + 1}: FAILED {exc}\n{server.log_tail()}")
             finally:
                 if gen is not None:
                     gen.close()
@@ -684,10 +716,20 @@ def fmt_rate(x: Optional[float]) -> str:
     return f"{x / 1000:.1f}k/s" if x >= 1000 else f"{x:.0f}/s"
 
 
+def servers_of(data: Dict[str, Any]) -> List[str]:
+    """The servers of a results file, in SERVERS' order (older files: those with cells)."""
+    kinds = data.get("meta", {}).get("servers")
+    if not kinds:
+        seen = {k for cell in data["cells"].values() for k in cell}
+        kinds = [k for k in SERVERS if k in seen]
+    return [k for k in SERVERS if k in kinds]
+
+
 def table_rows(data: Dict[str, Any]) -> List[List[str]]:
-    """Rows: scenario | wse_sync | gevent | node | vs node | vs gevent | rate | p50/p99."""
+    """Rows: scenario | wse_sync | each peer "µs/op (wse_sync ÷ peer)" | rate | p50/p99."""
     rows = []
     cells = data["cells"]
+    peers = [k for k in servers_of(data) if k != "wse_sync"]
 
     def med(cell, kind):
         c = cells.get(cell, {}).get(kind)
@@ -703,28 +745,31 @@ def table_rows(data: Dict[str, Any]) -> List[List[str]]:
             f += "!"
         return f
 
+    def val(cell, kind, key):
+        v = med(cell, kind).get(key)
+        return (fmt(v) + flags(cell, kind)) if v is not None else "—"
+
+    def vs(cell, kind, key):
+        """A peer's figure and the ratio wse_sync / peer: "8.1 (1.52×)"."""
+        w, v = med(cell, "wse_sync").get(key), med(cell, kind).get(key)
+        if v is None:
+            return "—"
+        ratio = f" ({w / v:.2f}×)" if w is not None and v else ""
+        return fmt(v) + flags(cell, kind) + ratio
+
     for cell in data["order"]:
         scenario = cell.split("-")[0]
         unit = UNITS[scenario]
-        w, g, n = (med(cell, k) for k in SERVERS)
-
-        def val(m, key, kind, cell=cell):
-            v = m.get(key)
-            return (fmt(v) + flags(cell, kind)) if v is not None else "—"
-
-        def ratio(a, b):
-            return f"{a / b:.2f}×" if a is not None and b else "—"
-
+        w = med(cell, "wse_sync")
+        dashes = ["—"] * len(peers)
         if scenario == "cross":
             lw = w.get("local", {})
             rw = w.get("remote", {})
-            rows.append([f"cross: remote send (µs/{unit})", val(w, "us_per_op", "wse_sync"), "—", "—",
-                         "—", "—", fmt_rate(w.get("rate")),
-                         f"round {fmt(rw.get('round_p50_ms'))} ms"])
-            rows.append([f"cross: local send (µs/{unit})", fmt(lw.get("us_per_op")), "—", "—", "—",
-                         "—", fmt_rate(lw.get("rate")), f"round {fmt(lw.get('round_p50_ms'))} ms"])
-            rows.append(["cross: broker hop (µs/message)", fmt(w.get("hop_us")), "—", "—", "—", "—",
-                         "", ""])
+            rows.append([f"cross: remote send (µs/{unit})", val(cell, "wse_sync", "us_per_op")]
+                        + dashes + [fmt_rate(w.get("rate")), f"round {fmt(rw.get('round_p50_ms'))} ms"])
+            rows.append([f"cross: local send (µs/{unit})", fmt(lw.get("us_per_op"))] + dashes
+                        + [fmt_rate(lw.get("rate")), f"round {fmt(lw.get('round_p50_ms'))} ms"])
+            rows.append(["cross: broker hop (µs/message)", fmt(w.get("hop_us"))] + dashes + ["", ""])
             continue
         label = {"rpc": "rpc echo", "msg": "ping/pong", "fanout": f"fanout {cell[7:]} receivers",
                  "connect": f"connect {cell[8:]}"}[scenario]
@@ -733,24 +778,19 @@ def table_rows(data: Dict[str, Any]) -> List[List[str]]:
         else:
             lat = (f"{fmt(w.get('p50_ms'), '.2f')}/{fmt(w.get('p99_ms'), '.2f')} ms"
                    if w.get("p50_ms") is not None else "—")
-        rows.append([f"{label} (µs/{unit})", val(w, "us_per_op", "wse_sync"),
-                     val(g, "us_per_op", "gevent"), val(n, "us_per_op", "node"),
-                     ratio(w.get("us_per_op"), n.get("us_per_op")),
-                     ratio(w.get("us_per_op"), g.get("us_per_op")),
-                     fmt_rate(w.get("rate")), lat])
+        rows.append([f"{label} (µs/{unit})", val(cell, "wse_sync", "us_per_op")]
+                    + [vs(cell, k, "us_per_op") for k in peers] + [fmt_rate(w.get("rate")), lat])
         if scenario == "connect":
-            rows.append([f"idle memory {cell[8:]} (KB/conn)", fmt(w.get("kb_per_conn")),
-                         fmt(g.get("kb_per_conn")), fmt(n.get("kb_per_conn")),
-                         ratio(w.get("kb_per_conn"), n.get("kb_per_conn")),
-                         ratio(w.get("kb_per_conn"), g.get("kb_per_conn")),
-                         f"all procs {fmt(w.get('kb_per_conn_all'))} KB", ""])
+            rows.append([f"idle memory {cell[8:]} (KB/conn)", fmt(w.get("kb_per_conn"))]
+                        + [vs(cell, k, "kb_per_conn") for k in peers]
+                        + [f"all procs {fmt(w.get('kb_per_conn_all'))} KB", ""])
     return rows
 
 
 def detail_rows(data: Dict[str, Any]) -> List[List[str]]:
     rows = []
     for cell in data["order"]:
-        for kind in SERVERS:
+        for kind in servers_of(data):
             c = data["cells"].get(cell, {}).get(kind)
             if not c:
                 continue
@@ -787,10 +827,26 @@ def render(header: List[str], rows: List[List[str]], markdown: bool) -> str:
     return "\n".join(lines)
 
 
+def versions_line(data: Dict[str, Any]) -> str:
+    meta = data.get("meta", {})
+    v = meta.get("peer_versions") or {}
+    if not v:
+        return ""
+    loop = "uvloop" if meta.get("asyncio_uvloop") else "asyncio's default loop"
+    return (f" Peers: picows {v.get('picows', '?')} on uvloop {v.get('uvloop', '?')},"
+            f" websockets {v.get('websockets', '?')} and aiohttp {v.get('aiohttp', '?')}"
+            f" on {loop}, ujson {v.get('ujson', '?')} (Python {meta.get('peer_python_version', '?')}).")
+
+
 def print_tables(data: Dict[str, Any], markdown: bool) -> None:
-    head = ["scenario", "wse_sync µs/op", "bare gevent µs/op", "bare node µs/op", "ratio vs node",
-            "ratio vs gevent", "rate (wse_sync)", "p50/p99 (wse_sync)"]
+    peers = [k for k in servers_of(data) if k != "wse_sync"]
+    head = (["scenario", "wse_sync"] + [SERVER_LABELS[k] for k in peers]
+            + ["rate (wse_sync)", "p50/p99 (wse_sync)"])
     print(render(head, table_rows(data), markdown))
+    print()
+    print("Server CPU µs per operation (idle memory: KB per connection) for wse_sync and each"
+          " peer; in brackets the ratio wse_sync ÷ peer (below 1: wse_sync spends less)."
+          + versions_line(data))
     print()
     print("Per server: server CPU µs/op of each run; medians of rate, latency, CPU use of the"
           " server (core 0) and of the generator (core 1), CPU 0 time used by other processes"
@@ -826,7 +882,7 @@ def run_task(task: Dict[str, Any], servers: List[str], shared: Dict[str, Server]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="short windows, fewer connections (<2 min)")
+    ap.add_argument("--quick", action="store_true", help="short windows, fewer connections (about 4 min)")
     ap.add_argument("--servers", default=",".join(SERVERS), help="comma list of " + ",".join(SERVERS))
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ",".join(SCENARIOS))
     ap.add_argument("--runs", type=int, default=3, help="runs per cell (median; default 3)")
@@ -837,6 +893,13 @@ def main() -> int:
                     help="override a parameter, e.g. --set rpc.conns=200 --set fanout.sizes=5000")
     ap.add_argument("--gevent-wsaccel", action="store_true",
                     help="let the bare gevent baseline use wsaccel (default: stock pure-Python)")
+    ap.add_argument("--peer-python", default=None, metavar="PYTHON",
+                    help="the interpreter of the picows, websockets and aiohttp baselines (default:"
+                         " this one if it imports them, else bench/.peers-venv, made on first use"
+                         " from bench/requirements-peers.txt)")
+    ap.add_argument("--asyncio-uvloop", action="store_true",
+                    help="run the websockets and aiohttp baselines on uvloop (default: asyncio's"
+                         " own loop, as their users get it; picows always runs on uvloop)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # stop the servers in the finally clauses
 
@@ -858,10 +921,12 @@ def main() -> int:
     if not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "ws")):
         log("installing the load generator's dependencies (npm ci in bench/node)")
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True)
+    peer_versions = None
+    if any(k in PEERS for k in servers):
+        args.peer_python, peer_versions = find_peer_python(args.peer_python)
+        log(f"peer baselines: {args.peer_python} ({peer_versions})")
     if CPUS < 2:
         log("WARNING: fewer than 2 CPUs available: server and generator share CPU 0")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 10,000 sockets per process
     if CPUS >= 2:
         os.sched_setaffinity(0, {1})  # keep this runner off the server's core
 
@@ -875,6 +940,8 @@ def main() -> int:
                                   else float(value) if "." in value else int(value))
         except (ValueError, KeyError):
             ap.error(f"bad --set {item!r}")
+    raise_fd_limit(max([0] + [n for k in ("fanout", "connect") if k in scenarios
+                              for n in params[k]["sizes"]]))
     started = time.monotonic()
     data: Dict[str, Any] = {
         "meta": {"mode": mode, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -882,7 +949,10 @@ def main() -> int:
                  "cpu_model": _cpu_model(), "python": platform.python_version(),
                  "node": subprocess.run(["node", "--version"], capture_output=True,
                                         text=True).stdout.strip(),
-                 "runs": args.runs, "gevent_wsaccel": args.gevent_wsaccel, "params": params},
+                 "runs": args.runs, "gevent_wsaccel": args.gevent_wsaccel, "params": params,
+                 "servers": servers, "peer_python": args.peer_python,
+                 "peer_versions": peer_versions, "asyncio_uvloop": args.asyncio_uvloop,
+                 "peer_python_version": peer_versions and peer_versions.pop("python", None)},
         "cells": {}, "order": [],
     }
     shared: Dict[str, Server] = {}  # servers kept up across the rpc and msg cells
@@ -914,6 +984,64 @@ def main() -> int:
           f" server on CPU 0, generator on CPU 1; results in {os.path.relpath(args.out)}\n")
     print_tables(data, args.markdown)
     return 0
+
+
+def raise_fd_limit(conns: int) -> None:
+    """Raise RLIMIT_NOFILE for this runner and so for the servers and generators it
+    starts: each of them holds ``conns`` sockets at once (10,000 in the full run)."""
+    need = conns + 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        try:  # root (CAP_SYS_RESOURCE) may raise the hard limit too
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            return
+        except (ValueError, OSError):
+            log(f"WARNING: the open-file limit is {hard} (ulimit -Hn): the cells with {conns}"
+                f" connections need about {need}; they will fail (raise it, or --set connect.sizes=...)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def peer_versions_of(python: str) -> tuple:
+    """({module: version, "python": X.Y.Z} or None, error text) for ``python``."""
+    try:
+        out = subprocess.run([python, "-c", PEER_CHECK], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, str(exc)
+    if out.returncode:
+        return None, (out.stderr.strip().splitlines() or ["failed"])[-1]
+    return json.loads(out.stdout.strip().splitlines()[-1]), ""
+
+
+def find_peer_python(requested: Optional[str]) -> tuple:
+    """(interpreter, versions) for the Python peer baselines: ``requested`` (it must
+    import them), else this interpreter if it does, else bench/.peers-venv (made and
+    filled from bench/requirements-peers.txt when missing or incomplete)."""
+    if requested:
+        versions, err = peer_versions_of(requested)
+        if versions is None:
+            raise SystemExit(f"--peer-python {requested}: cannot import the peers' modules: {err}"
+                             f" (pip install -r {os.path.relpath(PEERS_REQUIREMENTS)})")
+        return requested, versions
+    versions, _ = peer_versions_of(sys.executable)
+    if versions is not None:
+        return sys.executable, versions
+    venv_python = os.path.join(PEERS_VENV, "bin", "python")
+    if os.path.exists(venv_python):
+        versions, _ = peer_versions_of(venv_python)
+        if versions is not None:
+            return venv_python, versions
+    log(f"installing the peer baselines' modules in {os.path.relpath(PEERS_VENV)}"
+        f" (pip install -r {os.path.relpath(PEERS_REQUIREMENTS)})")
+    for cmd in ([sys.executable, "-m", "venv", PEERS_VENV],
+                [venv_python, "-m", "pip", "install", "--disable-pip-version-check", "-q",
+                 "-r", PEERS_REQUIREMENTS]):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if out.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{(out.stdout + out.stderr)[-3000:]}")
+    versions, err = peer_versions_of(venv_python)
+    if versions is None:
+        raise SystemExit(f"{venv_python}: the peers' modules still do not import: {err}")
+    return venv_python, versions
 
 
 def save(data: Dict[str, Any], path: str) -> None:
