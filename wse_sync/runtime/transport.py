@@ -16,6 +16,7 @@ from typing import Callable, Optional, Tuple
 
 import gevent
 from gevent import socket as gsocket
+from gevent.exceptions import ConcurrentObjectUseError
 
 from ..core.limits import TokenBucket
 from ..core.websocket import SERVER, Close, Message, Ping, Pong, Protocol, State
@@ -31,6 +32,8 @@ RATE_LIMITED = "wse.rate-limit"
 # one read, so a flooding peer cannot hold the loop.
 YIELD_EVERY_FRAMES = 32
 YIELD_EVERY_BYTES = 16384
+# bytes asked of the socket per read
+READ_SIZE = 65536
 
 
 class Transport:
@@ -234,16 +237,37 @@ class Transport:
 
         Returns the close (code, reason) to report.
         """
-        # the first read empties what the HTTP parser buffered; then the socket
-        read = self.rfile.read1
         protocol = self.protocol
+        sock, raw = self.sock, self._raw
+        # True after a read shorter than the buffer: the socket is most likely
+        # empty, so wait for readiness before reading instead of a recv that
+        # fails with EAGAIN (gevent's sock.recv: one syscall and one exception
+        # more per message in a request/answer loop). (Not for TLS: its
+        # decrypted bytes may wait in the SSL object while the socket is empty.)
+        drained = False
         try:
+            # the first read empties what the HTTP parser buffered; then the socket
+            try:
+                data = self.rfile.read1(READ_SIZE)
+            except (OSError, ValueError):
+                data = b""
             while not self._cut:
-                try:
-                    data = read(65536)
-                    read = self.sock.recv
-                except (OSError, ValueError):
-                    break
+                if data is None:
+                    try:
+                        if raw is None:
+                            data = sock.recv(READ_SIZE)
+                        else:
+                            if drained:
+                                # gevent's own wait (what sock.recv does on EAGAIN)
+                                sock._wait(sock._read_event)
+                            try:
+                                data = raw.recv(READ_SIZE)
+                            except BlockingIOError:
+                                drained = True
+                                continue
+                            drained = len(data) < READ_SIZE
+                    except (OSError, ValueError, ConcurrentObjectUseError):
+                        break
                 if not data:
                     break
                 self.last_recv = now = time.monotonic()
@@ -268,6 +292,7 @@ class Transport:
                     self._arm_abort(self.close_timeout)
                 if len(events) >= YIELD_EVERY_FRAMES or len(data) >= YIELD_EVERY_BYTES:
                     gevent.sleep(0)  # the others get their turn
+                data = None
         finally:
             self.abort((1006, ""))
             self._drop_socket()
