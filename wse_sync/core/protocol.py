@@ -27,7 +27,23 @@ def _refuse_constant(name: str) -> Any:
 
 # Strict like JSON.parse (ujson.loads takes NaN, Infinity, 01, 1., raw control
 # characters); the stdlib C decoder is about as fast for wse-sized messages.
-_decode = json.JSONDecoder(parse_constant=_refuse_constant, strict=True).decode
+_decoder = json.JSONDecoder(parse_constant=_refuse_constant, strict=True)
+_decode = _decoder.decode
+# the C scanner under decode(): decode() adds two regex matches (whitespace
+# around the value) and two Python calls, needless for "[...]" without spaces
+_scan = _decoder.scan_once
+
+
+def _decode_array(data: str) -> Any:
+    """``_decode(data)``, faster for text that starts with "[" and ends with "]"."""
+    if data[:1] == "[" and data[-1:] == "]":
+        try:
+            value, end = _scan(data, 0)
+        except StopIteration:
+            value, end = None, -1  # decode() says why, below
+        if end == len(data):
+            return value
+    return _decode(data)  # the general path (and its errors, word for word)
 
 
 def _finite(value: Any) -> Any:
@@ -72,7 +88,7 @@ class WseJSON:
         """Parse one frame. Raises ValueError when it is not a JSON array of 1+ items."""
         if isinstance(data, (bytes, bytearray, memoryview)):
             data = bytes(data).decode("utf-8")
-        message = _decode(data)
+        message = _decode_array(data)
         if not isinstance(message, list) or not message:
             raise ValueError("a wse message is a JSON array [type, payload, stamp]")
         n = len(message)

@@ -99,7 +99,7 @@ class Session:
                                         {"reason": decision.reason}), self.conn)
             self.conn.close(1000, WSE_REASON.PROTOCOL_ERR)
         elif action != "ignore":
-            getattr(self, "_" + action)(type_, payload, stamp)
+            _ACTIONS[action](self, type_, payload, stamp)
 
     # -- actions -------------------------------------------------------
     def _start_auth(self, type_, payload, stamp) -> None:
@@ -321,3 +321,8 @@ class Session:
                 self._auth.kill(block=False)
             self.conn.close(1000, WSE_REASON.NOT_AUTHORIZED)
 
+
+# action name -> Session method (what getattr(self, "_" + action) finds, without
+# building the name and looking it up per message)
+_ACTIONS = {name[1:]: fn for name, fn in vars(Session).items()
+            if name in ("_start_auth", "_challenge_answer", "_resolve_call", "_rpc", "_channel")}
