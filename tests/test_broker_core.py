@@ -181,7 +181,7 @@ def test_commands_are_acked_and_duplicates_dropped():
     assert core.handle("w1", Message("send", {"cid": "bob", "seq": 1}, "x"), 0) == []
     assert core.counters["dropped.duplicate"] == 1
     hb = [m.body for w, m in core.tick(0.5) if w == "w1"]
-    assert hb == [{"ack": 1}]
+    assert hb == [{"ack": 1, "epoch": core.epoch}]
 
 
 def test_malformed_hello_changes_nothing():
@@ -441,6 +441,7 @@ def test_a_worker_whose_key_becomes_a_client_key_loses_its_connections():
     (Message("hello", {"pid": 1, "table": [["c", "u", None, 1.0, "yes"]]}), "dropped.malformed"),
     (Message("hello", {"pid": 1, "table": {"c": "u"}}), "dropped.malformed"),
     (Message("hello", {"pid": 1, "serves": "no"}), "dropped.malformed"),
+    (Message("hello", {"pid": 1, "sync": "1"}), "dropped.malformed"),
     (Message("snapshot", {}), "dropped.unexpected"),
 ])
 def test_malformed_and_oversize_messages_are_dropped_and_counted(msg, what):
@@ -471,3 +472,34 @@ def test_what_honest_peers_send_passes_the_checks():
     client = LinkCore("h", lambda: [], serves=False)
     for m in client.hello() + client.command("send", {"cid": "u"}, "f", 0) + client.bye():
         assert check(m, ROLE_CLIENT) is None, m
+
+
+def test_a_hello_gets_the_map_in_parts_between_other_work():
+    core = BrokerCore(snapshot_chunk=2)
+    hello(core, "w1", table=[[f"c{i}", f"u{i}", None, float(i)] for i in range(5)], limit=None)
+    out = core.handle("w2", Message("hello", {"pid": 2, "limit": None, "table": [], "sync": 7}), 0)
+    first = [m for w, m in out if w == "w2"][0]
+    assert first.kind == "snapshot" and first.body["part"] == 0 and first.body["of"] == 3
+    assert first.body["sync"] == 7 and len(first.body["entries"]) == 2
+    assert core.streaming
+    # other work goes on between the parts; a join's delta reaches w2 too
+    out = core.handle("w1", Message("join", {"req": 1, "conn_id": "c9", "cid": "u9"}), 0)
+    assert ("w2", "delta") in kinds(out)
+    parts = core.pump(1) + core.pump(5)
+    assert [m.body["part"] for _w, m in parts] == [1, 2] and not core.streaming
+    assert sum(len(m.body["entries"]) for _w, m in parts) == 3  # the map as at the hello
+    # a worker from before streamed snapshots (no sync) gets the map at once
+    out = core.handle("w3", Message("hello", {"pid": 3, "table": []}), 0)
+    assert len(out[0][1].body["entries"]) == 6 and "part" not in out[0][1].body
+
+
+def test_a_stall_of_the_broker_is_not_counted_as_silence_of_its_workers():
+    core = BrokerCore(worker_timeout=3.0)
+    hello(core, "w1", now=0.0)
+    core.tick(1.0)
+    # one long message kept the loop busy 5 s: w1's heartbeats wait in the socket
+    assert "w1" in core.workers and not any(m.kind == "left" for _w, m in core.tick(6.0))
+    assert "w1" in core.workers and core.counters["stalls"] == 1
+    for t in (7.0, 8.0, 9.0, 10.0):   # listening again, and w1 really is silent
+        core.tick(t)
+    assert "w1" not in core.workers

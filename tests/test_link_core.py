@@ -124,10 +124,13 @@ class Worker:
 class World:
     """A broker, workers, and the messages between them."""
 
-    def __init__(self, sync_window=0.0):
+    def __init__(self, sync_window=0.0, chunk=2000):
         self.now = 1000.0
+        self.chunk = chunk
+        self.pumping = True   # settle() sends snapshot parts too
         self._order = itertools.count()
-        self.broker = BrokerCore(worker_timeout=3.0, epoch="e1", sync_window=sync_window)
+        self.broker = BrokerCore(worker_timeout=3.0, epoch="e1", sync_window=sync_window,
+                                 snapshot_chunk=chunk)
         self.broker_up = True
         self.workers = {}
         self.queue = []       # worker -> broker, kept while no broker runs (ZeroMQ does)
@@ -142,8 +145,10 @@ class World:
         self.settle()
         return w
 
-    def settle(self):
-        """Deliver what is in flight until nothing moves."""
+    def settle(self, pump=None):
+        """Deliver what is in flight until nothing moves; snapshot parts are
+        pumped one at a time when nothing else waits (as the shell's loop does)."""
+        pump = self.pumping if pump is None else pump
         for _ in range(100000):
             if self.broker_up and self.queue:
                 wid, m = self.queue.pop(0)
@@ -152,6 +157,8 @@ class World:
                 target, m = self.to_workers.pop(0)
                 if target in self.workers:
                     self.workers[target].receive(m)
+            elif pump and self.broker_up and self.broker.streaming:
+                self.to_workers += self.broker.pump(1)
             else:
                 return
         raise AssertionError("messages never stop")
@@ -173,7 +180,8 @@ class World:
         self.to_workers.clear()
 
     def start_broker(self, sync_window=2.5, epoch="e2"):
-        self.broker = BrokerCore(worker_timeout=3.0, epoch=epoch, sync_window=sync_window)
+        self.broker = BrokerCore(worker_timeout=3.0, epoch=epoch, sync_window=sync_window,
+                                 snapshot_chunk=self.chunk)
         self.broker_up = True
         self.settle()
 
@@ -184,6 +192,14 @@ class World:
         local = {c: (cid, w.id) for w in self.workers.values() for c, (cid, _m, _a) in
                  w.table.items()}
         assert mapped == local
+
+    def check_views(self):
+        """Every worker's replica is the broker's map."""
+        mapped = {}
+        for c, e in self.broker.registry.conns.items():
+            mapped.setdefault(e.cid, {})[c] = (e.worker, e.meta)
+        for w in self.workers.values():
+            assert w.core.synced and w.core.view.users == mapped, w.id
 
     def check_events(self):
         """Invariant 2: per user, one more 'joined' than 'left' while connected, else equal."""
@@ -399,3 +415,120 @@ def test_a_duplicate_command_is_carried_out_once():
     world.settle()
     assert b.events.count(("deliver", ("cid", "u1", "once"))) == 1
     assert world.broker.counters["dropped.duplicate"] == 1
+
+
+# -- streamed snapshots --------------------------------------------------------
+def test_changes_during_a_streamed_snapshot_are_neither_lost_nor_reordered():
+    world = World(chunk=2)
+    a = world.add("A", limit=3)
+    for i in range(7):
+        a.connect(f"a{i}", f"u{i % 5}")
+    b = Worker(world, "B", limit=3)
+    world.workers["B"] = b
+    b.send(b.core.hello())
+    wid, m = world.queue.pop(0)
+    world.to_workers += world.broker.handle(wid, m, world.now)
+    world.settle(pump=False)                # B has part 0 of 4, nothing more
+    assert not b.core.synced and world.broker.streaming
+    world.pumping = False
+    # meanwhile: a join, a leave of a connection a later part still holds,
+    # a join that evicts one (limit 3), and B's own connection coming and going
+    a.connect("a7", "u7")
+    a.close("a5")
+    a.connect("a8", "u0")
+    b.connect("b1", "u9")
+    b.connect("b2", "u8")
+    b.close("b2")
+    world.settle()
+    assert not b.core.synced
+    world.pumping = True
+    world.settle()                          # the other parts, between other work
+    assert b.core.synced and b.core.syncs == 1
+    world.check_map()
+    world.check_views()
+    world.check_events()
+
+
+def test_a_broker_restart_streams_the_map_with_no_spurious_left_or_joined():
+    world = World(chunk=3)
+    workers = [world.add(w, limit=2) for w in "ABC"]
+    for n, w in enumerate(workers):
+        for i in range(10):
+            w.connect(f"{w.id}{i}", f"u{(n * 10 + i) % 17}")
+    world.settle()
+    before = [list(w.events) for w in workers]
+    world.kill_broker()
+    world.start_broker(epoch="e2")
+    world.advance(5.0)
+    assert all(w.core.epoch == "e2" and w.core.syncs == 2 for w in workers)
+    for w, events in zip(workers, before):
+        assert w.events == events           # no left, no joined, nothing closed
+    assert world.broker.counters["workers.removed"] == 0
+    world.check_map()
+    world.check_views()
+    world.check_events()
+
+
+def test_a_worker_in_the_middle_of_a_sync_is_not_declared_dead():
+    world = World(chunk=1)
+    a = world.add("A")
+    for i in range(20):
+        a.connect(f"a{i}", f"u{i}")
+    b = Worker(world, "B")
+    world.workers["B"] = b
+    b.send(b.core.hello())
+    wid, m = world.queue.pop(0)
+    world.to_workers += world.broker.handle(wid, m, world.now)
+    world.settle(pump=False)
+    b.blocked = True                        # busy with the parts: says nothing
+    for _ in range(8):                      # 4 s, a part every half second
+        world.now += 0.5
+        world.to_workers += world.broker.tick(world.now) + world.broker.pump(1)
+        a.tick()
+        world.settle(pump=False)
+    assert "B" in world.broker.workers and world.broker.streaming
+    b.unblock()
+    world.advance(1.0)
+    world.settle()
+    assert not world.broker.streaming and b.core.synced
+    assert world.broker.counters["workers.removed"] == 0
+    world.check_views()
+
+
+def test_a_lost_part_makes_the_worker_ask_again():
+    world = World(chunk=2)
+    a = world.add("A", limit=None)
+    for i in range(6):
+        a.connect(f"a{i}", f"u{i}")
+    b = Worker(world, "B", limit=None)
+    world.workers["B"] = b
+    b.send(b.core.hello())
+    wid, m = world.queue.pop(0)
+    world.to_workers += world.broker.handle(wid, m, world.now)
+    world.settle(pump=False)
+    world.broker.pump(1)                    # part 1 is lost on the way
+    world.settle()
+    assert b.core.synced and b.core.syncs == 1
+    world.check_views()
+
+
+def test_a_slow_broker_with_the_same_epoch_is_resumed_without_a_hello():
+    world = World()
+    a, b = world.add("A"), world.add("B")
+    a.connect("a1", "u1")
+    hellos = []
+    real = a.core.hello
+    a.core.hello = lambda: hellos.append(1) or real()
+    world.advance(1.0)
+    up = world.broker
+    world.broker_up = False                 # the broker's loop is stuck for 4 s
+    world.advance(4.0)
+    assert a.core.down_since is not None
+    a.command("send", {"cid": "u1"}, "meanwhile")
+    world.broker_up = True
+    assert world.broker is up
+    world.advance(2.0)
+    assert a.core.down_since is None and hellos == []
+    assert a.core.unconfirmed == 0
+    world.check_map()
+    world.check_events()

@@ -10,6 +10,7 @@ exist, and removed when the broker stops.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import stat
@@ -25,6 +26,29 @@ from .curve import CurveError, ServerCurve, Zap, needs_curve
 __all__ = ["Broker"]
 
 log = logging.getLogger("wse_sync.broker")
+
+# seconds of snapshot parts sent per loop round (then the socket is read again)
+PUMP_BUDGET = 0.01
+# the cyclic GC's first threshold in the broker process (Python's default is 700)
+GC_THRESHOLD = 50000
+
+
+def tune_gc(size: int = 0, force: bool = False, _state: Dict[str, int] = {"frozen": -1}) -> None:
+    """The map is large and long-lived, and holds no reference cycles: move what
+    is alive out of the cyclic GC's reach (``gc.collect()`` then
+    ``gc.freeze()``), so a collection no longer walks a million entries, and
+    collect less often. Frozen objects are still freed by reference counting
+    when the map lets them go. Freezes again when the map (``size``
+    connections) has grown by half since the last time (``force``: now); the
+    collection before it only walks what is not frozen yet."""
+    gc.set_threshold(GC_THRESHOLD, 50, 100)
+    if not hasattr(gc, "freeze"):
+        return
+    if force or size > 1.5 * _state["frozen"] + 10000:
+        gc.collect()
+        gc.freeze()
+        _state["frozen"] = size
+
 
 class Broker:
     """Runs a BrokerCore on a ROUTER socket bound to ``endpoint``.
@@ -133,6 +157,8 @@ class Broker:
         if zap is not None:
             poller.register(zap.sock, zmq.POLLIN)
         next_tick = time.monotonic() + self.heartbeat
+        if self.zmq.__name__ == "zmq":  # its own process (not a greenlet in a worker)
+            tune_gc()
         try:
             while not self._stop:
                 if self._reload:
@@ -143,6 +169,8 @@ class Broker:
                     else:
                         log.info("SIGHUP: no CURVE keys to reload")
                 timeout = max(0.0, next_tick - time.monotonic())
+                if self.core.streaming:
+                    timeout = 0.0
                 ready = dict(poller.poll(min(timeout, 0.2) * 1000))
                 if zap is not None and zap.sock in ready:
                     zap.serve()
@@ -166,10 +194,17 @@ class Broker:
                             out += self._dispatch_curve(first, frames, zap)
                     # everything this round produced: one message per worker
                     self._send_all(out)
+                if self.core.streaming:
+                    # snapshot parts, for PUMP_BUDGET s, then the socket again
+                    until = time.monotonic() + PUMP_BUDGET
+                    while self.core.streaming and time.monotonic() < until:
+                        self._send_all(self.core.pump(1))
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + self.heartbeat
                     self._send_all(self.core.tick(now))
+                    if self.zmq.__name__ == "zmq":
+                        tune_gc(len(self.core.registry.conns))
                     if self.parent_pid and os.getppid() != self.parent_pid:
                         log.warning("supervisor %d is gone: broker stops", self.parent_pid)
                         break

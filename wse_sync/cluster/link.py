@@ -338,6 +338,8 @@ class BrokerLink:
                     self._carry_out(self.core.handle(msg, now))
                 except Exception:
                     log.exception("failed to handle a %r message from the broker", msg.kind)
+            if any(m.kind == "snapshot" for m in messages):
+                gevent.sleep(0)  # a streamed map: let the heartbeat and the others run
 
     def _carry_out(self, step: Step) -> None:
         self._send(step.out)

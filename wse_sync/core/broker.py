@@ -45,12 +45,24 @@ HELD_WHILE_SYNCING = frozenset({"send", "bcast", "drop_cid", "conn_send", "conn_
                                 "join", "leave"})
 # a worker's commands are acked at least every ACK_EVERY seqs (and with each heartbeat)
 ACK_EVERY = 256
+# connections per ``snapshot`` part: a hello's map goes out in parts of this
+# size between other work (``pump``), never all at once
+SNAPSHOT_CHUNK = 2000
 # routing identities remembered with the key that owns them, and refusals
 # logged (once per sender and kind); the oldest are forgotten beyond these
 OWNERS_MAX = 100000
 LOGGED_MAX = 10000
 
 Out = List[Tuple[str, Message]]
+
+
+@dataclass
+class _Stream:
+    """A snapshot on its way to one worker: the map as it was at its hello."""
+    entries: List[ConnEntry]
+    sync: int
+    of: int
+    part: int = 1  # the next part to send (part 0 went with the hello's answer)
 
 
 @dataclass
@@ -75,7 +87,8 @@ class BrokerCore:
     """Decisions of the broker; no sockets."""
 
     def __init__(self, worker_timeout: float = WORKER_TIMEOUT, epoch: Optional[str] = None,
-                 limbo_max: int = LIMBO_MAX, sync_window: float = 0.0) -> None:
+                 limbo_max: int = LIMBO_MAX, sync_window: float = 0.0,
+                 snapshot_chunk: int = SNAPSHOT_CHUNK) -> None:
         self.registry = Registry()
         self.workers: Dict[str, WorkerInfo] = {}
         self.worker_timeout = worker_timeout
@@ -108,6 +121,11 @@ class BrokerCore:
         self._owners: Dict[str, str] = {}
         # (sender, refusal) pairs already logged
         self._logged: Dict[Tuple[str, str], None] = {}
+        # snapshots being streamed (worker -> what is left of it), sent by pump()
+        self.snapshot_chunk = max(1, snapshot_chunk)
+        self._streams: Dict[str, _Stream] = {}
+        # when tick() last ran: a longer gap means this broker was not listening
+        self._last_tick: Optional[float] = None
 
     # -- entry points -------------------------------------------------
     def handle(self, sender: str, msg: Message, now: float, role: str = ROLE_WORKER,
@@ -229,8 +247,21 @@ class BrokerCore:
         return out
 
     def tick(self, now: float) -> Out:
-        """Heartbeats out, dead workers removed."""
+        """Heartbeats out, dead workers removed.
+
+        A worker is dead after ``worker_timeout`` of silence *while this broker
+        listens*: when the ticks were held up (one long message, e.g. a big
+        table, kept the loop busy), the gap is credited to every worker, whose
+        heartbeats wait in the socket meanwhile. A worker a snapshot is still
+        streamed to is not timed out.
+        """
         out: Out = []
+        last, self._last_tick = self._last_tick, now
+        if last is not None and now - last > self.worker_timeout / 2:
+            stall = now - last
+            self.counters["stalls"] += 1
+            for w in self.workers.values():
+                w.last_seen = min(now, w.last_seen + stall)
         if self._deferred and not self._syncing(now):
             deferred, self._deferred = self._deferred, []
             log.info("map rebuilt from %d worker table(s): carrying out %d held command(s)",
@@ -248,16 +279,50 @@ class BrokerCore:
                     log.warning("dropped %d message(s) of %r: it never sent its table",
                                 len(held), sender)
         for w in list(self.workers.values()):
+            if w.worker_id in self._streams:
+                w.last_seen = max(w.last_seen, now - self.worker_timeout / 2)
             if now - w.last_seen > self.worker_timeout:
                 log.warning("worker %s (pid %s) silent for %.1fs: removing its connections",
                             w.worker_id, w.pid, now - w.last_seen)
                 out += self.remove_worker(w.worker_id)
             else:
                 w.ack_sent = w.acked
-                out.append((w.worker_id, Message("hb", {"ack": w.acked})))
+                out.append((w.worker_id, Message("hb", {"ack": w.acked, "epoch": self.epoch})))
         return out
 
+    @property
+    def streaming(self) -> bool:
+        """Snapshot parts wait to be sent (call ``pump``)."""
+        return bool(self._streams)
+
+    def pump(self, parts: int = 1) -> Out:
+        """The next ``parts`` snapshot parts, one worker after the other. The
+        shell calls this between reading messages, so a snapshot of any size
+        never holds up heartbeats, joins or routing."""
+        out: Out = []
+        while parts > 0 and self._streams:
+            for worker_id in list(self._streams):
+                if parts <= 0:
+                    break
+                stream = self._streams[worker_id]
+                out.append((worker_id, self._part(stream)))
+                parts -= 1
+                if stream.part >= stream.of:
+                    del self._streams[worker_id]
+        return out
+
+    def _part(self, stream: _Stream) -> Message:
+        n = self.snapshot_chunk
+        i = stream.part
+        stream.part += 1
+        chunk = [e.to_list() for e in stream.entries[i * n:(i + 1) * n]]
+        if stream.part >= stream.of:
+            stream.entries = []
+        return Message("snapshot", {"entries": chunk, "epoch": self.epoch, "sync": stream.sync,
+                                    "part": i, "of": stream.of})
+
     def remove_worker(self, worker_id: str) -> Out:
+        self._streams.pop(worker_id, None)
         info = self.workers.pop(worker_id, None)
         if info is not None:
             self._graveyard[worker_id] = info.acked
@@ -353,8 +418,7 @@ class BrokerCore:
         before = {e.conn_id for e in self.registry.entries_of_worker(sender)}
         _new_users, gone, evicted = self.registry.sync_worker(sender, entries, info.limit)
         log.info("worker %s (pid %s) attached with %d connections", sender, info.pid, len(entries))
-        out: Out = [(sender, Message("snapshot", {"entries": self.registry.snapshot(),
-                                                  "epoch": self.epoch}))]
+        out: Out = [(sender, self._snapshot(sender, body.get("sync")))]
         added = [e.to_list() for e in entries if e.conn_id not in before]
         out += self._delta(added, [o.entry.conn_id for o in gone] + [e.conn_id for e in evicted],
                            skip=sender)
@@ -368,6 +432,25 @@ class BrokerCore:
         if pending and not self._syncing(now):
             out += self._resolve_pending()
         return out
+
+    def _snapshot(self, sender: str, sync: Optional[int]) -> Message:
+        """The map for a worker that said hello: its first part now, the rest
+        streamed by ``pump``. Parts hold the map as it is now; every delta from
+        now on goes to this worker too, after this part (the worker applies the
+        deltas that arrive during the stream once it has the last part).
+
+        A worker whose hello has no ``sync`` (before streamed snapshots) gets
+        the whole map in one message."""
+        self._streams.pop(sender, None)
+        if sync is None:
+            return Message("snapshot", {"entries": self.registry.snapshot(), "epoch": self.epoch})
+        entries = list(self.registry.conns.values())
+        of = max(1, -(-len(entries) // self.snapshot_chunk))
+        stream = _Stream(entries, sync, of, part=0)
+        first = self._part(stream)
+        if of > 1:
+            self._streams[sender] = stream
+        return first
 
     def _resolve_pending(self) -> Out:
         """Fire 'joined' (in one worker) for users that only pending connections

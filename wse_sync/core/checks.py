@@ -136,6 +136,7 @@ def _hello(msg: Message) -> None:
     body = msg.body
     _int(body, "pid")
     _int(body, "base")
+    _int(body, "sync")
     _int(body, "limit", null=True)
     _bool(body, "serves")
     table = body.get("table", [])

@@ -31,6 +31,8 @@ LocalEntry = Tuple[str, Hashable, Any, float]
 
 # closed pending connections remembered for their 'joined' verdict
 CLOSED_PENDING_MAX = 10000
+# hellos whose streamed snapshot may still come (the oldest are given up)
+HELLOS_AWAITED = 8
 
 
 class ClusterView:
@@ -180,12 +182,28 @@ class LinkCore:
         self._pending: Dict[str, Tuple[Hashable, Any]] = {}
         # pending connections that closed before the verdict
         self._closed_pending: Dict[str, Tuple[Hashable, Any]] = {}
+        # Streamed snapshots (see _snapshot): each hello is numbered (its
+        # ``sync``); from a hello on, every change to the view (deltas, this
+        # worker's own joins and leaves) is logged, and replayed over the
+        # streamed map once its last part is in.
+        self._hellos = 0
+        self._marks: Dict[int, int] = {}     # hello number -> its place in the log
+        self._log: List[Tuple[List[Any], List[str]]] = []
+        self._log_base = 0                   # log index of self._log[0]
+        self._staging: Optional[List[Any]] = None  # [sync, next part, of, view]
+        # complete snapshots received (a resync too)
+        self.syncs = 0
+        self._synced = False
+        # the broker answers again after a silence: resume or say hello (handle)
+        self._recovering = False
+        # joins decided here while the broker was away, since the last hello
+        self._decided_since_hello = False
 
     # -- what the shell may read -----------------------------------------
     @property
     def synced(self) -> bool:
-        """True once a broker's snapshot of the map has arrived."""
-        return self.epoch is not None
+        """True once a broker's snapshot of the map has arrived (all its parts)."""
+        return self._synced
 
     @property
     def unconfirmed(self) -> int:
@@ -201,8 +219,14 @@ class LinkCore:
         table = [[conn_id, cid, meta, at, conn_id in self._pending]
                  for conn_id, cid, meta, at in self.entries()]
         base = self._outbox[0][0] - 1 if self._outbox else self._seq
+        self._hellos += 1
+        self._marks[self._hellos] = self._log_base + len(self._log)
+        while len(self._marks) > HELLOS_AWAITED:
+            del self._marks[min(self._marks)]
+        self._trim_log()
+        self._decided_since_hello = False
         out = [Message("hello", {"pid": self.pid, "limit": self.limit, "table": table,
-                                 "base": base, "serves": self.serves})]
+                                 "base": base, "serves": self.serves, "sync": self._hellos})]
         out += [Message(kind, body, data) for _seq, kind, body, data in self._outbox]
         self.resent += len(self._outbox)
         return out
@@ -222,13 +246,43 @@ class LinkCore:
         return Step(out, [])
 
     def received(self, now: float) -> List[Message]:
-        """Anything arrived from the broker (call once per socket message)."""
+        """Anything arrived from the broker (call once per socket message).
+
+        After a silence, the message ``handle`` gets next decides: the same
+        broker (a heartbeat naming our epoch, or a part of a snapshot we asked
+        for) and no join decided here meanwhile: the unacked commands are sent
+        again and nothing more; else a hello with the whole table."""
         self.last_broker = now
         if self.down_since is None:
             return []
         log.info("the broker answers again after %.1fs", now - self.down_since)
         self.down_since = None
+        self._recovering = True
+        return []
+
+    def _resume(self, msg: Message) -> List[Message]:
+        body = msg.body
+        same = ((msg.kind == "hb" and self.epoch is not None and body.get("epoch") == self.epoch)
+                or (msg.kind == "snapshot" and body.get("sync") in self._marks))
+        if msg.kind == "reset":
+            return []  # it asks for the hello itself
+        if same and not self._decided_since_hello:
+            self.resent += len(self._outbox)
+            return [Message(kind, body, data) for _seq, kind, body, data in self._outbox]
         return self.hello()
+
+    def _view_apply(self, add: List[List[Any]], remove: List[str]) -> List[Hashable]:
+        """A change to the view, logged while a snapshot may be on its way."""
+        if self._marks:
+            self._log.append((add, remove))
+        return self.view.apply(add, remove)
+
+    def _trim_log(self) -> None:
+        keep = min(self._marks.values()) if self._marks else self._log_base + len(self._log)
+        drop = keep - self._log_base
+        if drop > 0:
+            del self._log[:drop]
+            self._log_base = keep
 
     # -- joins and leaves -----------------------------------------------------
     def join(self, conn_id: str, cid: Hashable, meta: Any, at: float,
@@ -241,6 +295,7 @@ class LinkCore:
         """
         self.limit = limit
         if self.down_since is not None:
+            self._decided_since_hello = True  # the broker learns of it from a hello
             return Join(None, [], self._decide_locally(conn_id, cid, meta, local, limit))
         self._ids += 1
         req = self._ids
@@ -253,7 +308,7 @@ class LinkCore:
                       body: Dict[str, Any]) -> Tuple[bool, List[str]]:
         """The broker's ``joined`` answer: (is the user new?, conn_ids to evict here)."""
         self._waiting.discard(req)
-        self.view.apply([[conn_id, cid, self.worker_id, meta]], body["evicted"])
+        self._view_apply([[conn_id, cid, self.worker_id, meta]], list(body["evicted"]))
         return bool(body["first"]), list(body["evicted"])
 
     def join_timed_out(self, req: int, conn_id: str, cid: Hashable, meta: Any,
@@ -273,7 +328,7 @@ class LinkCore:
     def leave(self, conn_id: str, cid: Hashable, meta: Any, code: int, reason: str,
               quiet: bool = False) -> List[Message]:
         """An accepted connection closed (``quiet``: closed before its welcome)."""
-        self.view.apply([], [conn_id])
+        self._view_apply([], [conn_id])
         pending = self._pending.pop(conn_id, None)
         body = {"conn_id": conn_id, "cid": cid, "meta": meta, "code": code, "reason": reason,
                 "quiet": quiet, "epoch": self.epoch, "pending": pending is not None}
@@ -335,6 +390,9 @@ class LinkCore:
         out: List[Message] = []
         effects: List[Effect] = []
         body, kind = msg.body, msg.kind
+        if self._recovering:
+            self._recovering = False
+            out += self._resume(msg)
         if kind == "deliver":
             if body.get("all"):
                 effects.append(Deliver("all", None, msg.data))
@@ -359,13 +417,9 @@ class LinkCore:
             effects += self._resolved(body.get("conns", []), body.get("first", []))
         elif kind == "delta":
             effects += [Forget(cid) for cid in
-                        self.view.apply(body.get("add", []), body.get("remove", []))]
+                        self._view_apply(body.get("add", []), body.get("remove", []))]
         elif kind == "snapshot":
-            self.view.load(body.get("entries", []))
-            previous, self.epoch = self.epoch, body.get("epoch")
-            if previous is not None and previous != self.epoch and self._unacked:
-                log.info("new broker: resending %d unanswered leave(s)", len(self._unacked))
-                out += [Message("leave", leave) for leave in self._unacked.values()]
+            out += self._snapshot(body)
         elif kind == "drop":
             effects.append(Drop(list(body.get("conns", [])), body.get("cid"), "cid" in body,
                                 body.get("reason", "")))
@@ -380,6 +434,69 @@ class LinkCore:
         elif kind in ("hb", "ack"):
             self._acked(int(body.get("ack", body.get("seq", 0))))
         return Step(out, effects)
+
+    def _new_epoch(self, epoch: Any) -> List[Message]:
+        previous, self.epoch = self.epoch, epoch
+        if previous is not None and previous != epoch and self._unacked:
+            log.info("new broker: resending %d unanswered leave(s)", len(self._unacked))
+            return [Message("leave", leave) for leave in self._unacked.values()]
+        return []
+
+    def _snapshot(self, body: Dict[str, Any]) -> List[Message]:
+        """A part of the map (``part`` of ``of``, for our hello number ``sync``).
+
+        The rule: the parts hold the map as it was when the broker read our
+        hello; the broker sends every delta after that one to us too, after
+        part 0. From our hello on, every change to the view is logged (and
+        applied to the current view, which stays readable meanwhile); the parts
+        fill a new view, and at the last part the log since that hello is
+        replayed over it and the new view replaces the old. Replaying changes
+        older than the broker's reading of the hello is harmless: each one sets
+        or removes one connection, and the map already shows the last of them.
+        A part of another hello, or after a lost part, is ignored (a lost part:
+        hello again). A snapshot without ``part`` (a broker before streamed
+        snapshots) is the whole map."""
+        entries = body.get("entries", [])
+        if "part" not in body:
+            self.view.load(entries)
+            self._marks.clear()
+            self._trim_log()
+            self._staging = None
+            self._done_sync()
+            return self._new_epoch(body.get("epoch"))
+        sync, part, of = body.get("sync"), body.get("part"), body.get("of", 1)
+        out: List[Message] = []
+        staging = self._staging
+        if part == 0:
+            if sync not in self._marks:
+                return out  # the answer to a hello we no longer wait for
+            staging = self._staging = [sync, 0, of, type(self.view)()]
+            out += self._new_epoch(body.get("epoch"))
+        elif staging is None or staging[0] != sync:
+            return out
+        elif part != staging[1]:
+            log.warning("snapshot part %s of %s came after part %s: asking again", part, of,
+                        staging[1] - 1)
+            self._staging = None
+            return out + self.hello()
+        view = staging[3]
+        view.apply(entries, [])
+        staging[1] += 1
+        if staging[1] < staging[2]:
+            return out
+        for add, remove in self._log[self._marks[sync] - self._log_base:]:
+            view.apply(add, remove)
+        self.view = view
+        for n in [n for n in self._marks if n <= sync]:
+            del self._marks[n]
+        self._trim_log()
+        self._staging = None
+        self._done_sync()
+        return out
+
+    def _done_sync(self) -> None:
+        self.syncs += 1
+        self._synced = True
 
     def _acked(self, seq: int) -> None:
         outbox = self._outbox
