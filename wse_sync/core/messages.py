@@ -27,9 +27,9 @@ VERSION = b"wse1"
 # ZMQ_MAXMSGSIZE of the broker's and the workers' sockets: the largest frame
 # a peer may send before it is disconnected (libzmq reads the length first).
 # A frame is one packed wse message (max_message_size, 1 MiB by default) or
-# one JSON body, the largest being a worker's table (hello) and the map
-# (snapshot): ~150 bytes per connection with a small meta, so 64 MiB holds a
-# map of about 400,000 connections and messages up to 60 MiB, while one
+# one JSON body, the largest being a worker's table (hello; the map goes out in
+# snapshot parts of 2,000 connections): ~150 bytes per connection with a small
+# meta, so 64 MiB holds a table of about 400,000 connections and messages up to 60 MiB, while one
 # peer cannot make the broker buffer gigabytes.
 MAX_MSG_SIZE = 64 * 1024 * 1024
 
