@@ -62,7 +62,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path and not os.environ.get("PYTHONPATH"):
     sys.path.insert(0, ROOT)
 
-from wse_sync.core.link import Answer, ClusterView, Deliver, Drop, LinkCore, UserJoined, UserLeft  # noqa: E402
+from wse_sync.core.link import Answer, Deliver, Drop, LinkCore, UserJoined, UserLeft  # noqa: E402
 from wse_sync.core.messages import batch, decode, encode, split  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")

@@ -514,7 +514,7 @@ def test_a_lost_part_makes_the_worker_ask_again():
 
 def test_a_slow_broker_with_the_same_epoch_is_resumed_without_a_hello():
     world = World()
-    a, b = world.add("A"), world.add("B")
+    a, _b = world.add("A"), world.add("B")
     a.connect("a1", "u1")
     hellos = []
     real = a.core.hello

@@ -33,7 +33,11 @@ PUMP_BUDGET = 0.01
 GC_THRESHOLD = 50000
 
 
-def tune_gc(size: int = 0, force: bool = False, _state: Dict[str, int] = {"frozen": -1}) -> None:
+# connections in the map at the last gc.freeze() (-1: never)
+_frozen = {"size": -1}
+
+
+def tune_gc(size: int = 0, force: bool = False) -> None:
     """The map is large and long-lived, and holds no reference cycles: move what
     is alive out of the cyclic GC's reach (``gc.collect()`` then
     ``gc.freeze()``), so a collection no longer walks a million entries, and
@@ -44,10 +48,10 @@ def tune_gc(size: int = 0, force: bool = False, _state: Dict[str, int] = {"froze
     gc.set_threshold(GC_THRESHOLD, 50, 100)
     if not hasattr(gc, "freeze"):
         return
-    if force or size > 1.5 * _state["frozen"] + 10000:
+    if force or size > 1.5 * _frozen["size"] + 10000:
         gc.collect()
         gc.freeze()
-        _state["frozen"] = size
+        _frozen["size"] = size
 
 
 class Broker:

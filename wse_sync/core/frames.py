@@ -205,7 +205,7 @@ class FrameReader:
             pos = start + length
             if b0 == 0x81:  # a whole text message (checked above): _message, inline
                 try:
-                    event = ("text", payload.decode("utf-8"))
+                    event: Optional[Tuple[Any, ...]] = ("text", payload.decode("utf-8"))
                 except UnicodeDecodeError:
                     raise FrameError(1007, "text message is not UTF-8") from None
             else:

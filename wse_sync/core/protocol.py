@@ -31,7 +31,7 @@ _decoder = json.JSONDecoder(parse_constant=_refuse_constant, strict=True)
 _decode = _decoder.decode
 # the C scanner under decode(): decode() adds two regex matches (whitespace
 # around the value) and two Python calls, needless for "[...]" without spaces
-_scan = _decoder.scan_once
+_scan = _decoder.scan_once  # type: ignore[attr-defined]
 
 
 def _decode_array(data: str) -> Any:
