@@ -164,9 +164,18 @@ class Fake:
             self.out.append(encode(m.kind, m.body, m.data))
 
     def flush(self) -> None:
-        while self.out:
-            chunk, self.out = self.out[:1000], self.out[1000:]
+        """As the worker's link does: at most 1000 messages or 1 MiB per ZeroMQ message."""
+        chunk: List[List[bytes]] = []
+        size = 0
+        for frames in self.out:
+            chunk.append(frames)
+            size += sum(len(f) for f in frames)
+            if len(chunk) >= 1000 or size >= 1 << 20:
+                self.sock.send_multipart(batch(chunk))
+                chunk, size = [], 0
+        if chunk:
             self.sock.send_multipart(batch(chunk))
+        self.out = []
 
     def hello(self) -> None:
         self.queue(self.core.hello())

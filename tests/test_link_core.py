@@ -532,3 +532,83 @@ def test_a_slow_broker_with_the_same_epoch_is_resumed_without_a_hello():
     assert a.core.unconfirmed == 0
     world.check_map()
     world.check_events()
+
+
+def _parts_sent(world, kind):
+    return world.broker.counters["in." + kind]
+
+
+def test_a_broker_restart_takes_each_table_in_parts_with_no_spurious_left_or_joined():
+    world = World(chunk=3)
+    workers = [world.add(w, limit=2, table_part=4) for w in "ABC"]
+    for n, w in enumerate(workers):
+        for i in range(10):
+            w.connect(f"{w.id}{i}", f"u{(n * 10 + i) % 17}")
+    world.settle()
+    before = [list(w.events) for w in workers]
+    world.kill_broker()
+    world.start_broker(epoch="e2")
+    world.advance(5.0)
+    assert _parts_sent(world, "hello") == 3 and _parts_sent(world, "table") == 6  # 4 + 4 + 2
+    assert all(w.core.epoch == "e2" and w.core.syncs == 2 for w in workers)
+    for w, events in zip(workers, before):
+        assert w.events == events           # no left, no joined, nothing closed
+    assert world.broker.counters["workers.removed"] == 0
+    world.check_map()
+    world.check_views()
+    world.check_events()
+
+
+def test_changes_while_a_table_arrives_in_parts_are_kept_and_what_it_lacks_is_gone():
+    world = World(chunk=2)
+    a = world.add("A", limit=None, table_part=2)
+    b = world.add("B", limit=None)
+    for i in range(6):
+        a.connect(f"a{i}", f"u{i}")
+    del a.table["a0"]                       # its leave was lost: the table no longer has it
+    a.send(a.core.hello())                  # a resync: the hello and 2 table parts
+    wid, m = world.queue.pop(0)
+    world.to_workers += world.broker.handle(wid, m, world.now)
+    assert "A" in world.broker._uploads
+    a.connect("a9", "u9")                   # behind the parts in A's queue
+    a.close("a5")                           # a connection of the last part, closed meanwhile
+    world.settle()
+    assert "A" not in world.broker._uploads
+    assert "a0" not in world.broker.registry.conns and "a9" in world.broker.registry.conns
+    world.check_map()
+    world.check_views()
+    assert "u0" not in b.core.view.users
+
+
+def test_a_lost_table_part_makes_the_broker_ask_for_the_hello_again():
+    world = World(chunk=2)
+    a = world.add("A", limit=None, table_part=2)
+    world.add("B", limit=None)
+    for i in range(6):
+        a.connect(f"a{i}", f"u{i}")
+    a.send(a.core.hello())
+    parts = [i for i, (_w, m) in enumerate(world.queue) if m.kind == "table"]
+    assert len(parts) == 2
+    del world.queue[parts[0]]               # part 1 of A's table is lost
+    world.settle()
+    assert _parts_sent(world, "hello") == 4  # A and B, A's resync, and A's hello again
+    assert "A" not in world.broker._uploads and a.core.synced and a.core.syncs == 2
+    world.check_map()
+    world.check_views()
+    world.check_events()
+
+
+def test_a_table_whose_last_part_never_comes_is_given_up_and_asked_again():
+    world = World(chunk=2)
+    a = world.add("A", limit=None, table_part=2)
+    for i in range(4):
+        a.connect(f"a{i}", f"u{i}")
+    a.send(a.core.hello())
+    world.queue = [(w, m) for w, m in world.queue if m.kind != "table"]  # never arrives
+    world.settle()
+    assert "A" in world.broker._uploads
+    world.advance(4.0)
+    assert world.broker.counters["dropped.table-incomplete"] == 1
+    assert "A" not in world.broker._uploads and a.core.synced
+    world.check_map()
+    world.check_views()

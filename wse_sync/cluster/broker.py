@@ -29,6 +29,8 @@ log = logging.getLogger("wse_sync.broker")
 
 # seconds of snapshot parts sent per loop round (then the socket is read again)
 PUMP_BUDGET = 0.01
+# seconds of reading messages per loop round (then heartbeats and parts get their turn)
+READ_BUDGET = 0.05
 # the cyclic GC's first threshold in the broker process (Python's default is 700)
 GC_THRESHOLD = 50000
 
@@ -180,7 +182,11 @@ class Broker:
                     zap.serve()
                 if sock in ready:
                     out: Out = []
+                    # at most 1000 messages or READ_BUDGET s, then ticks and parts again
+                    until = time.monotonic() + READ_BUDGET
                     for _ in range(1000):
+                        if time.monotonic() > until:
+                            break
                         try:
                             if zap is None:
                                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)

@@ -27,6 +27,10 @@ __all__ = ["BrokerLink", "ClusterView", "LocalPort"]
 
 log = logging.getLogger("wse_sync.link")
 
+# one ZeroMQ message to the broker carries at most this many messages or bytes
+BATCH_MESSAGES = 1000
+BATCH_BYTES = 1 << 20
+
 
 class LocalPort(Protocol):
     """What the link needs from the worker runtime (its connection table and events)."""
@@ -83,6 +87,7 @@ class BrokerLink:
         self._stopped = False
         # encoded messages waiting for the end of this event-loop turn
         self._outgoing: List[List[bytes]] = []
+        self._outgoing_bytes = 0
         # seconds of the last stats round trip; metrics reports every report_every beats
         self.rtt: Optional[float] = None
         self.report_every = max(1, round(report_interval / heartbeat)) if heartbeat else 5
@@ -255,18 +260,20 @@ class BrokerLink:
     def _send(self, messages: List[Message]) -> None:
         """Queue messages; everything queued in one turn of the event loop goes
         out as one ZeroMQ message (each send wakes ZeroMQ's I/O thread, which
-        costs far more than encoding)."""
-        if not messages:
-            return
-        first = not self._outgoing
-        self._outgoing += [encode(m.kind, m.body, m.data) for m in messages]
-        if first:
-            get_hub().loop.run_callback(self._flush)
-        elif len(self._outgoing) >= 1000:
-            self._flush()
+        costs far more than encoding), up to BATCH_MESSAGES or BATCH_BYTES (so
+        a table in parts reaches the broker as many messages, read between
+        other work)."""
+        for m in messages:
+            frames = encode(m.kind, m.body, m.data)
+            if not self._outgoing:
+                get_hub().loop.run_callback(self._flush)
+            self._outgoing.append(frames)
+            self._outgoing_bytes += sum(len(f) for f in frames)
+            if len(self._outgoing) >= BATCH_MESSAGES or self._outgoing_bytes >= BATCH_BYTES:
+                self._flush()
 
     def _flush(self) -> None:
-        messages, self._outgoing = self._outgoing, []
+        messages, self._outgoing, self._outgoing_bytes = self._outgoing, [], 0
         if not messages or self.sock is None or self.sock.closed:
             return
         try:

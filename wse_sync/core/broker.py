@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Hashable, List, Optional, Set, Tuple
 
 from .checks import ROLE_CLIENT, ROLE_WORKER, check
@@ -63,6 +63,21 @@ class _Stream:
     sync: int
     of: int
     part: int = 1  # the next part to send (part 0 went with the hello's answer)
+
+
+@dataclass
+class _Upload:
+    """A worker's table arriving in parts: its hello, then ``table`` messages."""
+    sync: Optional[int]
+    of: int
+    # its connections the map held when the hello came; what no part names is gone
+    before: Set[str]
+    last: float            # when the latest part came
+    revived: bool = False  # declared dead before: every 'joined' is decided again
+    restart: bool = False  # part of rebuilding the map after a broker restart
+    part: int = 1          # the next part expected
+    seen: Set[str] = field(default_factory=set)
+    pending: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -124,6 +139,8 @@ class BrokerCore:
         # snapshots being streamed (worker -> what is left of it), sent by pump()
         self.snapshot_chunk = max(1, snapshot_chunk)
         self._streams: Dict[str, _Stream] = {}
+        # tables still arriving in parts (worker -> its upload)
+        self._uploads: Dict[str, _Upload] = {}
         # when tick() last ran: a longer gap means this broker was not listening
         self._last_tick: Optional[float] = None
 
@@ -175,7 +192,7 @@ class BrokerCore:
                 self._restarted(now)
                 out.append((sender, Message("reset", {})))
             since, held = self.limbo.setdefault(sender, (now, []))
-            if msg.kind != "hb":
+            if msg.kind not in ("hb", "table"):  # a table part belongs to a lost hello
                 if len(held) < self.limbo_max:
                     held.append(msg)
                 else:
@@ -211,7 +228,11 @@ class BrokerCore:
                     *args, what)
 
     def _syncing(self, now: float) -> bool:
-        return self._sync_until is not None and now < self._sync_until
+        """The map is being rebuilt after a restart: within the sync window, and
+        until every table begun within it is complete."""
+        if self._sync_until is None:
+            return False
+        return now < self._sync_until or any(u.restart for u in self._uploads.values())
 
     def _restarted(self, now: float) -> None:
         """A worker shows it knew an earlier broker: open the sync window (once)."""
@@ -278,6 +299,14 @@ class BrokerCore:
                 if held:
                     log.warning("dropped %d message(s) of %r: it never sent its table",
                                 len(held), sender)
+        for sender, upload in list(self._uploads.items()):
+            if now - upload.last > self.worker_timeout:
+                # its next part was lost (or the worker died mid-table): hello again
+                del self._uploads[sender]
+                self.counters["dropped.table-incomplete"] += 1
+                log.warning("worker %s: table part %d of %d never came: asking for its hello"
+                            " again", sender, upload.part, upload.of)
+                out.append((sender, Message("reset", {})))
         for w in list(self.workers.values()):
             if w.worker_id in self._streams:
                 w.last_seen = max(w.last_seen, now - self.worker_timeout / 2)
@@ -323,6 +352,7 @@ class BrokerCore:
 
     def remove_worker(self, worker_id: str) -> Out:
         self._streams.pop(worker_id, None)
+        self._uploads.pop(worker_id, None)
         info = self.workers.pop(worker_id, None)
         if info is not None:
             self._graveyard[worker_id] = info.acked
@@ -354,13 +384,11 @@ class BrokerCore:
 
     def stats(self) -> Dict[str, Any]:
         """The map's figures, per worker too, with each worker's last metrics report."""
-        per_worker: Dict[str, int] = {w: 0 for w in self.workers}
-        for e in self.registry.conns.values():
-            per_worker[e.worker] = per_worker.get(e.worker, 0) + 1
         return {
             "users": len(self.registry.users),
             "connections": len(self.registry.conns),
-            "workers": {w: {"pid": i.pid, "connections": per_worker.get(w, 0), "role": i.role,
+            "workers": {w: {"pid": i.pid, "connections": self.registry.count_of_worker(w),
+                            "role": i.role,
                             "serves": i.serves}
                         for w, i in self.workers.items()},
             "reports": {w: i.report for w, i in self.workers.items() if i.report is not None},
@@ -381,31 +409,25 @@ class BrokerCore:
 
     # -- worker -> broker kinds --------------------------------------
     def _hello(self, sender: str, body: Dict[str, Any], now: float, role: str) -> Out:
+        """A worker (re)attaches: its table's first part (of ``of``; the others
+        come as ``table`` messages), then the map streamed back once the last
+        part is in."""
         # parse everything before changing anything (core.checks has seen the types)
         pid = int(body.get("pid", 0))
         base = int(body.get("base", 0))
         limit = body.get("limit")
         if limit is not None and not isinstance(limit, int):
             raise TypeError("limit must be an int or null")
+        of = int(body.get("of", 1))
         table = body.get("table", [])
-        taken = [c for c in table if self._held_elsewhere(str(c[0]), sender)]
-        if taken:
-            self._refuse(sender, "refused.conn-taken",
-                         "%d connection(s) of its table are held by other workers (e.g. %r):"
-                         " left out", len(taken), str(taken[0][0])[:32], kind="hello")
-            self.counters["refused.conn-taken"] += len(taken) - 1
-            table = [c for c in table if not self._held_elsewhere(str(c[0]), sender)]
-        entries = [ConnEntry(str(c[0]), c[1], sender, c[2], float(c[3])) for c in table]
-        pending = [str(c[0]) for c in table if len(c) > 4 and c[4]]
-        if table or base:
+        if table or base or of > 1:
             self._restarted(now)
-        if sender in self._graveyard:
-            # declared dead, yet alive (its loop was blocked): its users got
-            # 'left' then, so their 'joined' is decided again
-            pending = [e.conn_id for e in entries]
         info = self.workers.get(sender)
         if info is None:
-            info = WorkerInfo(sender, acked=self._graveyard.pop(sender, 0))
+            info = WorkerInfo(sender, acked=self._graveyard.get(sender, 0))
+        # declared dead, yet alive (its loop was blocked): its users got 'left'
+        # then, so their 'joined' is decided again
+        revived = self._graveyard.pop(sender, None) is not None
         # commands after ``base`` are resent right after this hello
         info.acked = max(info.acked, base)
         info.pid = pid
@@ -415,21 +437,80 @@ class BrokerCore:
         info.serves = bool(body.get("serves", True)) and role == ROLE_WORKER
         info.last_seen = now
         self.workers[sender] = info
-        before = {e.conn_id for e in self.registry.entries_of_worker(sender)}
-        _new_users, gone, evicted = self.registry.sync_worker(sender, entries, info.limit)
-        log.info("worker %s (pid %s) attached with %d connections", sender, info.pid, len(entries))
-        out: Out = [(sender, self._snapshot(sender, body.get("sync")))]
-        added = [e.to_list() for e in entries if e.conn_id not in before]
-        out += self._delta(added, [o.entry.conn_id for o in gone] + [e.conn_id for e in evicted],
-                           skip=sender)
-        out += self._drops(evicted, WSE_REASON.CLIENTS_CONCURRENCY)
-        pending_set = set(pending)
+        self._streams.pop(sender, None)
+        upload = _Upload(body.get("sync"), max(1, of),
+                         {e.conn_id for e in self.registry.entries_of_worker(sender)}, now,
+                         revived=revived)
+        upload.restart = self._syncing(now)
+        out = self._table_part(sender, upload, table)
+        if upload.part >= upload.of:
+            self._uploads.pop(sender, None)
+            out += self._table_done(sender, upload, now)
+        else:
+            self._uploads[sender] = upload
+        return out
+
+    def _on_table(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
+        upload = self._uploads.get(sender)
+        if upload is None or body.get("sync") != upload.sync:
+            self.counters["dropped.stale-table"] += 1  # the rest of a hello given up
+            return []
+        if body["part"] != upload.part:
+            del self._uploads[sender]
+            log.warning("worker %s: table part %s came after part %s: asking for its hello again",
+                        sender, body["part"], upload.part - 1)
+            return [(sender, Message("reset", {}))]
+        upload.part += 1
+        upload.last = now
+        out = self._table_part(sender, upload, body.get("rows", []))
+        if upload.part >= upload.of:
+            del self._uploads[sender]
+            out += self._table_done(sender, upload, now)
+        return out
+
+    def _table_part(self, sender: str, upload: _Upload, table: List[List[Any]]) -> Out:
+        """One part of a worker's table into the map; deltas to the others."""
+        taken = [c for c in table if self._held_elsewhere(str(c[0]), sender)]
+        if taken:
+            self._refuse(sender, "refused.conn-taken",
+                         "%d connection(s) of its table are held by other workers (e.g. %r):"
+                         " left out", len(taken), str(taken[0][0])[:32], kind="hello")
+            self.counters["refused.conn-taken"] += len(taken) - 1
+            table = [c for c in table if not self._held_elsewhere(str(c[0]), sender)]
+        entries = [ConnEntry(str(c[0]), c[1], sender, c[2], float(c[3])) for c in table]
+        if upload.revived:
+            pending = {e.conn_id for e in entries}
+        else:
+            pending = {str(c[0]) for c in table if len(c) > 4 and c[4]}
+        _new_users, evicted = self.registry.add_table(sender, entries,
+                                                      self.workers[sender].limit)
+        upload.seen.update(e.conn_id for e in entries)
         for e in entries:
-            if e.conn_id not in pending_set and e.conn_id in self.registry.conns:
+            if e.conn_id in pending:
+                upload.pending.append(e.conn_id)
+            elif e.conn_id in self.registry.conns:
                 self.announced.add(e.cid)  # its 'joined' fired before
-        for conn_id in pending:
-            self._pending[conn_id] = None
-        if pending and not self._syncing(now):
+        added = [e.to_list() for e in entries if e.conn_id not in upload.before]
+        out = self._delta(added, [e.conn_id for e in evicted], skip=sender)
+        return out + self._drops(evicted, WSE_REASON.CLIENTS_CONCURRENCY)
+
+    def _table_done(self, sender: str, upload: _Upload, now: float) -> Out:
+        """The last part is in: what the table did not name is gone; the map
+        goes back to the worker; its pending joins are decided."""
+        gone = []
+        for conn_id in upload.before - upload.seen:
+            entry = self.registry.conns.get(conn_id)
+            if entry is not None and entry.worker == sender:
+                self.registry.leave(conn_id)
+                gone.append(conn_id)
+        log.info("worker %s (pid %s) attached with %d connections", sender,
+                 self.workers[sender].pid, len(upload.seen))
+        out: Out = [(sender, self._snapshot(sender, upload.sync))]
+        out += self._delta([], gone, skip=sender)
+        for conn_id in upload.pending:
+            if conn_id in self.registry.conns:
+                self._pending[conn_id] = None
+        if upload.pending and not self._syncing(now):
             out += self._resolve_pending()
         return out
 
@@ -598,10 +679,16 @@ class BrokerCore:
         return out
 
     def _delta(self, add: List[List[Any]], remove: List[str], skip: Optional[str] = None) -> Out:
-        if not add and not remove:
-            return []
-        msg = Message("delta", {"add": add, "remove": remove})
-        return [(w, msg) for w in self.workers if w != skip]
+        """The change to every replica (but ``skip``'s), in messages of at most
+        ``snapshot_chunk`` added and 10 × that many removed connections."""
+        out: Out = []
+        n = self.snapshot_chunk
+        targets = [w for w in self.workers if w != skip]
+        while add or remove:
+            msg = Message("delta", {"add": add[:n], "remove": remove[:10 * n]})
+            add, remove = add[n:], remove[10 * n:]
+            out += [(w, msg) for w in targets]
+        return out
 
     def _drops(self, entries: List[ConnEntry], reason: str, skip: Optional[str] = None) -> Out:
         by_worker: Dict[str, List[str]] = {}

@@ -138,10 +138,23 @@ def _hello(msg: Message) -> None:
     _int(body, "base")
     _int(body, "sync")
     _int(body, "limit", null=True)
+    _int(body, "of")
     _bool(body, "serves")
-    table = body.get("table", [])
+    if body.get("of", 1) < 1 or (body.get("of", 1) > 1 and body.get("sync") is None):
+        raise _malformed("'of' is not a positive count (or parts without 'sync')")
+    _rows(body.get("table", []), "table")
+
+
+def _table(msg: Message) -> None:
+    body = msg.body
+    _int(body, "sync", required=True)
+    _int(body, "part", required=True)
+    _rows(body.get("rows", []), "rows")
+
+
+def _rows(table: Any, key: str) -> None:
     if not isinstance(table, list):
-        raise _malformed("'table' is not a list")
+        raise _malformed(f"'{key}' is not a list")
     if len(table) > MAX_TABLE:
         raise _Bad("dropped.oversize", f"a table of {len(table)} connections")
     for row in table:
@@ -266,8 +279,8 @@ def _stats(msg: Message) -> None:
 
 
 _CHECKS: Dict[str, Callable[[Message], None]] = {
-    "hello": _hello, "join": _join, "leave": _leave, "send": _send, "bcast": _bcast,
-    "drop_cid": _drop_cid, "conn_send": _conn_send, "conn_drop": _conn_drop, "call": _call,
+    "hello": _hello, "table": _table, "join": _join, "leave": _leave, "send": _send,
+    "bcast": _bcast, "drop_cid": _drop_cid, "conn_send": _conn_send, "conn_drop": _conn_drop, "call": _call,
     "result": _result, "hb": _empty, "bye": _empty, "stats": _stats,
 }
 
@@ -279,7 +292,7 @@ def check(msg: Message, role: str) -> Optional[Refusal]:
     if role == ROLE_CLIENT:
         if msg.kind not in CLIENT_KINDS:
             return Refusal("refused.role", f"a client key may not send {msg.kind!r}")
-        if msg.kind == "hello" and msg.body.get("table"):
+        if msg.kind == "hello" and (msg.body.get("table") or msg.body.get("of", 1) != 1):
             return Refusal("refused.role", "a client key's hello must have an empty table")
     fn = _CHECKS.get(msg.kind)
     if fn is None:

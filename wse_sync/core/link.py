@@ -33,6 +33,8 @@ LocalEntry = Tuple[str, Hashable, Any, float]
 CLOSED_PENDING_MAX = 10000
 # hellos whose streamed snapshot may still come (the oldest are given up)
 HELLOS_AWAITED = 8
+# connections per part of this worker's table (the hello, then ``table`` messages)
+TABLE_PART = 2000
 
 
 class ClusterView:
@@ -152,8 +154,10 @@ class LinkCore:
     def __init__(self, worker_id: str, entries: Callable[[], Iterable[LocalEntry]],
                  limit: Optional[int] = 1, *, pid: int = 0, serves: bool = True,
                  broker_timeout: float = 3.0, outage_buffer: int = 10000,
-                 outage_limit: float = 30.0, now: float = 0.0) -> None:
+                 outage_limit: float = 30.0, now: float = 0.0,
+                 table_part: int = TABLE_PART) -> None:
         self.worker_id = worker_id
+        self.table_part = max(1, table_part)
         self.entries = entries
         self.limit = limit
         self.pid = pid
@@ -215,7 +219,9 @@ class LinkCore:
 
     # -- life ---------------------------------------------------------------
     def hello(self) -> List[Message]:
-        """This worker's table, then every command the broker has not acked."""
+        """This worker's table (in parts of ``table_part``: the hello, then ``table``
+        messages, to be sent in this order), then every command the broker has
+        not acked."""
         table = [[conn_id, cid, meta, at, conn_id in self._pending]
                  for conn_id, cid, meta, at in self.entries()]
         base = self._outbox[0][0] - 1 if self._outbox else self._seq
@@ -225,8 +231,15 @@ class LinkCore:
             del self._marks[min(self._marks)]
         self._trim_log()
         self._decided_since_hello = False
-        out = [Message("hello", {"pid": self.pid, "limit": self.limit, "table": table,
-                                 "base": base, "serves": self.serves, "sync": self._hellos})]
+        n = self.table_part
+        parts = [table[i:i + n] for i in range(0, len(table), n)] or [[]]
+        hello = {"pid": self.pid, "limit": self.limit, "table": parts[0], "base": base,
+                 "serves": self.serves, "sync": self._hellos}
+        if len(parts) > 1:
+            hello["of"] = len(parts)
+        out = [Message("hello", hello)]
+        out += [Message("table", {"sync": self._hellos, "part": k, "rows": rows})
+                for k, rows in enumerate(parts[1:], 1)]
         out += [Message(kind, body, data) for _seq, kind, body, data in self._outbox]
         self.resent += len(self._outbox)
         return out
@@ -426,9 +439,11 @@ class LinkCore:
         elif kind == "call":
             effects.append(ServeCall(body))
         elif kind == "reset":
-            out += self.hello()
+            hello = self.hello()
             log.info("broker asked for this worker's table: resent %d connection(s)",
-                     len(out[0].body["table"]))
+                     sum(len(m.body.get("table", m.body.get("rows", []))) for m in hello
+                         if m.kind in ("hello", "table")))
+            out += hello
         elif kind == "refused":
             log.error("the broker refused this worker: it speaks schema %s", body.get("version"))
         elif kind in ("hb", "ack"):

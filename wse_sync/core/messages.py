@@ -27,15 +27,14 @@ VERSION = b"wse1"
 # ZMQ_MAXMSGSIZE of the broker's and the workers' sockets: the largest frame
 # a peer may send before it is disconnected (libzmq reads the length first).
 # A frame is one packed wse message (max_message_size, 1 MiB by default) or
-# one JSON body, the largest being a worker's table (hello; the map goes out in
-# snapshot parts of 2,000 connections): ~150 bytes per connection with a small
-# meta, so 64 MiB holds a table of about 400,000 connections and messages up to 60 MiB, while one
-# peer cannot make the broker buffer gigabytes.
+# one JSON body; tables, snapshots and deltas go in parts of 2,000 connections
+# (~150 bytes each with a small meta), so the bound is for messages (up to
+# 60 MiB) and keeps one peer from making the broker buffer gigabytes.
 MAX_MSG_SIZE = 64 * 1024 * 1024
 
 KINDS = frozenset({
     # worker -> broker
-    "hello", "hb", "join", "leave", "send", "bcast", "drop_cid", "conn_send",
+    "hello", "table", "hb", "join", "leave", "send", "bcast", "drop_cid", "conn_send",
     "conn_drop", "call", "result", "stats", "bye",
     # broker -> worker
     "snapshot", "delta", "joined", "left", "deliver", "drop", "reset", "refused", "ack",

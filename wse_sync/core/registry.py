@@ -12,7 +12,8 @@ Rules:
   takes the user over ``limit`` evicts the oldest ones, which leave the map
   at once (their later LEAVE is ignored, so no ``left`` fires for them);
 - a leave of an unknown connection changes nothing;
-- a worker's table replaces everything the map held for that worker.
+- a worker's table replaces everything the map held for that worker (it may
+  come in parts: ``add_table`` for each, then ``leave`` for what is gone).
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class Registry:
     def __init__(self) -> None:
         self.users: Dict[Hashable, Dict[str, ConnEntry]] = {}
         self.conns: Dict[str, ConnEntry] = {}
+        self._by_worker: Dict[str, Dict[str, ConnEntry]] = {}
         self._seq = 0
 
     def __len__(self) -> int:
@@ -79,6 +81,10 @@ class Registry:
             user = self.users[cid] = {}
         user[conn_id] = entry
         self.conns[conn_id] = entry
+        held = self._by_worker.get(worker)
+        if held is None:
+            held = self._by_worker[worker] = {}
+        held[conn_id] = entry
         evicted: List[ConnEntry] = []
         if limit is not None and limit > 0 and len(user) > limit:
             others = sorted((e for e in user.values() if e is not entry), key=ConnEntry.order)
@@ -121,6 +127,15 @@ class Registry:
                 outcome = self.leave(e.conn_id)
                 if outcome is not None:  # always: the entry is in the map
                     gone.append(outcome)
+        new_users, evicted = self.add_table(worker, entries, limit)
+        return new_users, gone, evicted
+
+    def add_table(
+        self, worker: str, entries: Iterable[ConnEntry], limit: Optional[int] = None
+    ) -> Tuple[List[Hashable], List[ConnEntry]]:
+        """Add (or refresh) part of ``worker``'s table; nothing is removed but
+        connections over ``limit`` (oldest first), which are returned with the
+        users that appeared."""
         new_users: List[Hashable] = []
         touched: Dict[Hashable, None] = {}
         for e in sorted(entries, key=ConnEntry.order):
@@ -137,10 +152,13 @@ class Registry:
                     for old in ordered[: len(user) - limit]:
                         self._remove(old)
                         evicted.append(old)
-        return new_users, gone, evicted
+        return new_users, evicted
 
     def entries_of_worker(self, worker: str) -> List[ConnEntry]:
-        return [e for e in self.conns.values() if e.worker == worker]
+        return list(self._by_worker.get(worker, {}).values())
+
+    def count_of_worker(self, worker: str) -> int:
+        return len(self._by_worker.get(worker, ()))
 
     def workers_of(self, cid: Hashable) -> List[str]:
         """Workers holding at least one connection of ``cid`` (stable order)."""
@@ -150,7 +168,7 @@ class Registry:
         return list(dict.fromkeys(e.worker for e in user.values()))
 
     def workers(self) -> List[str]:
-        return list(dict.fromkeys(e.worker for e in self.conns.values()))
+        return [w for w, held in self._by_worker.items() if held]
 
     def snapshot(self) -> List[List[Any]]:
         """All entries as JSON-able lists, in join order."""
@@ -159,6 +177,11 @@ class Registry:
     def _remove(self, entry: ConnEntry) -> bool:
         """Drop one entry; True when it was the user's last."""
         del self.conns[entry.conn_id]
+        held = self._by_worker.get(entry.worker)
+        if held is not None:
+            held.pop(entry.conn_id, None)
+            if not held:
+                del self._by_worker[entry.worker]
         user = self.users.get(entry.cid)
         if user is None:
             return True
