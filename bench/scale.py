@@ -132,11 +132,14 @@ def view_bytes(view: Any) -> int:
 class Fake:
     """One fake worker: a LinkCore, its table, a DEALER socket."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, wid: str, keep_view: bool = False) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, wid: str, keep_view: bool = False,
+                 replica: Optional[bool] = None) -> None:
         self.id = wid
         self.table: Dict[str, tuple] = {}  # conn_id -> (cid, meta, joined_at)
+        # a replica (snapshot and deltas) when it keeps the view, unless told
         self.core = LinkCore(wid, self.entries, None, pid=os.getpid(), broker_timeout=3.0,
-                             now=time.monotonic())
+                             now=time.monotonic(),
+                             replica=keep_view if replica is None else replica)
         if not keep_view:
             self.core.view = NullView()
         self.sock = ctx.socket(zmq.DEALER)
@@ -355,13 +358,13 @@ class Harness:
 
     # -- phases ------------------------------------------------------------
     def add_fakes(self, count: int, users: int, prefix: str, keep_view: bool = False,
-                  start: int = 0) -> List[Fake]:
+                  start: int = 0, replica: Optional[bool] = None) -> List[Fake]:
         made = []
         per = users // count if count else 0
         at = time.time()
         n = start
         for i in range(count):
-            f = Fake(self.ctx, self.endpoint, f"{prefix}{i}", keep_view)
+            f = Fake(self.ctx, self.endpoint, f"{prefix}{i}", keep_view, replica)
             for _ in range(per):
                 f.table[f"c{n}"] = (f"u{n}", None, at)
                 n += 1
@@ -497,28 +500,24 @@ def run_n(h: Harness, n: int, args) -> Dict[str, Any]:
 
 
 def run_w32(h: Harness, n: int, args) -> Dict[str, Any]:
+    """Joins/s at N users with W=32 and W=2 lean workers (the default: no
+    replica), then W=32 workers that keep replicas (every join: 32 deltas)."""
     row: Dict[str, Any] = {"users": n, "workers": 32}
-    h.start_broker(0)
+    runs = [("", 32, False, 8), ("2", 2, False, 8 * 16), ("r", 32, True, 8)]
     try:
-        fakes = h.add_fakes(32, n, "x")
-        for f in fakes:
-            f.hello()
-        if h.wait_synced(fakes, {}, args.settle_timeout) is None:
-            return row
-        j = h.joins(fakes, args.phase_seconds, window=8)
-        row["joins_s"], row["join_cpu_us"] = j["rate"], j["cpu_us"]
-        h.log(f"W=32 N={n}: joins {j['rate']:.0f}/s, broker {j['cpu_us']:.1f} us/join")
-        h.close_fakes()
-        h.kill_broker()
-        h.start_broker(0)
-        fakes = h.add_fakes(2, n, "y")
-        for f in fakes:
-            f.hello()
-        if h.wait_synced(fakes, {}, args.settle_timeout) is None:
-            return row
-        j = h.joins(fakes, args.phase_seconds, window=8 * 16)
-        row["joins2_s"], row["join2_cpu_us"] = j["rate"], j["cpu_us"]
-        h.log(f"W=2 N={n}: joins {j['rate']:.0f}/s, broker {j['cpu_us']:.1f} us/join")
+        for key, count, replica, window in runs:
+            h.start_broker(0)
+            fakes = h.add_fakes(count, n, f"x{key}", replica=replica)
+            for f in fakes:
+                f.hello()
+            if h.wait_synced(fakes, {}, args.settle_timeout) is None:
+                return row
+            j = h.joins(fakes, args.phase_seconds, window=window)
+            row[f"joins{key}_s"], row[f"join{key}_cpu_us"] = j["rate"], j["cpu_us"]
+            h.log(f"W={count} N={n} {'replicas' if replica else 'lean'}: joins {j['rate']:.0f}/s,"
+                  f" broker {j['cpu_us']:.1f} us/join")
+            h.close_fakes()
+            h.kill_broker()
     finally:
         h.close_fakes()
         h.kill_broker()
@@ -587,7 +586,9 @@ def table(rows: List[Dict[str, Any]], w32: Optional[Dict[str, Any]]) -> str:
         lines.append("")
         lines.append(f"joins at {w32['users']:,} users: W=32 {fmt(w32.get('joins_s'), '.0f')}/s"
                      f" ({fmt(w32.get('join_cpu_us'))} µs of broker CPU each), W=2"
-                     f" {fmt(w32.get('joins2_s'), '.0f')}/s ({fmt(w32.get('join2_cpu_us'))} µs)")
+                     f" {fmt(w32.get('joins2_s'), '.0f')}/s ({fmt(w32.get('join2_cpu_us'))} µs);"
+                     f" W=32 keeping replicas {fmt(w32.get('joinsr_s'), '.0f')}/s"
+                     f" ({fmt(w32.get('joinr_cpu_us'))} µs)")
     return "\n".join(lines)
 
 

@@ -297,7 +297,7 @@ def two_workers_and_a_client():
     return core
 
 
-def test_a_client_key_may_only_send_broadcast_drop_and_ask_for_stats():
+def test_a_client_key_may_only_send_broadcast_drop_and_ask_for_stats_and_users():
     core = two_workers_and_a_client()
     before = map_of(core)
     forbidden = [
@@ -322,10 +322,14 @@ def test_a_client_key_may_only_send_broadcast_drop_and_ask_for_stats():
     assert kinds(out) == [("w2", "drop")]
     assert kinds(core.handle("h", Message("stats", {}), 0, role=ROLE_CLIENT)) == [("h", "stats")]
     assert core.stats()["workers"]["h"]["role"] == ROLE_CLIENT
+    out = core.handle("h", Message("lookup", {"req": 7, "cids": ["alice", "zed"]}), 0,
+                      role=ROLE_CLIENT)
+    assert [(w, m.kind, m.body) for w, m in out] == [
+        ("h", "users", {"req": 7, "users": [["alice", [["a", "w1", {"m": 1}]]]]})]
     assert core.handle("h", Message("hb", {}), 0, role=ROLE_CLIENT) == []
     core.handle("h", Message("bye", {}), 0, role=ROLE_CLIENT)
     assert "h" not in core.workers and map_of(core) == before
-    assert CLIENT_KINDS == {"hello", "hb", "bye", "stats", "send", "bcast", "drop_cid"}
+    assert CLIENT_KINDS == {"hello", "hb", "bye", "stats", "lookup", "send", "bcast", "drop_cid"}
 
 
 def test_a_client_hello_with_a_table_is_refused_and_spoofs_no_delta():

@@ -270,8 +270,10 @@ def test_send_broadcast_and_drop_client_reach_every_worker():
 
 
 # -- server.clients and remote connections -------------------------------------
-def test_clients_lists_the_cluster_and_remote_connections_work():
-    with serve_process(APP, workers=2) as sp:
+@pytest.mark.parametrize("replica", [False, True], ids=["lookup", "replica"])
+def test_clients_lists_the_cluster_and_remote_connections_work(replica):
+    extra = ["--cluster-replica", "true"] if replica else []
+    with serve_process(APP, workers=2, extra=extra) as sp:
         obs = observers(sp.url, "cl-obs")
         pa, pb = list(obs)
         m1 = connect(sp.url, "multi")

@@ -612,3 +612,63 @@ def test_a_table_whose_last_part_never_comes_is_given_up_and_asked_again():
     assert "A" not in world.broker._uploads and a.core.synced
     world.check_map()
     world.check_views()
+
+
+def _ask(world, w, cids=None, count=False):
+    req, out = w.core.lookup(cids, count)
+    w.send(out)
+    world.settle()
+    w.core.call_done(req)
+    return w.answers.pop(req)
+
+
+def test_a_worker_without_a_replica_gets_no_map_and_asks_the_broker_instead():
+    world = World(chunk=2)
+    a = world.add("A", limit=None)
+    lean = [world.add(w, limit=None, replica=False) for w in "BCD"]
+    for i in range(5):
+        a.connect(f"a{i}", f"u{i}", {"n": i})
+    lean[0].connect("b1", 7, {"n": "b"})
+    world.settle()
+    assert all(w.core.synced and w.core.epoch == "e1" for w in lean)
+    assert all(w.core.view.users == {} for w in lean)   # nothing of the others
+    assert set(a.core.view.users) == {"u0", "u1", "u2", "u3", "u4", 7}  # A keeps one
+    c = lean[1]
+    answer = _ask(world, c, ["u3", 7, "nobody"])
+    assert sorted(answer["users"], key=lambda row: str(row[0])) == [
+        [7, [["b1", "B", {"n": "b"}]]],
+        ["u3", [["a3", "A", {"n": 3}]]]]
+    assert _ask(world, c, count=True)["count"] == 6
+    every = _ask(world, c)                  # in parts of 2 users
+    assert sorted(row[0] for row in every["users"] if row[0] != 7) == [f"u{i}" for i in range(5)]
+    assert len(every["users"]) == 6
+    world.check_map()
+    world.check_events()
+
+
+def test_a_join_costs_the_lean_workers_nothing():
+    world = World()
+    a = world.add("A", limit=None, replica=False)
+    for w in "BCDEFGH":
+        world.add(w, limit=None, replica=False)
+    join = a.core.join("a1", "u1", {}, world.stamp(), [], None)
+    wid, msg = "A", wire(join.out[0])
+    out = world.broker.handle(wid, msg, world.now)
+    assert [(w, m.kind) for w, m in out] == [("A", "joined")]   # no delta to anyone
+
+
+def test_a_lookup_during_a_restart_waits_for_every_table():
+    world = World(chunk=2)
+    a = world.add("A", limit=None, table_part=2)
+    b = world.add("B", limit=None, replica=False)
+    for i in range(5):
+        a.connect(f"a{i}", f"u{i}")
+    world.kill_broker()
+    world.start_broker(epoch="e2")
+    world.broker_up = False
+    req, out = b.core.lookup(["u4"])
+    b.send(out)                             # asked before anyone's table is in
+    world.broker_up = True
+    world.advance(4.0)
+    assert b.answers[req]["users"] == [["u4", [["a4", "A", {}]]]]
+    world.check_map()

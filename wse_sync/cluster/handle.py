@@ -202,7 +202,9 @@ class ClusterHandle:
         if self._thread is None:
             gevent.sleep(0)  # let pending map updates in
         out: Dict[Hashable, ClusterUser] = {}
-        for cid, conns in self._server.hub.link.view.users.items():
+        directory = self._server.hub.directory
+        users = directory.users() if directory is not None else {}
+        for cid, conns in users.items():
             metas = {conn_id: meta for conn_id, (_worker, meta) in conns.items()}
             if metas:
                 out[cid] = ClusterUser(cid, next(iter(metas.values())), metas)

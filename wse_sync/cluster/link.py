@@ -63,7 +63,7 @@ class BrokerLink:
                  request_timeout: float = 5.0, broker_timeout: float = 3.0,
                  outage_buffer: int = 10000, outage_limit: float = 30.0,
                  curve: Optional[ClientKeys] = None, max_msg_size: int = MAX_MSG_SIZE,
-                 report_interval: float = 5.0) -> None:
+                 report_interval: float = 5.0, replica: bool = False) -> None:
         import zmq.green as zmq
         self.zmq = zmq
         self.port = port
@@ -75,7 +75,8 @@ class BrokerLink:
         self.outage_buffer = outage_buffer
         self.core = LinkCore(worker_id, port.entries, limit, pid=os.getpid(), serves=serves,
                              broker_timeout=broker_timeout, outage_buffer=outage_buffer,
-                             outage_limit=outage_limit, now=time.monotonic())
+                             outage_limit=outage_limit, now=time.monotonic(),
+                             replica=replica)
         self.curve = curve
         self.max_msg_size = max_msg_size
         # why the broker refused the handshake (CURVE), until one succeeds
@@ -222,6 +223,26 @@ class BrokerLink:
             self.core.call_done(req)
         self.rtt = time.monotonic() - started
         return body
+
+    def lookup(self, cids: Optional[List[Hashable]] = None, count: bool = False,
+               timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        """The broker's answer about ``cids``, the user ``count``, or every user
+        (see LinkCore.lookup); None when the broker is away or silent for
+        ``timeout`` (default ``request_timeout``)."""
+        if self._stopped or self.core.down_since is not None:
+            return None
+        req, out = self.core.lookup(cids, count)
+        result = self._answers[req] = AsyncResult()
+        try:
+            self._send(out)
+            body: Dict[str, Any] = result.get(
+                timeout=self.request_timeout if timeout is None else timeout)
+            return body
+        except gevent.Timeout:
+            return None
+        finally:
+            self._answers.pop(req, None)
+            self.core.call_done(req)
 
     @property
     def state(self) -> str:

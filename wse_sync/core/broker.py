@@ -42,7 +42,8 @@ WORKER_TIMEOUT = 3.0
 LIMBO_MAX = 10000
 # kinds that route by the map or decide joined/left (held while the map is rebuilt)
 HELD_WHILE_SYNCING = frozenset({"send", "bcast", "drop_cid", "conn_send", "conn_drop", "call",
-                                "join", "leave"})
+                                "join", "leave", "lookup"})
+
 # a worker's commands are acked at least every ACK_EVERY seqs (and with each heartbeat)
 ACK_EVERY = 256
 # connections per ``snapshot`` part: a hello's map goes out in parts of this
@@ -63,6 +64,15 @@ class _Stream:
     sync: int
     of: int
     part: int = 1  # the next part to send (part 0 went with the hello's answer)
+
+
+@dataclass
+class _Listing:
+    """The answer to a ``lookup`` of every user, on its way in parts."""
+    cids: List[Hashable]
+    req: Any
+    of: int
+    part: int = 0
 
 
 @dataclass
@@ -96,6 +106,8 @@ class WorkerInfo:
     role: str = ROLE_WORKER
     # its last metrics report (core.metrics), shown to every worker's /metrics
     report: Optional[Dict[str, Any]] = None
+    # False: it keeps no replica of the map (no snapshot, no delta; it asks: lookup)
+    replica: bool = True
 
 
 class BrokerCore:
@@ -139,6 +151,8 @@ class BrokerCore:
         # snapshots being streamed (worker -> what is left of it), sent by pump()
         self.snapshot_chunk = max(1, snapshot_chunk)
         self._streams: Dict[str, _Stream] = {}
+        # answers to lookups of every user, sent in parts by pump()
+        self._listings: Dict[Tuple[str, Any], _Listing] = {}
         # tables still arriving in parts (worker -> its upload)
         self._uploads: Dict[str, _Upload] = {}
         # when tick() last ran: a longer gap means this broker was not listening
@@ -321,8 +335,8 @@ class BrokerCore:
 
     @property
     def streaming(self) -> bool:
-        """Snapshot parts wait to be sent (call ``pump``)."""
-        return bool(self._streams)
+        """Snapshot or listing parts wait to be sent (call ``pump``)."""
+        return bool(self._streams or self._listings)
 
     def pump(self, parts: int = 1) -> Out:
         """The next ``parts`` snapshot parts, one worker after the other. The
@@ -338,6 +352,13 @@ class BrokerCore:
                 parts -= 1
                 if stream.part >= stream.of:
                     del self._streams[worker_id]
+        while parts > 0 and self._listings:
+            key = next(iter(self._listings))
+            listing = self._listings[key]
+            out.append((key[0], self._listing_part(listing)))
+            parts -= 1
+            if listing.part >= listing.of:
+                del self._listings[key]
         return out
 
     def _part(self, stream: _Stream) -> Message:
@@ -352,6 +373,8 @@ class BrokerCore:
 
     def remove_worker(self, worker_id: str) -> Out:
         self._streams.pop(worker_id, None)
+        for key in [k for k in self._listings if k[0] == worker_id]:
+            del self._listings[key]
         self._uploads.pop(worker_id, None)
         info = self.workers.pop(worker_id, None)
         if info is not None:
@@ -435,6 +458,7 @@ class BrokerCore:
         info.role = role
         # a client key serves no sockets whatever it says
         info.serves = bool(body.get("serves", True)) and role == ROLE_WORKER
+        info.replica = bool(body.get("replica", True))
         info.last_seen = now
         self.workers[sender] = info
         self._streams.pop(sender, None)
@@ -523,6 +547,12 @@ class BrokerCore:
         A worker whose hello has no ``sync`` (before streamed snapshots) gets
         the whole map in one message."""
         self._streams.pop(sender, None)
+        if not self.workers[sender].replica:
+            # no replica: the epoch and the end of the sync, and no entries
+            body: Dict[str, Any] = {"entries": [], "epoch": self.epoch}
+            if sync is not None:
+                body.update(sync=sync, part=0, of=1)
+            return Message("snapshot", body)
         if sync is None:
             return Message("snapshot", {"entries": self.registry.snapshot(), "epoch": self.epoch})
         entries = list(self.registry.conns.values())
@@ -674,6 +704,36 @@ class BrokerCore:
         return self._routed([(origin, Message("result", body))])
 
     # -- helpers -------------------------------------------------------
+    def _on_lookup(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
+        """Who is connected: ``cids`` (those of them that are), ``count`` (how
+        many users), or ``all`` (every user, in parts of ``snapshot_chunk``)."""
+        req = body["req"]
+        if body.get("count"):
+            return [(sender, Message("users", {"req": req, "count": len(self.registry.users)}))]
+        if body.get("all"):
+            listing = _Listing(list(self.registry.users), req,
+                               max(1, -(-len(self.registry.users) // self.snapshot_chunk)))
+            first = self._listing_part(listing)
+            if listing.part < listing.of:
+                self._listings[(sender, req)] = listing
+            return [(sender, first)]
+        users = self.registry.users
+        found = [self._user_row(cid) for cid in body.get("cids", []) if cid in users]
+        return [(sender, Message("users", {"req": req, "users": found}))]
+
+    def _user_row(self, cid: Hashable) -> List[Any]:
+        """[cid, [[conn_id, worker, meta], ...]] of a user in the map."""
+        return [cid, [[e.conn_id, e.worker, e.meta] for e in self.registry.users[cid].values()]]
+
+    def _listing_part(self, listing: _Listing) -> Message:
+        n, i = self.snapshot_chunk, listing.part
+        listing.part += 1
+        users = self.registry.users
+        rows = [self._user_row(cid) for cid in listing.cids[i * n:(i + 1) * n] if cid in users]
+        if listing.part >= listing.of:
+            listing.cids = []
+        return Message("users", {"req": listing.req, "users": rows, "part": i, "of": listing.of})
+
     def _routed(self, out: Out) -> Out:
         self.counters["routed"] += len(out)
         return out
@@ -683,7 +743,7 @@ class BrokerCore:
         ``snapshot_chunk`` added and 10 × that many removed connections."""
         out: Out = []
         n = self.snapshot_chunk
-        targets = [w for w in self.workers if w != skip]
+        targets = [w for w, info in self.workers.items() if w != skip and info.replica]
         while add or remove:
             msg = Message("delta", {"add": add[:n], "remove": remove[:10 * n]})
             add, remove = add[n:], remove[10 * n:]

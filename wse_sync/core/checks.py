@@ -26,12 +26,14 @@ from .messages import Message
 from .metrics import BUCKETS, MAX_REPORT_KEYS
 
 __all__ = ["ROLE_WORKER", "ROLE_CLIENT", "ROLES", "CLIENT_KINDS", "Refusal", "check",
-           "MAX_ID", "MAX_CID", "MAX_TEXT", "MAX_TABLE"]
+           "MAX_ID", "MAX_CID", "MAX_TEXT", "MAX_TABLE", "MAX_LOOKUP"]
 
 ROLE_WORKER = "worker"
 ROLE_CLIENT = "client"
 ROLES = frozenset({ROLE_WORKER, ROLE_CLIENT})
-CLIENT_KINDS = frozenset({"hello", "hb", "bye", "stats", "send", "bcast", "drop_cid"})
+CLIENT_KINDS = frozenset({"hello", "hb", "bye", "stats", "lookup", "send", "bcast", "drop_cid"})
+# users one lookup may name
+MAX_LOOKUP = 1000
 
 # bounds on the fields (characters); beyond them a message is "oversize"
 MAX_ID = 128           # conn_id (15 characters here), call ids as strings, origin
@@ -169,6 +171,20 @@ def _rows(table: Any, key: str) -> None:
             raise _malformed("a table row's pending flag is not a boolean")
 
 
+def _lookup(msg: Message) -> None:
+    body = msg.body
+    _request_id(body, "req")
+    _bool(body, "all")
+    _bool(body, "count")
+    cids = body.get("cids", [])
+    if not isinstance(cids, list):
+        raise _malformed("'cids' is not a list")
+    if len(cids) > MAX_LOOKUP:
+        raise _Bad("dropped.oversize", f"a lookup of {len(cids)} users")
+    for cid in cids:
+        _cid_value(cid)
+
+
 def _join(msg: Message) -> None:
     body = msg.body
     _request_id(body, "req")
@@ -281,7 +297,7 @@ def _stats(msg: Message) -> None:
 _CHECKS: Dict[str, Callable[[Message], None]] = {
     "hello": _hello, "table": _table, "join": _join, "leave": _leave, "send": _send,
     "bcast": _bcast, "drop_cid": _drop_cid, "conn_send": _conn_send, "conn_drop": _conn_drop, "call": _call,
-    "result": _result, "hb": _empty, "bye": _empty, "stats": _stats,
+    "result": _result, "lookup": _lookup, "hb": _empty, "bye": _empty, "stats": _stats,
 }
 
 

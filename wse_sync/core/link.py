@@ -155,9 +155,11 @@ class LinkCore:
                  limit: Optional[int] = 1, *, pid: int = 0, serves: bool = True,
                  broker_timeout: float = 3.0, outage_buffer: int = 10000,
                  outage_limit: float = 30.0, now: float = 0.0,
-                 table_part: int = TABLE_PART) -> None:
+                 table_part: int = TABLE_PART, replica: bool = True) -> None:
         self.worker_id = worker_id
         self.table_part = max(1, table_part)
+        # False: no copy of the map here (``view`` stays empty); ask with ``lookup``
+        self.replica = replica
         self.entries = entries
         self.limit = limit
         self.pid = pid
@@ -202,6 +204,8 @@ class LinkCore:
         self._recovering = False
         # joins decided here while the broker was away, since the last hello
         self._decided_since_hello = False
+        # lookups of every user whose answer comes in parts: req -> rows so far
+        self._listing: Dict[int, List[Any]] = {}
 
     # -- what the shell may read -----------------------------------------
     @property
@@ -235,6 +239,8 @@ class LinkCore:
         parts = [table[i:i + n] for i in range(0, len(table), n)] or [[]]
         hello = {"pid": self.pid, "limit": self.limit, "table": parts[0], "base": base,
                  "serves": self.serves, "sync": self._hellos}
+        if not self.replica:
+            hello["replica"] = False
         if len(parts) > 1:
             hello["of"] = len(parts)
         out = [Message("hello", hello)]
@@ -286,6 +292,8 @@ class LinkCore:
 
     def _view_apply(self, add: List[List[Any]], remove: List[str]) -> List[Hashable]:
         """A change to the view, logged while a snapshot may be on its way."""
+        if not self.replica:
+            return []
         if self._marks:
             self._log.append((add, remove))
         return self.view.apply(add, remove)
@@ -387,9 +395,28 @@ class LinkCore:
         self._waiting.add(req)
         return req, [Message("stats", {"req": req, "full": full, "report": report})]
 
+    def lookup(self, cids: Optional[List[Hashable]] = None, count: bool = False
+               ) -> Tuple[int, List[Message]]:
+        """Ask the broker who is connected: these ``cids``, how many users
+        (``count``), or every user (neither). The ``Answer`` for the req has
+        ``users`` ([[cid, [[conn_id, worker, meta], ...]], ...], the parts of
+        an answer about every user put together) or ``count``."""
+        self._ids += 1
+        req = self._ids
+        self._waiting.add(req)
+        body: Dict[str, Any] = {"req": req}
+        if count:
+            body["count"] = True
+        elif cids is None:
+            body["all"] = True
+        else:
+            body["cids"] = list(cids)
+        return req, [Message("lookup", body)]
+
     def call_done(self, req: int) -> None:
         """The caller stopped waiting (answered or timed out)."""
         self._waiting.discard(req)
+        self._listing.pop(req, None)
 
     @staticmethod
     def call_result(body: Dict[str, Any], ok: bool, value: Any) -> List[Message]:
@@ -426,6 +453,12 @@ class LinkCore:
             elif kind == "joined" and req in self._late_joins:
                 conn_id = self._late_joins.pop(req)
                 effects += self._resolved([conn_id], [conn_id] if body.get("first") else [])
+        elif kind == "users":
+            req = body.get("req")
+            if req in self._waiting:
+                answer = self._listed(req, body)
+                if answer is not None:
+                    effects.append(Answer(req, answer))
         elif kind == "resolved":
             effects += self._resolved(body.get("conns", []), body.get("first", []))
         elif kind == "delta":
@@ -508,6 +541,21 @@ class LinkCore:
         self._staging = None
         self._done_sync()
         return out
+
+    def _listed(self, req: int, body: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """A part of a ``users`` answer; the whole answer once its last part is in
+        (a part missing: the answer never completes, and the caller times out)."""
+        if "part" not in body:
+            return body
+        parts = self._listing.setdefault(req, [])
+        if body["part"] != len(parts):
+            self._listing.pop(req, None)
+            return None
+        parts.append(body.get("users", []))
+        if len(parts) < body.get("of", 1):
+            return None
+        del self._listing[req]
+        return {"req": req, "users": [row for part in parts for row in part]}
 
     def _done_sync(self) -> None:
         self.syncs += 1

@@ -157,6 +157,11 @@ OPTIONS: List[Option] = [
     _O("broker_max_msg_size", 64 * 1024 * 1024, "largest message on the broker link, bytes",
        _int),
     _O("heartbeat", 1.0, "seconds between heartbeats to the broker", _float),
+    _O("cluster_replica", False, "keep a copy of the whole user map here (server.clients"
+       " answered from memory, ~450 bytes per cluster user) instead of asking the broker",
+       _bool),
+    _O("clients_cache", 1.0, "seconds a broker answer about a user (or the user count) is"
+       " reused by server.clients (without cluster_replica)", _float),
     _O("trusted_proxies", ("127.0.0.1", "::1"), "addresses whose X-Forwarded-For is believed"
        " (comma-separated; '*': all)", _proxies),
     # -- limits (README, "Limits") --

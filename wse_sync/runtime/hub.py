@@ -19,6 +19,7 @@ from gevent.lock import BoundedSemaphore
 
 from . import runner
 from .connection import CLOSED, OPEN, RemoteConnection, WseConnection, WseIdentity
+from .directory import Directory
 from .session import Session
 from .transport import Transport
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError
@@ -36,6 +37,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .server import WseServer
 
 __all__ = ["Hub", "SERVER_BUSY", "ORIGIN_NOT_ALLOWED"]
+
+# identities kept for a 'left' after the user's last local connection closed
+GONE_MAX = 10000
 
 # close reasons of the limits
 SERVER_BUSY = "wse.server-busy"
@@ -55,6 +59,7 @@ class Hub:
         # this worker's id in the cluster
         self.worker_id = f"w{os.getpid()}-{make_id(6)}"
         self.link: Optional["BrokerLink"] = None
+        self.directory: Optional[Directory] = None
         # the ZeroMQ context of link and embedded broker; terminated on shutdown
         self._ctx: Any = None
         self._terminated: Any = None
@@ -63,6 +68,8 @@ class Hub:
         self.stopping = False
         self._table: ConnectionTable[WseConnection] = ConnectionTable()
         self._identities: Dict[Hashable, WseIdentity] = {}
+        # identities of users whose last connection here closed (lookup mode)
+        self._gone: Dict[Hashable, WseIdentity] = {}
         self._sessions: set = set()
         self._sweeper: Optional[gevent.Greenlet] = None
         # handlers running now (RPC, channel, event), for a graceful stop
@@ -114,7 +121,10 @@ class Hub:
                                limit=self.server.conn_per_user, serves=self.server.serves,
                                heartbeat=options["heartbeat"],
                                request_timeout=options["broker_timeout"], curve=curve,
-                               max_msg_size=options["broker_max_msg_size"])
+                               max_msg_size=options["broker_max_msg_size"],
+                               replica=options["cluster_replica"])
+        self.directory = Directory(self.link, options["cluster_replica"],
+                                   options["clients_cache"])
         self.link.start()
         self._sweeper = gevent.spawn(self._sweep)
 
@@ -236,6 +246,8 @@ class Hub:
             link.leave(conn.conn_id, cid, conn.meta, 1006, "", quiet=True)
             return
         self._table.add(conn)
+        if self.directory is not None:
+            self.directory.changed(cid)
         identity = self.identity(cid, conn.meta)
         conn.client = identity
         for conn_id in evicted:
@@ -265,6 +277,17 @@ class Hub:
             return
         if self.link is not None:
             self.link.leave(conn.conn_id, conn.cid, conn.meta, code, reason)
+        directory = self.directory
+        if directory is not None:
+            directory.changed(conn.cid)
+            if not directory.replica and not self._table.has_user(conn.cid):
+                # no replica says when the user is gone everywhere: keep the
+                # identity (bounded) for the 'left' that may come here
+                ident = self._identities.pop(conn.cid, None)
+                if ident is not None:
+                    self._gone[conn.cid] = ident
+                    if len(self._gone) > GONE_MAX:
+                        del self._gone[next(iter(self._gone))]
         self.emit("disconnected", conn, code, reason)
 
     def is_pending(self, conn: WseConnection) -> bool:
@@ -296,12 +319,18 @@ class Hub:
             conn.close(1000, reason)
         self._cluster().drop_cid(cid, reason)
 
-    def identity(self, cid: Hashable, meta: Any = None) -> WseIdentity:
+    def identity(self, cid: Hashable, meta: Any = None, ask: bool = True) -> WseIdentity:
+        """The user's WseIdentity: one object per user while they are connected
+        here (or, with a replica, anywhere). Without ``meta``, it comes from the
+        directory (a lookup unless ``ask`` is False)."""
         ident = self._identities.get(cid)
         if ident is None:
-            if meta is None and self.link is not None:
-                meta = self.link.view.meta_of(cid)
-            ident = self._identities[cid] = WseIdentity(self.server, cid, meta)
+            directory = self.directory
+            if meta is None and directory is not None and (ask or directory.replica):
+                meta = directory.meta_of(cid)
+            ident = WseIdentity(self.server, cid, meta)
+            if self._table.has_user(cid) or directory is None or directory.replica:
+                self._identities[cid] = ident
         return ident
 
     def connections(self) -> List[WseConnection]:
@@ -311,19 +340,29 @@ class Hub:
     def cids(self) -> List[Hashable]:
         """Every connected user of the cluster (local ones first)."""
         cids = dict.fromkeys(self._table.users())
-        if self.link is not None:
-            cids.update(dict.fromkeys(self.link.view.users))
+        if self.directory is not None:
+            cids.update(dict.fromkeys(self.directory.cids()))
         return list(cids)
 
+    def count(self) -> int:
+        """How many users the cluster has (at least this worker's)."""
+        local = len(self._table.users())
+        if self.directory is None:
+            return local
+        if self.directory.replica:
+            return len(self.cids())
+        count = self.directory.count()
+        return local if count is None else max(local, count)
+
     def has_user(self, cid: Hashable) -> bool:
-        return self._table.has_user(cid) or (self.link is not None
-                                             and cid in self.link.view.users)
+        return self._table.has_user(cid) or (self.directory is not None
+                                             and self.directory.has(cid))
 
     def conns_of(self, cid: Hashable) -> Dict[str, Any]:
         """conn_id -> WseConnection (here) or RemoteConnection (elsewhere)."""
         conns: Dict[str, Any] = {c.conn_id: c for c in self._table.of_user(cid)}
-        if self.link is not None:
-            for conn_id, (worker, meta) in self.link.view.users.get(cid, {}).items():
+        if self.directory is not None:
+            for conn_id, (worker, meta) in self.directory.connections(cid).items():
                 if conn_id not in conns and worker != self.worker_id:
                     conns[conn_id] = RemoteConnection(self.server, conn_id, cid, worker, meta)
         return conns
@@ -361,16 +400,21 @@ class Hub:
                 conn.close(1000, reason)
 
     def user_left(self, cid: Hashable, code: int, reason: str, meta: Any) -> None:
-        ident = self._identities.get(cid) or WseIdentity(self.server, cid, meta)
+        ident = (self._identities.get(cid) or self._gone.pop(cid, None)
+                 or WseIdentity(self.server, cid, meta))
         self.forget(cid)
         self.emit("left", ident, code, reason)
 
     def user_joined(self, cid: Hashable, meta: Any) -> None:
-        self.emit("joined", self.identity(cid, meta), meta)
+        self.emit("joined", self.identity(cid, meta, ask=False), meta)
 
     def forget(self, cid: Hashable) -> None:
-        if not self.has_user(cid):
-            self._identities.pop(cid, None)
+        # (called from the link's reader: never a lookup round trip here)
+        directory = self.directory
+        if self._table.has_user(cid) or (directory is not None and directory.replica
+                                         and directory.has(cid)):
+            return
+        self._identities.pop(cid, None)
 
     def call_local(self, conn_id: str, rp: str, payload: Any, timeout: Optional[float]) -> Any:
         conn = self._table.get(conn_id)

@@ -46,7 +46,7 @@ class _Clients(Mapping):
         return iter(self._server.hub.cids())
 
     def __len__(self) -> int:
-        return len(self._server.hub.cids())
+        return self._server.hub.count()
 
     def __contains__(self, cid: object) -> bool:
         return self._server.hub.has_user(cid)
