@@ -24,7 +24,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Hashable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Set, Tuple
 
 from .checks import ROLE_CLIENT, ROLE_WORKER, check
 from .errors import WSE_ERROR, WSE_REASON
@@ -155,6 +155,9 @@ class BrokerCore:
         self._listings: Dict[Tuple[str, Any], _Listing] = {}
         # tables still arriving in parts (worker -> its upload)
         self._uploads: Dict[str, _Upload] = {}
+        # the worker -> broker kinds this core carries out: kind -> _on_<kind>
+        self._handlers: Dict[str, Callable[[str, Dict[str, Any], Any, float], Out]] = {
+            name[4:]: getattr(self, name) for name in dir(self) if name.startswith("_on_")}
         # when tick() last ran: a longer gap means this broker was not listening
         self._last_tick: Optional[float] = None
 
@@ -246,7 +249,8 @@ class BrokerCore:
         until every table begun within it is complete."""
         if self._sync_until is None:
             return False
-        return now < self._sync_until or any(u.restart for u in self._uploads.values())
+        return now < self._sync_until or (bool(self._uploads)
+                                          and any(u.restart for u in self._uploads.values()))
 
     def _restarted(self, now: float) -> None:
         """A worker shows it knew an earlier broker: open the sync window (once)."""
@@ -271,7 +275,7 @@ class BrokerCore:
             if seq - info.ack_sent >= ACK_EVERY:
                 info.ack_sent = seq
                 out.append((sender, Message("ack", {"seq": seq})))
-        handler = getattr(self, "_on_" + msg.kind, None)
+        handler = self._handlers.get(msg.kind)
         if handler is None:
             self._refuse(sender, "dropped.unexpected", "not a worker->broker kind", kind=msg.kind)
             return out

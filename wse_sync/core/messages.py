@@ -97,7 +97,8 @@ def split(frames: List[Any]) -> List[List[Any]]:
 
 def decode(frames: List[Any]) -> Message:
     """Parse the frames after any identity frame. Raises SchemaError."""
-    frames = [bytes(f) for f in frames]
+    if frames and type(frames[0]) is not bytes:  # zmq Frames (all of one recv alike)
+        frames = [bytes(f) for f in frames]
     if len(frames) not in (3, 5):
         raise SchemaError(f"expected 3 or 5 frames, got {len(frames)}")
     if frames[0] != VERSION:

@@ -165,6 +165,8 @@ class Registry:
         user = self.users.get(cid)
         if not user:
             return []
+        if len(user) == 1:
+            return [e.worker for e in user.values()]
         return list(dict.fromkeys(e.worker for e in user.values()))
 
     def workers(self) -> List[str]:
