@@ -214,6 +214,19 @@ def test_batches_split_back_into_their_messages():
         split([b"wse1", b"batch", b'{"n": [3, 9]}', b"a", b"b", b"c"])
     with pytest.raises(SchemaError):
         split([b"wse1", b"batch", b"nope"])
+    packed = batch(many)
+    assert len(packed) == 4 and packed[1] == b"pack"   # 4 frames whatever the count
+    assert split(packed) == many
+    old = [b"wse1", b"batch", b'{"n": [3, 3]}', *many[1], *many[0][:3]]
+    assert [decode(m).kind for m in split(old)] == ["hb", "send"]
+    for head, blob in ((b'{"n": [3], "len": [1, 1, 1]}', b"ab"),     # lengths != blob
+                       (b'{"n": [2], "len": [1, 1, 0]}', b"ab"),     # counts != lengths
+                       (b'{"n": [3], "len": [-1, 2, 1]}', b"ab"),
+                       (b'{"len": [2]}', b"ab"), (b"[", b"")):
+        with pytest.raises(SchemaError):
+            split([b"wse1", b"pack", head, blob])
+    with pytest.raises(SchemaError):
+        split([b"wse1", b"pack", b'{"n": [1], "len": [2]}'])         # 3 frames
 
 
 def test_joins_decided_during_an_outage_fire_joined_once_after_the_resync():

@@ -17,6 +17,8 @@ import stat
 import time
 from typing import Any, Dict, List, Optional
 
+import zmq.constants as zmq_constants
+
 from ..core.broker import HEARTBEAT, WORKER_TIMEOUT, BrokerCore, Out
 from ..core.checks import ROLE_WORKER
 from ..core.messages import (MAX_MSG_SIZE, Message, SchemaError, VERSION, batch, decode, encode,
@@ -29,6 +31,12 @@ log = logging.getLogger("wse_sync.broker")
 
 # seconds of snapshot parts sent per loop round (then the socket is read again)
 PUMP_BUDGET = 0.01
+# one ZeroMQ message to a worker carries at most this many bytes (or one larger message)
+BATCH_BYTES = 1 << 20
+# socket flags as plain ints: pyzmq's enum arithmetic costs more than the call
+_NOBLOCK = int(zmq_constants.NOBLOCK)
+_SNDMORE = int(zmq_constants.SNDMORE | zmq_constants.NOBLOCK)
+_RCVMORE = int(zmq_constants.RCVMORE)
 # seconds of reading messages per loop round (then heartbeats and parts get their turn)
 READ_BUDGET = 0.05
 # the cyclic GC's first threshold in the broker process (Python's default is 700)
@@ -189,7 +197,7 @@ class Broker:
                             break
                         try:
                             if zap is None:
-                                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                                frames = self._recv_frames()
                             else:
                                 # the first frame (as a Frame) carries the sender's key
                                 first = sock.recv(zmq.NOBLOCK, copy=False)
@@ -281,8 +289,9 @@ class Broker:
         return out
 
     def _send_all(self, out: Out) -> None:
-        """Send in order, one ZeroMQ message per worker; a message going to several
-        workers (a broadcast) is encoded once."""
+        """Send in order, one ZeroMQ message per worker (of at most BATCH_BYTES,
+        or one larger message); a message going to several workers (a
+        broadcast) is encoded once."""
         per_worker: Dict[str, List[List[bytes]]] = {}
         encoded: Dict[int, List[bytes]] = {}
         for worker_id, msg in out:
@@ -296,11 +305,33 @@ class Broker:
                               self.max_msg_size)
             per_worker.setdefault(worker_id, []).append(frames)
         for worker_id, messages in per_worker.items():
-            self._send(worker_id.encode("latin-1"), batch(messages), len(messages))
+            ident = worker_id.encode("latin-1")
+            start, size = 0, 0
+            for i, frames in enumerate(messages):
+                size += sum(len(f) for f in frames)
+                if size >= BATCH_BYTES:
+                    self._send(ident, batch(messages[start:i + 1]), i + 1 - start)
+                    start, size = i + 1, 0
+            if start < len(messages):
+                self._send(ident, batch(messages[start:]), len(messages) - start)
+
+    def _recv_frames(self) -> List[bytes]:
+        """sock.recv_multipart(NOBLOCK) without its per-frame enum arithmetic
+        (a tenth of the broker's CPU when routing)."""
+        recv, more = self.sock.recv, self.sock.get
+        frames = [recv(_NOBLOCK)]
+        while more(_RCVMORE):
+            frames.append(recv(_NOBLOCK))
+        return frames
 
     def _send(self, ident: bytes, frames: List[bytes], count: int = 1) -> None:
+        send = self.sock.send
         try:
-            self.sock.send_multipart([ident] + frames, self.zmq.NOBLOCK)
+            # send_multipart(NOBLOCK), with int flags (see _recv_frames)
+            send(ident, _SNDMORE)
+            for f in frames[:-1]:
+                send(f, _SNDMORE)
+            send(frames[-1], _NOBLOCK)
         except self.zmq.ZMQError as exc:
             # unreachable peer (gone) or its queue is full: counted, logged
             self.core.counters["dropped.unroutable"] += count
