@@ -205,13 +205,13 @@ class Server:
 
     def __init__(self, kind: str, workers: int = 1, lifetime: float = 600,
                  gevent_wsaccel: bool = False, peer_python: Optional[str] = None,
-                 asyncio_uvloop: bool = False) -> None:
+                 asyncio_uvloop: bool = False, app: Optional[str] = None) -> None:
         self.kind = kind
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}/"
         py = sys.executable
         if kind == "wse_sync":
-            cmd = [py, "-m", "wse_sync", "serve", os.path.join(HERE, "bench_app.py") + ":server",
+            cmd = [py, "-m", "wse_sync", "serve", app or os.path.join(HERE, "bench_app.py") + ":server",
                    "--workers", str(workers), "--host", "127.0.0.1", "--port", str(self.port),
                    "--log-level", "warning", "--grace", "2"]
         elif kind == "gevent":
