@@ -220,7 +220,7 @@ def main() -> int:
         if args.callers:
             st.print_callers(*args.callers.split(","))
         by_file = collections.Counter()
-        for (fn, line, name), v in st.stats.items():
+        for (fn, _line, _name), v in st.stats.items():
             by_file[short(fn).split(":")[0] if not fn.startswith("~") else "builtins (C)"] += v[1]
         print("\ncalls/conn by file")
         for f, c in by_file.most_common(25):
