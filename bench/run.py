@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from typing import Any, Dict, List, Optional
@@ -132,6 +133,45 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def hwm_kb(pid: int) -> int:
+    """VmHWM (KB): the process's peak resident set since it started."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class PeakRSS:
+    """Samples the summed VmRSS of ``pids`` every ``interval`` s in a thread; ``peak_kb``
+    is the largest sum seen (the peak of the sum, not the sum of each process's peak)."""
+
+    def __init__(self, pids: List[int], interval: float = 0.05) -> None:
+        self.pids, self.interval = pids, interval
+        self.before_kb = sum(rss_kb(p) for p in pids)
+        self.peak_kb, self.samples = self.before_kb, 1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_kb = max(self.peak_kb, sum(rss_kb(p) for p in self.pids))
+            self.samples += 1
+
+    def stop(self) -> Dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kb = max(self.peak_kb, sum(rss_kb(p) for p in self.pids))
+        return {"peak_rss_kb": self.peak_kb, "rss_before_kb": self.before_kb,
+                "samples": self.samples + 1,
+                # cross-check: each process's own peak since it started (not resettable)
+                "hwm_sum_kb": sum(hwm_kb(p) for p in self.pids)}
+
+
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -165,13 +205,13 @@ class Server:
 
     def __init__(self, kind: str, workers: int = 1, lifetime: float = 600,
                  gevent_wsaccel: bool = False, peer_python: Optional[str] = None,
-                 asyncio_uvloop: bool = False) -> None:
+                 asyncio_uvloop: bool = False, app: Optional[str] = None) -> None:
         self.kind = kind
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}/"
         py = sys.executable
         if kind == "wse_sync":
-            cmd = [py, "-m", "wse_sync", "serve", os.path.join(HERE, "bench_app.py") + ":server",
+            cmd = [py, "-m", "wse_sync", "serve", app or os.path.join(HERE, "bench_app.py") + ":server",
                    "--workers", str(workers), "--host", "127.0.0.1", "--port", str(self.port),
                    "--log-level", "warning", "--grace", "2"]
         elif kind == "gevent":
@@ -233,6 +273,13 @@ class Server:
         if self.kind == "wse_sync":
             return [p for p in pids if " _worker " in cmdline(p)]
         return [p for p in pids if p != self.proc.pid]  # below coreutils timeout
+
+    def memory_pids(self) -> List[int]:
+        """The processes whose memory the peak-RSS row sums: wse_sync's workers and
+        broker (not the supervisor, which holds no connection or message), else the server."""
+        if self.kind != "wse_sync":
+            return self.workers()
+        return [p for p in self.pids() if " _worker " in cmdline(p) or " broker " in cmdline(p)]
 
     def rss(self) -> Dict[str, int]:
         """VmRSS (KB) of the workers and of the whole tree."""
@@ -365,11 +412,14 @@ def wait_all_idle(servers: List[Server], limit: float = 5.0) -> None:
 
 
 def measure_phase(gen: Gen, server: Server, quiet: List[Server], memory: bool = False,
-                  settle: float = 0.5) -> Dict[str, Any]:
-    """Drive one window of ``gen`` (ready -> start -> end) and return the server's figures."""
+                  settle: float = 0.5, peak: bool = False) -> Dict[str, Any]:
+    """Drive one window of ``gen`` (ready -> start -> end) and return the server's figures.
+    With ``peak``, the summed VmRSS of the server's memory_pids() is sampled every 50 ms
+    from the go after "ready" (warm-up included) to "end", and its maximum kept."""
     gen.expect("ready")
     wait_all_idle(quiet)  # the previous run's teardown is over, everywhere on CPU 0
     pids = server.pids()
+    sampler = PeakRSS(server.memory_pids()) if peak else None
     gen.go()
     a = gen.expect("start")
     t_a, snap_a, cpu0_a = time.monotonic(), server.snapshot(pids), cpu0_busy_ticks()
@@ -377,6 +427,7 @@ def measure_phase(gen: Gen, server: Server, quiet: List[Server], memory: bool = 
     gen.go()
     b = gen.expect("end")
     t_b, snap_b, cpu0_b = time.monotonic(), server.snapshot(pids), cpu0_busy_ticks()
+    peak_fig = sampler.stop() if sampler else None
     ticks_a, ticks_b = sum(snap_a.values()), sum(snap_b.values())
     by_role: Dict[str, float] = {}
     for pid, ticks in snap_b.items():
@@ -398,6 +449,10 @@ def measure_phase(gen: Gen, server: Server, quiet: List[Server], memory: bool = 
         fig["rss_before_kb"], fig["rss_after_kb"] = rss_a, rss_b
         fig["kb_per_conn"] = (rss_b["workers"] - rss_a["workers"]) / ops if ops else None
         fig["kb_per_conn_all"] = (rss_b["all"] - rss_a["all"]) / ops if ops else None
+    if peak_fig:
+        fig["peak"] = peak_fig
+        fig["peak_rss_mb"] = peak_fig["peak_rss_kb"] / 1024
+        fig["peak_rise_mb"] = (peak_fig["peak_rss_kb"] - peak_fig["rss_before_kb"]) / 1024
     return fig
 
 
@@ -642,7 +697,7 @@ def run_fresh(task: Dict[str, Any], kinds: List[str], runs: int, args) -> Dict[s
                     figs.append(measure_phase(gen, server, list(servers.values()), memory=True,
                                               settle=0.3 if args.quick else 1.0))
                 if with_fanout:
-                    figs.append(measure_phase(gen, server, list(servers.values())))
+                    figs.append(measure_phase(gen, server, list(servers.values()), peak=True))
                 res = gen.finish()
                 windows = ([res["connect"]] if with_fanout and with_connect else []) + res["windows"]
                 for cell, fig, window in zip(task["cells"], figs, windows):
@@ -705,7 +760,8 @@ def median_of(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Median of each numeric figure over the runs."""
     out: Dict[str, Any] = {}
     keys = ["us_per_op", "rate", "p50_ms", "p99_ms", "tick_ms", "round_p50_ms", "server_util",
-            "gen_util", "cpu0_others", "kb_per_conn", "kb_per_conn_all", "hop_us"]
+            "gen_util", "cpu0_others", "kb_per_conn", "kb_per_conn_all", "hop_us",
+            "peak_rss_mb", "peak_rise_mb"]
     for k in keys:
         vals = [r[k] for r in runs if isinstance(r.get(k), (int, float))]
         if vals:
@@ -801,6 +857,10 @@ def table_rows(data: Dict[str, Any]) -> List[List[str]]:
                    if w.get("p50_ms") is not None else "—")
         rows.append([f"{label} (µs/{unit})", val(cell, "wse_sync", "us_per_op")]
                     + [vs(cell, k, "us_per_op") for k in peers] + [fmt_rate(w.get("rate")), lat])
+        if scenario == "fanout" and w.get("peak_rss_mb") is not None:
+            rows.append([f"peak RSS fanout {cell[7:]} (MB)", fmt(w.get("peak_rss_mb"))]
+                        + [vs(cell, k, "peak_rss_mb") for k in peers]
+                        + [f"rise {fmt(w.get('peak_rise_mb'))} MB", ""])
         if scenario == "connect":
             rows.append([f"idle memory {cell[8:]} (KB/conn)", fmt(w.get("kb_per_conn"))]
                         + [vs(cell, k, "kb_per_conn") for k in peers]

@@ -2,6 +2,7 @@
 from a trusted proxy, the Origin allow-list. Pure."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import FrozenSet, Iterable, Optional, Union
 
@@ -37,13 +38,24 @@ def is_trusted(addr: Optional[str], trusted: Trusted) -> bool:
         return True
     if not addr or not trusted:
         return False
+    ip = _parse_ip(addr)
+    if ip is None:
+        return False
+    return any(ip in net for net in trusted)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(addr: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
+    """``addr`` as an address (IPv4-mapped IPv6 as IPv4; a zone dropped), None if it is
+    not one. Cached: a handshake asks up to three times about the same peer, and
+    parsing is most of what is_trusted costs (the addresses are immutable)."""
     try:
         ip = ipaddress.ip_address(addr.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return any(ip in net for net in trusted)
+    return ip
 
 
 def client_address(peer: Optional[str], forwarded_for: Optional[str], trusted: Trusted) -> Optional[str]:
