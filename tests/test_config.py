@@ -212,6 +212,26 @@ def test_flag_beats_environment_beats_code(tmp_path):
         sp.stop()
 
 
+@pytest.mark.parametrize("threshold", [None, "0"], ids=["tuned", "left-alone"])
+def test_a_serve_worker_tunes_its_gc_and_still_frees_cyclic_garbage(threshold):
+    args = () if threshold is None else ("--gc-threshold", threshold)
+    sp = serve(*args)
+    try:
+        sp.wait_line(r"worker \d+ serving")
+        c = WseClient(sp.url)
+        c.connect("u1")
+        got = c.call("gc")
+        c.close()
+    finally:
+        sp.stop()
+    if threshold is None:
+        assert got["threshold"][0] == DEFAULTS["gc_threshold"] == 7000
+        assert got["frozen"] is None or got["frozen"] > 1000   # the app and its imports
+    else:
+        assert got["threshold"][0] != 7000 and not got["frozen"]   # Python's own
+    assert got["freed"] == 100     # cycles still go, with no gc.collect() called
+
+
 def test_stats_finds_the_broker_of_a_local_serve(tmp_path):
     env = child_env(XDG_RUNTIME_DIR=str(tmp_path))
     a = serve(env=env)

@@ -35,3 +35,24 @@ def _version(conn, payload):
 @server.register("boom")
 def _boom(conn, payload):
     raise RuntimeError("kaboom")
+
+
+class _Cycle:
+    def __init__(self):
+        self.me = self
+
+
+@server.register("gc")
+def _gc(conn, payload):
+    """The worker's GC settings, and whether cyclic garbage made now is freed
+    without an explicit gc.collect() (by allocating past the threshold)."""
+    import gc
+    import weakref
+    freed = []
+    for _ in range(100):
+        weakref.finalize(_Cycle(), freed.append, 1)
+    keep = [[] for _ in range(3 * gc.get_threshold()[0] + 1000)]  # allocations
+    del keep
+    return {"threshold": list(gc.get_threshold()),
+            "frozen": gc.get_freeze_count() if hasattr(gc, "get_freeze_count") else None,
+            "freed": len(freed)}

@@ -164,6 +164,9 @@ OPTIONS: List[Option] = [
        " reused by server.clients (without cluster_replica)", _float),
     _O("trusted_proxies", ("127.0.0.1", "::1"), "addresses whose X-Forwarded-For is believed"
        " (comma-separated; '*': all)", _proxies),
+    _O("gc_threshold", 7000, "wse-sync serve workers: gen-0 threshold of Python's cyclic GC,"
+       " set (after gc.freeze() of what the app imported) once the worker serves (0: leave"
+       " the GC as it is)", _limit),
     # -- limits (README, "Limits") --
     _O("header_timeout", 10.0, "seconds for the request line and headers (408)", _float),
     _O("tls_handshake_timeout", 10.0, "seconds for the TLS handshake (closed)", _float),
