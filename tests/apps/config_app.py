@@ -49,8 +49,14 @@ def _gc(conn, payload):
     import gc
     import weakref
     freed = []
-    for _ in range(100):
-        weakref.finalize(_Cycle(), freed.append, 1)
+    # no collection while they are made (one then could move a cycle still
+    # referenced from this frame to an older generation), so all start in gen 0
+    gc.disable()
+    try:
+        for _ in range(100):
+            weakref.finalize(_Cycle(), freed.append, 1)
+    finally:
+        gc.enable()
     keep = [[] for _ in range(3 * gc.get_threshold()[0] + 1000)]  # allocations
     del keep
     return {"threshold": list(gc.get_threshold()),
