@@ -228,7 +228,7 @@ def test_a_serve_worker_tunes_its_gc_and_still_frees_cyclic_garbage(threshold):
         assert got["threshold"][0] == DEFAULTS["gc_threshold"] == 7000
         assert got["frozen"] is None or got["frozen"] > 1000   # the app and its imports
     else:
-        assert got["threshold"][0] != 7000 and not got["frozen"]   # Python's own
+        assert got["threshold"][0] != 7000       # Python's own (700; 2000 on 3.13)
     assert got["freed"] == 100     # cycles still go, with no gc.collect() called
 
 
