@@ -338,10 +338,12 @@ class Hub:
         return self._table.all()
 
     def cids(self) -> List[Hashable]:
-        """Every connected user of the cluster (local ones first)."""
+        """Every connected user of the cluster (local ones first). Without a
+        replica the broker is asked, and this worker's users are read after
+        its answer: a local user who joined meanwhile is in the list."""
+        remote = self.directory.cids() if self.directory is not None else []
         cids = dict.fromkeys(self._table.users())
-        if self.directory is not None:
-            cids.update(dict.fromkeys(self.directory.cids()))
+        cids.update(dict.fromkeys(remote))
         return list(cids)
 
     def count(self) -> int:
