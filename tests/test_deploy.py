@@ -11,7 +11,8 @@ import tempfile
 import pytest
 
 from deploy_helpers import Proc, alive, child_env, gunicorn, tool, upgrade_request, wait_gone
-from helpers import APPS, ROOT, UNIT, broker_stats, free_port, spread_clients, wait_for
+from helpers import (APPS, ROOT, UNIT, broker_stats, free_port, only_worker, spread_clients,
+                     wait_for)
 from wse_sync import WSE_REASON, WseClient, connect_cluster
 
 pytest.importorskip("gunicorn")
@@ -60,16 +61,16 @@ def test_gunicorn_one_command_makes_one_cluster():
         solo.close()
         wait_for(lambda: ["left", "solo"] in [e[:2] for e in events])
         assert [e[:2] for e in events].count(["joined", "solo"]) == 1
-        # conn_per_user (2) is cluster-wide: open "multi" connections until both
-        # workers held one; each one past the limit evicted the oldest
+        # conn_per_user (2) is cluster-wide: two "multi" connections on worker a,
+        # then one on b (each placed with the other worker stopped, not left to
+        # the kernel); the one past the limit evicted the oldest
         multi, pids, evicted = [], set(), []
-        for _ in range(30):
-            c = WseClient(g.url)
-            c.when.closed(lambda code, reason: evicted.append(reason))
-            pids.add(c.connect("multi")["pid"])
+        for target in (pid_a, pid_a, pid_b):
+            with only_worker(target, [pid_a, pid_b]):
+                c = WseClient(g.url)
+                c.when.closed(lambda code, reason: evicted.append(reason))
+                pids.add(c.connect("multi")["pid"])
             multi.append(c)
-            if len(pids) == 2 and len(multi) >= 3:
-                break
         assert pids == {pid_a, pid_b}
         wait_for(lambda: len(evicted) == len(multi) - 2)
         assert set(evicted) == {WSE_REASON.CLIENTS_CONCURRENCY}
