@@ -449,9 +449,10 @@ def test_changes_during_a_streamed_snapshot_are_neither_lost_nor_reordered():
     world.check_events()
 
 
-def test_a_broker_restart_streams_the_map_with_no_spurious_left_or_joined():
+@pytest.mark.parametrize("table_part", [2000, 4], ids=["one-part", "tables-in-parts"])
+def test_a_broker_restart_streams_the_map_with_no_spurious_left_or_joined(table_part):
     world = World(chunk=3)
-    workers = [world.add(w, limit=2) for w in "ABC"]
+    workers = [world.add(w, limit=2, table_part=table_part) for w in "ABC"]
     for n, w in enumerate(workers):
         for i in range(10):
             w.connect(f"{w.id}{i}", f"u{(n * 10 + i) % 17}")
@@ -460,6 +461,8 @@ def test_a_broker_restart_streams_the_map_with_no_spurious_left_or_joined():
     world.kill_broker()
     world.start_broker(epoch="e2")
     world.advance(5.0)
+    if table_part == 4:
+        assert _parts_sent(world, "hello") == 3 and _parts_sent(world, "table") == 6  # 4+4+2
     assert all(w.core.epoch == "e2" and w.core.syncs == 2 for w in workers)
     for w, events in zip(workers, before):
         assert w.events == events           # no left, no joined, nothing closed
@@ -536,27 +539,6 @@ def test_a_slow_broker_with_the_same_epoch_is_resumed_without_a_hello():
 
 def _parts_sent(world, kind):
     return world.broker.counters["in." + kind]
-
-
-def test_a_broker_restart_takes_each_table_in_parts_with_no_spurious_left_or_joined():
-    world = World(chunk=3)
-    workers = [world.add(w, limit=2, table_part=4) for w in "ABC"]
-    for n, w in enumerate(workers):
-        for i in range(10):
-            w.connect(f"{w.id}{i}", f"u{(n * 10 + i) % 17}")
-    world.settle()
-    before = [list(w.events) for w in workers]
-    world.kill_broker()
-    world.start_broker(epoch="e2")
-    world.advance(5.0)
-    assert _parts_sent(world, "hello") == 3 and _parts_sent(world, "table") == 6  # 4 + 4 + 2
-    assert all(w.core.epoch == "e2" and w.core.syncs == 2 for w in workers)
-    for w, events in zip(workers, before):
-        assert w.events == events           # no left, no joined, nothing closed
-    assert world.broker.counters["workers.removed"] == 0
-    world.check_map()
-    world.check_views()
-    world.check_events()
 
 
 def test_changes_while_a_table_arrives_in_parts_are_kept_and_what_it_lacks_is_gone():

@@ -550,7 +550,6 @@ class BrokerCore:
 
         A worker whose hello has no ``sync`` (before streamed snapshots) gets
         the whole map in one message."""
-        self._streams.pop(sender, None)
         if not self.workers[sender].replica:
             # no replica: the epoch and the end of the sync, and no entries
             body: Dict[str, Any] = {"entries": [], "epoch": self.epoch}
