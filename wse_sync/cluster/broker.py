@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import zmq.constants as zmq_constants
 
@@ -75,13 +75,13 @@ class Broker:
                  heartbeat: float = HEARTBEAT, context=None,
                  parent_pid: Optional[int] = None, sync_window: float = 0.0,
                  curve: Optional[ServerCurve] = None, insecure: bool = False,
-                 max_msg_size: int = MAX_MSG_SIZE) -> None:
+                 max_msg_size: int = MAX_MSG_SIZE, shard: Tuple[int, int] = (0, 1)) -> None:
         if zmq_module is None:
             import zmq as zmq_module
         self.zmq = zmq_module
         self.endpoint = endpoint
         self.heartbeat = heartbeat
-        self.core = BrokerCore(worker_timeout, sync_window=sync_window)
+        self.core = BrokerCore(worker_timeout, sync_window=sync_window, shard=shard)
         self._stop = False
         # stop when this process (the supervisor) is gone
         self.parent_pid = parent_pid
@@ -122,8 +122,10 @@ class Broker:
             self._bind_ipc(self.endpoint[len("ipc://"):])
         else:
             self.sock.bind(self.endpoint)
-        log.info("broker listening on %s (pid %d)%s", self.endpoint, os.getpid(),
-                 " with CURVE" if self.curve is not None else "")
+        shard = self.core.shard
+        log.info("broker listening on %s (pid %d)%s%s", self.endpoint, os.getpid(),
+                 " with CURVE" if self.curve is not None else "",
+                 f" as shard {shard[0]}/{shard[1]}" if shard[1] > 1 else "")
         if needs_curve(self.endpoint) and self.curve is None:
             log.warning("broker on %s runs WITHOUT CURVE (--insecure): anyone who reaches this"
                         " port can join as a worker, read every user's connections and send"

@@ -63,7 +63,8 @@ class BrokerLink:
                  request_timeout: float = 5.0, broker_timeout: float = 3.0,
                  outage_buffer: int = 10000, outage_limit: float = 30.0,
                  curve: Optional[ClientKeys] = None, max_msg_size: int = MAX_MSG_SIZE,
-                 report_interval: float = 5.0, replica: bool = False) -> None:
+                 report_interval: float = 5.0, replica: bool = False,
+                 shard: Tuple[int, int] = (0, 1)) -> None:
         import zmq.green as zmq
         self.zmq = zmq
         self.port = port
@@ -76,7 +77,7 @@ class BrokerLink:
         self.core = LinkCore(worker_id, port.entries, limit, pid=os.getpid(), serves=serves,
                              broker_timeout=broker_timeout, outage_buffer=outage_buffer,
                              outage_limit=outage_limit, now=time.monotonic(),
-                             replica=replica)
+                             replica=replica, shard=shard)
         self.curve = curve
         self.max_msg_size = max_msg_size
         # why the broker refused the handshake (CURVE), until one succeeds

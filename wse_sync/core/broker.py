@@ -30,6 +30,7 @@ from .checks import ROLE_CLIENT, ROLE_WORKER, check
 from .errors import WSE_ERROR, WSE_REASON
 from .messages import Message
 from .registry import ConnEntry, Registry
+from .shards import Shard, shard_of
 
 __all__ = ["BrokerCore", "HEARTBEAT", "WORKER_TIMEOUT", "Out", "ROLE_WORKER", "ROLE_CLIENT"]
 
@@ -115,8 +116,10 @@ class BrokerCore:
 
     def __init__(self, worker_timeout: float = WORKER_TIMEOUT, epoch: Optional[str] = None,
                  limbo_max: int = LIMBO_MAX, sync_window: float = 0.0,
-                 snapshot_chunk: int = SNAPSHOT_CHUNK) -> None:
+                 snapshot_chunk: int = SNAPSHOT_CHUNK, shard: Shard = (0, 1)) -> None:
         self.registry = Registry()
+        # (this broker's index, how many shards): it owns the users of that shard
+        self.shard = shard
         self.workers: Dict[str, WorkerInfo] = {}
         self.worker_timeout = worker_timeout
         self.counters: Counter[str] = Counter()
@@ -191,6 +194,8 @@ class BrokerCore:
             out += self.remove_worker(sender)
             info = None
         if msg.kind == "hello":
+            if not self._same_shards(sender, msg.body):
+                return []
             try:
                 out += self._hello(sender, msg.body, now, role)
             except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -217,6 +222,18 @@ class BrokerCore:
             return out
         info.last_seen = now
         return self._process(sender, msg, now)
+
+    def _same_shards(self, sender: str, body: Dict[str, Any]) -> bool:
+        """A worker's hello names the shard it thinks this broker is: a worker
+        with another broker list would place users where no other worker looks."""
+        said = tuple(body.get("shard", (0, 1)))
+        if said == self.shard:
+            return True
+        self._refuse(sender, "refused.shard", "it takes this broker for shard %d/%d, but this is"
+                     " shard %d/%d (every worker needs the same broker list, in the same order,"
+                     " and each broker its --shard)", said[0], said[1], *self.shard,
+                     kind="hello")
+        return False
 
     def _owned_by(self, sender: str, key: str) -> bool:
         """A routing identity stays with the first key that used it."""
@@ -600,6 +617,11 @@ class BrokerCore:
         return entry is not None and entry.worker != sender
 
     def _on_join(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
+        if self.shard[1] > 1 and shard_of(body["cid"], self.shard[1]) != self.shard[0]:
+            self._refuse(sender, "refused.shard", "user %r belongs to shard %d of %d",
+                         str(body["cid"])[:32], shard_of(body["cid"], self.shard[1]),
+                         self.shard[1], kind="join")
+            return []
         if self._held_elsewhere(body["conn_id"], sender):
             self._refuse(sender, "refused.conn-taken", "connection %r is held by worker %r",
                          body["conn_id"][:32], self.registry.conns[body["conn_id"]].worker,

@@ -145,6 +145,11 @@ def _hello(msg: Message) -> None:
     if body.get("of", 1) < 1 or (body.get("of", 1) > 1 and body.get("sync") is None):
         raise _malformed("'of' is not a positive count (or parts without 'sync')")
     _rows(body.get("table", []), "table")
+    shard = body.get("shard", [0, 1])
+    if (not isinstance(shard, list) or len(shard) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+            or not 0 <= shard[0] < shard[1]):
+        raise _malformed("'shard' is not [index, count] with 0 <= index < count")
 
 
 def _table(msg: Message) -> None:

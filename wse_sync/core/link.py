@@ -155,8 +155,11 @@ class LinkCore:
                  limit: Optional[int] = 1, *, pid: int = 0, serves: bool = True,
                  broker_timeout: float = 3.0, outage_buffer: int = 10000,
                  outage_limit: float = 30.0, now: float = 0.0,
-                 table_part: int = TABLE_PART, replica: bool = True) -> None:
+                 table_part: int = TABLE_PART, replica: bool = True,
+                 shard: Tuple[int, int] = (0, 1)) -> None:
         self.worker_id = worker_id
+        # (this broker's shard, how many): told in every hello, checked there
+        self.shard = shard
         self.table_part = max(1, table_part)
         # False: no copy of the map here (``view`` stays empty); ask with ``lookup``
         self.replica = replica
@@ -237,10 +240,12 @@ class LinkCore:
         self._decided_since_hello = False
         n = self.table_part
         parts = [table[i:i + n] for i in range(0, len(table), n)] or [[]]
-        hello = {"pid": self.pid, "limit": self.limit, "table": parts[0], "base": base,
-                 "serves": self.serves, "sync": self._hellos}
+        hello: Dict[str, Any] = {"pid": self.pid, "limit": self.limit, "table": parts[0],
+                                 "base": base, "serves": self.serves, "sync": self._hellos}
         if not self.replica:
             hello["replica"] = False
+        if self.shard[1] > 1:
+            hello["shard"] = [self.shard[0], self.shard[1]]
         if len(parts) > 1:
             hello["of"] = len(parts)
         out = [Message("hello", hello)]

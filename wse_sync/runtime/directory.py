@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Dict, Hashable, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Hashable, List, Optional, Union
 
 from ..core.lookup import Conns, LookupCache
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cluster.link import BrokerLink
+    from ..cluster.shards import ShardedLink
 
 __all__ = ["Directory"]
 
@@ -31,7 +32,8 @@ log = logging.getLogger("wse_sync.directory")
 class Directory:
     """The cluster's users as the broker knows them (this worker's included)."""
 
-    def __init__(self, link: "BrokerLink", replica: bool, cache_ttl: float = 1.0) -> None:
+    def __init__(self, link: Union["BrokerLink", "ShardedLink"], replica: bool,
+                 cache_ttl: float = 1.0) -> None:
         self.link = link
         self.replica = replica
         self.cache = LookupCache(cache_ttl)

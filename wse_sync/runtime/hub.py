@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List, Optional,
-                    Tuple)
+                    Tuple, Union)
 
 import gevent
 from gevent.lock import BoundedSemaphore
@@ -29,11 +29,13 @@ from ..core.limits import parse_rate
 from ..core.ids import make_id
 from ..core.link import LocalEntry
 from ..core.metrics import WorkerMetrics
+from ..core.shards import split_endpoints
 from ..core.table import ConnectionTable
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cluster.broker import Broker
     from ..cluster.link import BrokerLink
+    from ..cluster.shards import ShardedLink
     from .server import WseServer
 
 __all__ = ["Hub", "SERVER_BUSY", "ORIGIN_NOT_ALLOWED"]
@@ -58,7 +60,7 @@ class Hub:
         self.pid = os.getpid()
         # this worker's id in the cluster
         self.worker_id = f"w{os.getpid()}-{make_id(6)}"
-        self.link: Optional["BrokerLink"] = None
+        self.link: Optional[Union["BrokerLink", "ShardedLink"]] = None
         self.directory: Optional[Directory] = None
         # the ZeroMQ context of link and embedded broker; terminated on shutdown
         self._ctx: Any = None
@@ -110,19 +112,26 @@ class Hub:
                                           heartbeat=options["heartbeat"])
             self.embedded_broker.bind()
             self._broker_loop = gevent.spawn(self.embedded_broker.run)
-        from ..cluster.curve import client_keys
+        from ..cluster.curve import client_keys, needs_curve
         try:
-            curve = client_keys(endpoint, options["broker_key"], options["curve_secret"])
+            endpoints = split_endpoints(endpoint)
+            # one key pair for every shard (the one that leaves the host decides)
+            curve = client_keys(next((e for e in endpoints if needs_curve(e)), endpoints[0]),
+                                options["broker_key"], options["curve_secret"])
         except BaseException:
             ctx.term()
             self._ctx = None
             raise
-        self.link = BrokerLink(self, self.worker_id, endpoint, ctx,
-                               limit=self.server.conn_per_user, serves=self.server.serves,
-                               heartbeat=options["heartbeat"],
-                               request_timeout=options["broker_timeout"], curve=curve,
-                               max_msg_size=options["broker_max_msg_size"],
-                               replica=options["cluster_replica"])
+        link_options = dict(limit=self.server.conn_per_user, serves=self.server.serves,
+                            heartbeat=options["heartbeat"],
+                            request_timeout=options["broker_timeout"], curve=curve,
+                            max_msg_size=options["broker_max_msg_size"],
+                            replica=options["cluster_replica"])
+        if len(endpoints) > 1:
+            from ..cluster.shards import ShardedLink
+            self.link = ShardedLink(self, self.worker_id, endpoints, ctx, **link_options)
+        else:
+            self.link = BrokerLink(self, self.worker_id, endpoint, ctx, **link_options)
         self.directory = Directory(self.link, options["cluster_replica"],
                                    options["clients_cache"])
         self.link.start()
@@ -155,7 +164,7 @@ class Hub:
         if self._terminated is not None:
             self._terminated.wait(timeout)
 
-    def _cluster(self) -> "BrokerLink":
+    def _cluster(self) -> Union["BrokerLink", "ShardedLink"]:
         if self.link is None:
             self.start(self.server.endpoint())
         assert self.link is not None
@@ -452,11 +461,17 @@ class Hub:
         except Exception as exc:  # a bad endpoint or keys: say it
             return False, dict(body, status="no-broker", reason=str(exc))
         state = link.state
-        body.update(status="ok" if state == "up" else "no-broker", broker=state,
+        # "partial": some broker shards are away; their users are served with
+        # joins decided here, everyone else as usual (docs/cluster.md, "Shards")
+        serving = state in ("up", "partial")
+        body.update(status="ok" if serving else "no-broker", broker=state,
                     endpoint=link.endpoint, connections=len(self._sessions))
+        shard_states = getattr(link, "shard_states", None)
+        if shard_states is not None:
+            body["shards"] = shard_states
         if link.refused:
             body["reason"] = link.refused
-        return state == "up", body
+        return serving, body
 
     # -- application code ------------------------------------------------------
     def emit(self, name: str, *args: Any) -> None:

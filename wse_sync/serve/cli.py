@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Dict, List, NoReturn, Optional
+from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
 from ..core.options import OPTIONS, OptionError, env_name, flag_name, from_environ
 from . import logs
@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow tcp:// without CURVE keys (anyone who reaches the port joins)")
     b.add_argument("--max-msg-size", type=int, default=None, metavar="BYTES",
                    help="largest frame a peer may send (ZMQ_MAXMSGSIZE; default 64 MiB)")
+    b.add_argument("--shard", type=_shard_arg, default=(0, 1), metavar="I/K",
+                   help="this broker is shard I of K (0-based): it owns the users whose cid"
+                        " hashes to I; workers list the K brokers in shard order in --broker"
+                        " (docs/cluster.md, 'Shards')")
 
     st = sub.add_parser("stats", help="print a broker's users, connections and counters",
                         formatter_class=_Formatter,
@@ -281,6 +285,14 @@ def _app_dir(spec: str) -> str:
     return os.getcwd()
 
 
+def _shard_arg(text: str) -> Tuple[int, int]:
+    from ..core.shards import parse_shard
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _broker(args: argparse.Namespace) -> int:
     import signal
 
@@ -294,7 +306,7 @@ def _broker(args: argparse.Namespace) -> int:
                              args.allow_clients, args.insecure)
         broker = Broker(args.bind, parent_pid=args.parent, sync_window=args.sync_window,
                         curve=curve, insecure=args.insecure,
-                        max_msg_size=args.max_msg_size or MAX_MSG_SIZE)
+                        max_msg_size=args.max_msg_size or MAX_MSG_SIZE, shard=args.shard)
         broker.bind()
     except CurveError as exc:
         log.error("broker not started: %s", exc)

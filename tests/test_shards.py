@@ -1,0 +1,293 @@
+"""The map sharded by cid across K brokers: the pure rules, then real brokers
+(`wse-sync broker --shard I/K`) and workers joined to all of them
+(`--broker EP0,EP1`), a shard killed and restarted included.
+
+Where each user is is decided, not hoped for: every serve runs one worker on
+its own port, and the users are picked by the shard their cid hashes to.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from typing import Dict, Iterator, List
+
+import pytest
+
+from helpers import UNIT, ServerProcess, broker_stats, serve_process, wait_for
+from wse_sync import WseClient
+from wse_sync.core.broker import BrokerCore
+from wse_sync.core.checks import ROLE_WORKER
+from wse_sync.core.messages import Message
+from wse_sync.core.shards import (home_shard, merge_stats, merge_users, parse_shard, shard_of,
+                                  split_endpoints)
+
+APP = "tests/apps/cluster_app.py:server"
+
+
+def users_of(shard: int, count: int, n: int, prefix: str) -> List[str]:
+    """The first ``n`` cids ``prefix<i>`` that shard ``shard`` of ``count`` owns."""
+    out: List[str] = []
+    i = 0
+    while len(out) < n:
+        cid = f"{prefix}{i}"
+        if shard_of(cid, count) == shard:
+            out.append(cid)
+        i += 1
+    return out
+
+
+# -- the pure rules ---------------------------------------------------------------
+def test_a_cid_has_one_shard_whatever_the_process():
+    # crc32 of the cid's JSON: fixed values, not Python's per-process hash()
+    assert [shard_of(c, 4) for c in ("alice", "bob", 42, "42")] == [
+        shard_of(c, 4) for c in ("alice", "bob", 42, "42")]
+    import zlib
+    assert shard_of("alice", 4) == zlib.crc32(b'"alice"') % 4
+    assert shard_of(42, 4) == zlib.crc32(b"42") % 4
+    assert shard_of("42", 4) == zlib.crc32(b'"42"') % 4
+    assert shard_of("anyone", 1) == 0 and home_shard("w1", 1) == 0
+    spread = defaultdict(int)
+    for i in range(20000):
+        spread[shard_of(f"user-{i}", 4)] += 1
+    assert sorted(spread) == [0, 1, 2, 3]
+    assert all(4500 < n < 5500 for n in spread.values()), spread
+
+
+def test_shard_and_endpoint_lists_are_checked():
+    assert parse_shard("0/4") == (0, 4) and parse_shard("3/4") == (3, 4)
+    for bad in ("4/4", "-1/2", "1", "a/b", "1/0"):
+        with pytest.raises(ValueError):
+            parse_shard(bad)
+    assert split_endpoints("ipc:///a, ipc:///b") == ["ipc:///a", "ipc:///b"]
+    with pytest.raises(ValueError):
+        split_endpoints("ipc:///a,,ipc:///b")
+    with pytest.raises(ValueError):
+        split_endpoints("ipc:///a,ipc:///a")
+
+
+def test_answers_of_the_shards_add_up():
+    a = {"users": [["u0", [["c1", "w1", None]]]]}
+    b = {"users": [["u1", [["c2", "w2", None]]]]}
+    assert merge_users([a, b], False) == {"users": a["users"] + b["users"]}
+    assert merge_users([{"count": 2}, {"count": 3}], True) == {"count": 5}
+    assert merge_users([{"count": 2}, None], True) == {"count": 2, "partial": True}
+    assert merge_users([None, None], True) is None
+    s0 = {"users": 1, "connections": 2, "counters": {"in.join": 2},
+          "workers": {"w1": {"pid": 1, "connections": 2, "role": "worker", "serves": True}},
+          "reports": {"w1": {"x": 1}}}
+    s1 = {"users": 3, "connections": 3, "counters": {"in.join": 3, "routed": 1},
+          "workers": {"w1": {"pid": 1, "connections": 1, "role": "worker", "serves": True},
+                      "w2": {"pid": 2, "connections": 2, "role": "worker", "serves": True}},
+          "reports": {"w2": {"x": 2}}}
+    merged = merge_stats([s0, s1])
+    assert (merged["users"], merged["connections"]) == (4, 5)
+    assert merged["counters"] == {"in.join": 5, "routed": 1}
+    assert {w: r["connections"] for w, r in merged["workers"].items()} == {"w1": 3, "w2": 2}
+    assert merged["reports"] == {"w1": {"x": 1}, "w2": {"x": 2}}
+    assert merge_stats([None, None]) is None
+
+
+def _hello(core: BrokerCore, sender: str, shard) -> list:
+    body = {"pid": 1, "table": [], "sync": 1}
+    if shard is not None:
+        body["shard"] = shard
+    return core.handle(sender, Message("hello", body), 0.0, ROLE_WORKER)
+
+
+def test_a_broker_refuses_a_worker_with_another_shard_list():
+    core = BrokerCore(shard=(1, 2))
+    # a worker that takes it for a single broker, or for shard 0, or of 4
+    for i, said in enumerate((None, [0, 2], [1, 4])):
+        assert _hello(core, f"w{i}", said) == []
+    assert core.counters["refused.shard"] == 3 and not core.workers
+    out = _hello(core, "good", [1, 2])
+    assert [m.kind for _w, m in out] == ["snapshot"]
+    # a join of a user another shard owns is refused; its own users join
+    mine, theirs = users_of(1, 2, 1, "j")[0], users_of(0, 2, 1, "j")[0]
+    for req, cid in ((1, theirs), (2, mine)):
+        core.handle("good", Message("join", {"req": req, "conn_id": f"c{req}", "cid": cid,
+                                             "limit": 1, "at": 1.0}), 0.0, ROLE_WORKER)
+    assert core.counters["refused.shard"] == 4
+    assert list(core.registry.users) == [mine]
+    # a malformed shard is a malformed hello
+    assert core.handle("bad", Message("hello", {"pid": 1, "shard": [2, 2]}), 0.0,
+                       ROLE_WORKER) == []
+    assert core.counters["dropped.malformed"] == 1
+
+
+# -- real brokers and workers ---------------------------------------------------------
+@contextlib.contextmanager
+def shard_brokers(tmp_path, count: int) -> Iterator[List[ServerProcess]]:
+    procs: List[ServerProcess] = []
+    try:
+        for i in range(count):
+            procs.append(start_broker(f"ipc://{tmp_path}/shard{i}", i, count))
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def start_broker(endpoint: str, index: int, count: int) -> ServerProcess:
+    p = ServerProcess(["broker", "--bind", endpoint, "--shard", f"{index}/{count}",
+                       "--sync-window", "1"])
+    p.endpoint = endpoint
+    p.wait_line(rf"broker listening on .* as shard {index}/{count}")
+    return p
+
+
+def connect(url: str, identity: str) -> WseClient:
+    c = WseClient(url, rpc_timeout=10 * UNIT)
+    c.got = defaultdict(list)
+    for t in ("ev", "msg"):
+        c.channel.on(t, lambda p, t=t, c=c: c.got[t].append(p))
+    c.pid = c.connect(identity)["pid"]
+    return c
+
+
+def health(port: int) -> tuple:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5 * UNIT) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def shard_users(broker: ServerProcess) -> Dict[str, int]:
+    """worker pid -> connections this shard holds for it, and the user count."""
+    stats = broker_stats(broker.endpoint)
+    assert stats is not None, broker.stderr
+    rows = {str(info["pid"]): info["connections"] for info in stats["workers"].values()
+            if info["role"] == "worker"}
+    return dict(rows, users=stats["users"])
+
+
+def expected(where: Dict[str, int], shard: int, count: int) -> Dict[str, int]:
+    """What shard_users shows for users ``where`` = {cid: worker pid} (one connection each)."""
+    out: Dict[str, int] = {str(pid): 0 for pid in where.values()}
+    mine = [cid for cid in where if shard_of(cid, count) == shard]
+    for cid in mine:
+        out[str(where[cid])] += 1
+    return dict(out, users=len(mine))
+
+
+def test_two_shards_carry_users_sends_events_and_conn_per_user(tmp_path, monkeypatch):
+    monkeypatch.setenv("WSE_TEST_CPU", "1")
+    with shard_brokers(tmp_path, 2) as brokers:
+        both = ",".join(b.endpoint for b in brokers)
+        with serve_process(APP, 1, ["--broker", both]) as s1, \
+                serve_process(APP, 1, ["--broker", both]) as s2:
+            (u0, v0, o1), (u1, v1, o2) = users_of(0, 2, 3, "sh"), users_of(1, 2, 3, "sh")
+            c = {u0: connect(s1.url, u0), u1: connect(s1.url, u1), o1: connect(s1.url, o1),
+                 v0: connect(s2.url, v0), v1: connect(s2.url, v1), o2: connect(s2.url, o2)}
+            p1, p2 = c[u0].pid, c[v0].pid
+            assert p1 != p2 and {c[u].pid for u in (u1, o1)} == {p1}
+            assert {c[u].pid for u in (v1, o2)} == {p2}
+            where = {cid: cl.pid for cid, cl in c.items()}
+            # each shard holds its own users
+            for i, broker in enumerate(brokers):
+                wait_for(lambda b=broker, i=i: shard_users(b) == expected(where, i, 2))
+            # sends cross workers through the user's shard; a broadcast reaches all
+            for target in (v0, v1):
+                c[u0].call("send", {"cid": target, "type": "msg", "payload": f"to {target}"})
+                wait_for(lambda t=target: c[t].got["msg"] == [f"to {t}"])
+            c[v1].call("broadcast", {"type": "msg", "payload": "all"})
+            for cl in c.values():
+                wait_for(lambda cl=cl: "all" in cl.got["msg"])
+            # server.clients asks both shards
+            listing = wait_for(lambda: (lambda r: r if len(r) == len(c) else None)(
+                c[u0].call("clients")))
+            assert sorted(listing) == sorted(c)
+            # a call on a connection another worker holds (every shard is asked)
+            c[v1].register("whoami", lambda p: ["v1", p])
+            answers = c[u0].call("call_conn", {"cid": v1, "rp": "whoami", "payload": 7})
+            assert [a[:2] for a in answers.values()] == [["ok", ["v1", 7]]]
+            # conn_per_user=1 across workers: the user's shard evicts the older
+            again = connect(s2.url, u1)
+            wait_for(lambda: c[u1].close_status is not None)
+            assert c[u1].close_status[0] == 1000
+            where[u1] = p2
+            wait_for(lambda: shard_users(brokers[1]) == expected(where, 1, 2))
+            # drop_client through the shard
+            c[v1].call("drop_client", {"cid": u0})
+            wait_for(lambda: c[u0].close_status is not None)
+            del where[u0]
+            wait_for(lambda: shard_users(brokers[0]) == expected(where, 0, 2))
+
+            def events() -> list:
+                return c[o1].call("events") + c[o2].call("events")
+            # each user joined once; u1's eviction was no 'left' (it is still here)
+            left = wait_for(lambda: [e[1] for e in events() if e[0] == "left"] or None)
+            assert left == [u0]
+            assert sorted(e[1] for e in events() if e[0] == "joined") == sorted(c)
+            for cl in (*c.values(), again):
+                cl.close()
+            for sp in (s1, s2):
+                assert "Traceback" not in sp.stderr
+        for broker in brokers:
+            assert "Traceback" not in broker.stderr
+
+
+def test_a_shard_that_dies_costs_only_its_users(tmp_path):
+    with shard_brokers(tmp_path, 2) as brokers:
+        both = ",".join(b.endpoint for b in brokers)
+        with serve_process(APP, 1, ["--broker", both]) as s1, \
+                serve_process(APP, 1, ["--broker", both]) as s2:
+            (a0, b0), (a1, b1, late) = users_of(0, 2, 2, "d"), users_of(1, 2, 3, "d")
+            c = {a0: connect(s1.url, a0), a1: connect(s1.url, a1),
+                 b0: connect(s2.url, b0), b1: connect(s2.url, b1)}
+            for broker in brokers:
+                wait_for(lambda b=broker: shard_users(b)["users"] == 2)
+            assert health(s1.port)[1]["shards"] == ["up", "up"]
+            # shard 1 dies
+            dead = brokers[1]
+            dead.stop(signal.SIGKILL)
+            status, body = wait_for(lambda: (lambda h: h if h[1]["broker"] == "partial"
+                                             else None)(health(s1.port)), timeout=10 * UNIT)
+            assert status == 200 and body["shards"] == ["up", "away"], body
+            # shard 0's users are served as before
+            c[a0].call("send", {"cid": b0, "type": "msg", "payload": "still here"})
+            wait_for(lambda: c[b0].got["msg"] == ["still here"])
+            c[a1].call("broadcast", {"type": "msg", "payload": "all"})
+            for cl in c.values():
+                wait_for(lambda cl=cl: "all" in cl.got["msg"])
+            # shard 1's users: a send waits in the outbox, a new user is let in
+            c[a0].call("send", {"cid": b1, "type": "msg", "payload": "later"})
+            newcomer = connect(s2.url, late)
+            assert c[b1].got["msg"] == ["all"]
+            # shard 1 comes back on the same endpoint: the workers resend their
+            # part of the map and the waiting send
+            brokers[1] = start_broker(dead.endpoint, 1, 2)
+            wait_for(lambda: c[b1].got["msg"] == ["all", "later"], timeout=15 * UNIT)
+            wait_for(lambda: shard_users(brokers[1]) == {
+                str(c[a1].pid): 1, str(c[b1].pid): 2, "users": 3}, timeout=15 * UNIT)
+            wait_for(lambda: health(s2.port)[1]["shards"] == ["up", "up"], timeout=10 * UNIT)
+            # nobody left; the newcomer joined once (decided when its shard came back)
+            events = wait_for(lambda: (lambda e: e if [x[1] for x in e if x[0] == "joined"
+                                                       ].count(late) == 1 else None)(
+                c[a0].call("events") + c[b0].call("events")), timeout=10 * UNIT)
+            assert not [e for e in events if e[0] == "left"], events
+            assert sorted(e[1] for e in events if e[0] == "joined") == sorted([*c, late])
+            assert shard_users(brokers[0])["users"] == 2
+            for cl in (*c.values(), newcomer):
+                cl.close()
+            for sp in (s1, s2):
+                assert "Traceback" not in sp.stderr
+
+
+def test_a_worker_with_another_broker_list_is_refused(tmp_path):
+    with shard_brokers(tmp_path, 2) as brokers:
+        # the shards listed the other way round
+        swapped = ",".join(b.endpoint for b in reversed(brokers))
+        with serve_process(APP, 1, ["--broker", swapped]) as sp:
+            for broker in brokers:
+                broker.wait_line(r"refused\.shard")
+            status, body = health(sp.port)
+            assert status == 503 and body["shards"] == ["joining", "joining"], body
+            assert "Traceback" not in sp.stderr
+    for broker in brokers:
+        assert "Traceback" not in broker.stderr

@@ -1,0 +1,210 @@
+"""A worker joined to K broker shards: one BrokerLink per shard, one face.
+
+``ShardedLink`` offers what ``BrokerLink`` offers, so the worker runtime does
+not know how many brokers there are. What goes where (core.shards decides
+who owns a user):
+
+- a user's join, leave, ``send`` and ``drop_client``: the user's shard only;
+  each shard is sent the part of this worker's table it owns;
+- ``broadcast``: this worker's home shard (another one while it is away):
+  every worker is joined to every shard, so one delivers to all;
+- ``send``/``drop``/``call`` on a connection id: every shard (an id does not
+  say whose it is); the one holding it acts, the others count it unknown;
+- ``server.clients``: each shard is asked about its users, counts add up.
+
+A shard that is away costs only its users: their joins are decided here and
+their commands wait in its outbox until it is back, as with one broker.
+"""
+from __future__ import annotations
+
+from collections import ChainMap
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Tuple
+
+import gevent
+
+from ..core.errors import WSE_ERROR, WseError
+from ..core.link import LocalEntry
+from ..core.shards import home_shard, merge_stats, merge_users, shard_of
+from .link import BrokerLink, LocalPort
+
+__all__ = ["ShardedLink"]
+
+
+class _ShardPort:
+    """The worker's port as one shard's link sees it: only that shard's users."""
+
+    def __init__(self, port: LocalPort, index: int, count: int) -> None:
+        self._port = port
+        self._index = index
+        self._count = count
+
+    def entries(self) -> Iterable[LocalEntry]:
+        index, count = self._index, self._count
+        return [e for e in self._port.entries() if shard_of(e[1], count) == index]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._port, name)
+
+
+class _ShardedView:
+    """The union of the shards' replicas (each holds other users)."""
+
+    def __init__(self, links: List[BrokerLink]) -> None:
+        self.users: Mapping[Hashable, Dict[str, Tuple[str, Any]]] = ChainMap(
+            *[link.view.users for link in links])
+
+    def meta_of(self, cid: Hashable) -> Any:
+        user = self.users.get(cid)
+        return next(iter(user.values()))[1] if user else None
+
+
+class ShardedLink:
+    """Joins one worker runtime to every broker shard (``endpoints`` in shard order)."""
+
+    def __init__(self, port: LocalPort, worker_id: str, endpoints: List[str], ctx: Any,
+                 **options: Any) -> None:
+        count = len(endpoints)
+        self.links = [BrokerLink(_ShardPort(port, i, count), worker_id, endpoint, ctx,
+                                 shard=(i, count), **options)
+                      for i, endpoint in enumerate(endpoints)]
+        self.endpoint = ",".join(endpoints)
+        self._home = home_shard(worker_id, count)
+        self.view = _ShardedView(self.links)
+
+    def _of(self, cid: Hashable) -> BrokerLink:
+        return self.links[shard_of(cid, len(self.links))]
+
+    # -- life ------------------------------------------------------------
+    def start(self) -> None:
+        for link in self.links:
+            link.start()
+
+    def stop(self) -> None:
+        for link in self.links:
+            link.stop()
+
+    # -- users -------------------------------------------------------------
+    def join(self, conn_id: str, cid: Hashable, meta: Any, at: float,
+             local: List[Tuple[str, float]], limit: Optional[int]) -> Tuple[bool, List[str]]:
+        return self._of(cid).join(conn_id, cid, meta, at, local, limit)
+
+    def leave(self, conn_id: str, cid: Hashable, meta: Any, code: int, reason: str,
+              quiet: bool = False) -> None:
+        self._of(cid).leave(conn_id, cid, meta, code, reason, quiet)
+
+    def is_pending(self, conn_id: str) -> bool:
+        return any(link.is_pending(conn_id) for link in self.links)
+
+    def send_cid(self, cid: Hashable, data: Any) -> None:
+        self._of(cid).send_cid(cid, data)
+
+    def drop_cid(self, cid: Hashable, reason: str) -> None:
+        self._of(cid).drop_cid(cid, reason)
+
+    def broadcast(self, data: Any) -> None:
+        home = self.links[self._home]
+        if home.state != "up":
+            home = next((link for link in self.links if link.state == "up"), home)
+        home.broadcast(data)
+
+    # -- connections (any shard may hold them) -----------------------------
+    def conn_send(self, conn_id: str, data: Any) -> None:
+        for link in self.links:
+            link.conn_send(conn_id, data)
+
+    def conn_drop(self, conn_id: str, reason: str) -> None:
+        for link in self.links:
+            link.conn_drop(conn_id, reason)
+
+    def call(self, conn_id: str, rp: str, payload: Any, timeout: float) -> Any:
+        """Asks every shard; the holder's answer wins (the others say
+        CONNECTION_NOT_READY at once)."""
+        calls = [gevent.spawn(_outcome, link.call, conn_id, rp, payload, timeout)
+                 for link in self.links]
+        try:
+            pending = list(calls)
+            errors: List[BaseException] = []
+            while pending:
+                for g in gevent.wait(pending, count=1):
+                    pending.remove(g)
+                    ok, value = g.value
+                    if ok:
+                        return value
+                    errors.append(value)
+            real = [e for e in errors if not (isinstance(e, WseError)
+                                              and e.code == WSE_ERROR.CONNECTION_NOT_READY)]
+            raise (real or errors)[0]
+        finally:
+            gevent.killall([g for g in calls if not g.dead], block=False)
+
+    # -- the cluster ---------------------------------------------------------
+    def _each(self, method: str, *args: Any) -> List[Any]:
+        """``method(*args)`` of every shard's link at once: their answers (None: none)."""
+        jobs = [gevent.spawn(_outcome, getattr(link, method), *args) for link in self.links]
+        gevent.joinall(jobs)
+        return [g.value[1] if g.value[0] else None for g in jobs]
+
+    def stats(self, full: bool = True, timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        answers = self._each("stats", full, timeout)
+        if not full:
+            return {} if any(a is not None for a in answers) else None
+        return merge_stats(answers)
+
+    def lookup(self, cids: Optional[List[Hashable]] = None, count: bool = False,
+               timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        if cids is None:
+            return merge_users(self._each("lookup", None, count, timeout), count)
+        by_shard: Dict[int, List[Hashable]] = {}
+        for cid in cids:
+            by_shard.setdefault(shard_of(cid, len(self.links)), []).append(cid)
+        jobs = [gevent.spawn(_outcome, self.links[i].lookup, part, False, timeout)
+                for i, part in by_shard.items()]
+        gevent.joinall(jobs)
+        return merge_users([g.value[1] if g.value[0] else None for g in jobs], False)
+
+    @property
+    def shard_states(self) -> List[str]:
+        return [link.state for link in self.links]
+
+    @property
+    def state(self) -> str:
+        """"up" (every shard in sync), "partial" (some are), or the shards'
+        common state: "refused" if any refused, else "away" or "joining"."""
+        states = self.shard_states
+        if all(s == "up" for s in states):
+            return "up"
+        if "refused" in states:
+            return "refused"
+        if "up" in states:
+            return "partial"
+        return "away" if all(s == "away" for s in states) else "joining"
+
+    @property
+    def refused(self) -> Optional[str]:
+        return next((link.refused for link in self.links if link.refused is not None), None)
+
+    @property
+    def rtt(self) -> Optional[float]:
+        rtts = [link.rtt for link in self.links if link.rtt is not None]
+        return max(rtts) if rtts else None
+
+    @property
+    def resent(self) -> int:
+        return sum(link.resent for link in self.links)
+
+    @property
+    def synced(self) -> bool:
+        return all(link.synced for link in self.links)
+
+    @property
+    def unconfirmed(self) -> int:
+        return sum(link.unconfirmed for link in self.links)
+
+
+def _outcome(fn: Callable[..., Any], *args: Any) -> Tuple[bool, Any]:
+    """(True, what ``fn`` returned) or (False, what it raised): a greenlet that
+    raises would have gevent print its traceback."""
+    try:
+        return True, fn(*args)
+    except Exception as exc:  # handed to the caller, who raises or ignores it
+        return False, exc
