@@ -305,12 +305,16 @@ class Broker:
                               " its worker will drop the link (raise --max-msg-size here and"
                               " broker_max_msg_size in the workers)", msg.kind, len(frames[2]),
                               self.max_msg_size)
-            per_worker.setdefault(worker_id, []).append(frames)
+            messages = per_worker.get(worker_id)
+            if messages is None:
+                messages = per_worker[worker_id] = []
+            messages.append(frames)
         for worker_id, messages in per_worker.items():
             ident = worker_id.encode("latin-1")
             start, size = 0, 0
             for i, frames in enumerate(messages):
-                size += sum(len(f) for f in frames)
+                # (the body and the data: the version, kind and flag are a few bytes)
+                size += len(frames[2]) + (len(frames[4]) if len(frames) == 5 else 0)
                 if size >= BATCH_BYTES:
                     self._send(ident, batch(messages[start:i + 1]), i + 1 - start)
                     start, size = i + 1, 0

@@ -28,9 +28,12 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Set, Tuple
 
 from .checks import ROLE_CLIENT, ROLE_WORKER, check
 from .errors import WSE_ERROR, WSE_REASON
-from .messages import Message
+from .messages import KINDS, Message
 from .registry import ConnEntry, Registry
 from .shards import Shard, shard_of
+
+# the counter of each kind received
+_IN = {kind: "in." + kind for kind in KINDS}
 
 __all__ = ["BrokerCore", "HEARTBEAT", "WORKER_TIMEOUT", "Out", "ROLE_WORKER", "ROLE_CLIENT"]
 
@@ -170,7 +173,7 @@ class BrokerCore:
         """One message from ``sender`` (its routing identity). ``role`` is what
         the sender's key allows (``core.checks``); ``key`` identifies that key
         (None on a link without CURVE)."""
-        self.counters["in." + msg.kind] += 1
+        self.counters[_IN[msg.kind]] += 1
         out: Out = []
         if key is not None and not self._owned_by(sender, key):
             if sender in self.workers:

@@ -42,6 +42,9 @@ KINDS = frozenset({
 })
 
 
+_KIND_OF = {k.encode("ascii"): k for k in KINDS}
+
+
 class SchemaError(ValueError):
     """A message that does not follow this schema."""
 
@@ -114,8 +117,8 @@ def _unpack(frames: List[Any]) -> List[List[Any]]:
         raise SchemaError("pack header is not {\"n\": [...], \"len\": [...]}") from None
     blob = bytes(frames[3])
     if (not isinstance(sizes, list) or not isinstance(lengths, list)
-            or not all(type(n) is int and n > 0 for n in sizes)
-            or not all(type(n) is int and n >= 0 for n in lengths)
+            or not _ints(sizes) or not _ints(lengths) or (sizes and min(sizes) <= 0)
+            or (lengths and min(lengths) < 0)
             or sum(sizes) != len(lengths) or sum(lengths) != len(blob)):
         raise SchemaError("pack sizes do not match its frames")
     out: List[List[Any]] = []
@@ -130,6 +133,11 @@ def _unpack(frames: List[Any]) -> List[List[Any]]:
     return out
 
 
+def _ints(values: List[Any]) -> bool:
+    """Every value an int (not a bool, a float or anything else)."""
+    return set(map(type, values)) <= {int}
+
+
 def decode(frames: List[Any]) -> Message:
     """Parse the frames after any identity frame. Raises SchemaError."""
     if frames and type(frames[0]) is not bytes:  # zmq Frames (all of one recv alike)
@@ -138,12 +146,9 @@ def decode(frames: List[Any]) -> Message:
         raise SchemaError(f"expected 3 or 5 frames, got {len(frames)}")
     if frames[0] != VERSION:
         raise SchemaError(f"schema version {frames[0][:16]!r}, this side speaks {VERSION!r}")
-    try:
-        kind = frames[1].decode("ascii")
-    except UnicodeDecodeError:
-        raise SchemaError("kind is not ASCII") from None
-    if kind not in KINDS:
-        raise SchemaError(f"unknown kind {kind[:32]!r}")
+    kind = _KIND_OF.get(frames[1])
+    if kind is None:
+        raise SchemaError(f"unknown kind {frames[1][:32]!r}")
     try:
         body = ujson.loads(frames[2])
     except ValueError as exc:
