@@ -520,3 +520,65 @@ def test_a_stall_of_the_broker_is_not_counted_as_silence_of_its_workers():
     for t in (7.0, 8.0, 9.0, 10.0):   # listening again, and w1 really is silent
         core.tick(t)
     assert "w1" not in core.workers
+
+
+def _script(seed: int) -> list:
+    """A random run of (sender, message, role, key) mixing steady kinds with
+    hellos, byes, malformed bodies, a client key and a stolen identity."""
+    import random
+    rnd = random.Random(seed)
+    out = [(w, Message("hello", {"pid": 1, "limit": 2, "table": [], "sync": 0}), "worker", None)
+           for w in ("w1", "w2")]
+    for i in range(400):
+        sender = rnd.choice(["w1", "w2", "w3"])
+        role, key = ("client", "kc") if sender == "w3" and rnd.random() < 0.5 else ("worker", None)
+        if rnd.random() < 0.02:
+            key = rnd.choice(["k1", "k2"])
+        cid = f"u{rnd.randrange(6)}"
+        conn = f"{sender}-c{rnd.randrange(4)}"
+        r = rnd.random()
+        if r < 0.015:
+            msg = Message("hello", {"pid": 1, "limit": 2, "table": [], "sync": i,
+                                    "base": rnd.randrange(3)})
+        elif r < 0.02:
+            msg = Message("bye", {})
+        elif r < 0.3:
+            msg = Message("join", {"req": i, "conn_id": conn, "cid": cid, "limit": 2,
+                                   "at": float(i)})
+        elif r < 0.38:
+            msg = Message("leave", {"conn_id": conn, "cid": cid, "code": 1000, "reason": ""})
+        elif r < 0.7:
+            msg = Message("send", {"cid": cid, "seq": i}, '["m",1,null]')
+        elif r < 0.75:
+            msg = Message("send", {"cid": [cid], "seq": i}, '["m",1,null]')  # malformed
+        elif r < 0.85:
+            msg = Message("bcast", {"seq": i}, '["b",1,null]')
+        elif r < 0.9:
+            msg = Message("hb", {})
+        elif r < 0.95:
+            msg = Message("stats", {})
+        else:
+            msg = Message("lookup", {"req": i, "cids": [cid]})
+        out.append((sender, msg, role, key))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_handle_all_is_handle_of_each_message(seed):
+    """The shell hands each peer's batch to handle_all: the same outcome as
+    handle, message by message, whatever the batch holds."""
+    import copy
+    import itertools
+    script = _script(seed)
+    one, many = BrokerCore(epoch="e"), BrokerCore(epoch="e")
+    out_one, out_many = [], []
+    for (sender, role, key), run in itertools.groupby(script, key=lambda s: (s[0], s[2], s[3])):
+        run = [m for _s, m, _r, _k in run]
+        for msg in run:
+            out_one += one.handle(sender, copy.deepcopy(msg), 1.0, role, key)
+        out_many += many.handle_all(sender, copy.deepcopy(run), 1.0, role, key)
+    assert [(w, m.kind, m.body, m.data) for w, m in out_one] == \
+        [(w, m.kind, m.body, m.data) for w, m in out_many]
+    assert one.counters == many.counters
+    assert map_of(one) == map_of(many) and set(one.workers) == set(many.workers)
+    assert one.counters["in.send"] > 50 and one.counters["routed"] > 15

@@ -275,19 +275,22 @@ class Broker:
             log.warning("dropped a malformed batch on the broker socket: %s", exc)
             return []
         out: Out = []
+        messages: List[Message] = []
         for part in parts:
             try:
-                msg = decode(part)
+                messages.append(decode(part))
             except SchemaError as exc:
                 self.core.counters["dropped.malformed"] += 1
                 if part[:1] and part[0] != VERSION and part[0][:3] == b"wse":
                     log.error("refused a peer speaking schema %r (this broker speaks %r)",
                               part[0][:16], VERSION)
+                    out += self.core.handle_all(sender_id, messages, time.monotonic(), role, key)
+                    messages = []
                     out.append((sender_id, Message("refused", {"version": VERSION.decode()})))
                 else:
                     log.warning("dropped a malformed message on the broker socket: %s", exc)
-                continue
-            out += self.core.handle(sender_id, msg, time.monotonic(), role, key)
+        if messages:
+            out += self.core.handle_all(sender_id, messages, time.monotonic(), role, key)
         return out
 
     def _send_all(self, out: Out) -> None:

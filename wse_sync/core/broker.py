@@ -47,6 +47,9 @@ LIMBO_MAX = 10000
 # kinds that route by the map or decide joined/left (held while the map is rebuilt)
 HELD_WHILE_SYNCING = frozenset({"send", "bcast", "drop_cid", "conn_send", "conn_drop", "call",
                                 "join", "leave", "lookup"})
+# kinds that change neither the sender's standing nor the sync state:
+# handle_all carries a run of them out without asking again who the sender is
+STEADY_KINDS = HELD_WHILE_SYNCING | {"result", "hb"}
 
 # a worker's commands are acked at least every ACK_EVERY seqs (and with each heartbeat)
 ACK_EVERY = 256
@@ -225,6 +228,40 @@ class BrokerCore:
             return out
         info.last_seen = now
         return self._process(sender, msg, now)
+
+    def handle_all(self, sender: str, messages: List[Message], now: float,
+                   role: str = ROLE_WORKER, key: Optional[str] = None) -> Out:
+        """``handle`` of each of one peer's messages, in order. What depends only
+        on the sender (its key, its standing, the sync state) is looked up once
+        for a run of STEADY_KINDS, and again after any other kind."""
+        out: Out = []
+        steady: Optional[WorkerInfo] = None
+        counters = self.counters
+        for msg in messages:
+            kind = msg.kind
+            if steady is None or kind not in STEADY_KINDS:
+                out += self.handle(sender, msg, now, role, key)
+                steady = self._steady(sender, now, role, key)
+                continue
+            counters[_IN[kind]] += 1
+            refusal = check(msg, role)
+            if refusal is not None:
+                self._refuse(sender, refusal.what, "%s", refusal.why, kind=kind)
+                continue
+            steady.last_seen = now
+            out += self._carry_out(sender, msg, now)
+        return out
+
+    def _steady(self, sender: str, now: float, role: str, key: Optional[str]
+                ) -> Optional[WorkerInfo]:
+        """The sender's WorkerInfo when ``handle`` would carry its next steady
+        message straight out (no other check): known, same key and role, no
+        sync under way; else None."""
+        info = self.workers.get(sender)
+        if (info is None or info.role != role or self._deferred or self._syncing(now)
+                or (key is not None and self._owners.get(sender) != key)):
+            return None
+        return info
 
     def _same_shards(self, sender: str, body: Dict[str, Any]) -> bool:
         """A worker's hello names the shard it thinks this broker is: a worker
