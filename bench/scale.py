@@ -36,7 +36,9 @@ For each N (users held; one connection per user):
 - broker RSS after the load and at the end, its CPU seconds over the whole
   N, and H's replica size in bytes per user (a deep ``sys.getsizeof``).
 
-Then joins/s with W=32 on a fresh broker holding ``--w32-users`` users.
+Then joins/s with W = 2, 8, 16 and 32 lean workers (and 32 keeping replicas)
+on a fresh broker holding ``--w32-users`` users, 256 joins in flight in all,
+then W = 2 and 32 with 2,048 in flight.
 
 ``--core-gc`` also measures BrokerCore's join cost in-process at 10k and
 1M users, with the default GC and with the broker's GC tuning.
@@ -499,11 +501,19 @@ def run_n(h: Harness, n: int, args) -> Dict[str, Any]:
     return row
 
 
+# (key, workers, replicas?, joins in flight per worker): 256 in flight in all
+# whatever W (each worker's share of the load), then 2048 (a broker with
+# more work waiting finds more joins per ZeroMQ message from each worker)
+W32_RUNS = [("2", 2, False, 128), ("8", 8, False, 32), ("16", 16, False, 16),
+            ("", 32, False, 8), ("r", 32, True, 8), ("2d", 2, False, 1024),
+            ("d", 32, False, 64)]
+
+
 def run_w32(h: Harness, n: int, args) -> Dict[str, Any]:
     """Joins/s at N users with W=32 and W=2 lean workers (the default: no
     replica), then W=32 workers that keep replicas (every join: 32 deltas)."""
     row: Dict[str, Any] = {"users": n, "workers": 32}
-    runs = [("", 32, False, 8), ("2", 2, False, 8 * 16), ("r", 32, True, 8)]
+    runs = W32_RUNS
     try:
         for key, count, replica, window in runs:
             h.start_broker(0)
@@ -583,12 +593,13 @@ def table(rows: List[Dict[str, Any]], w32: Optional[Dict[str, Any]]) -> str:
             fmt(r.get("rss_end_mb"), ".0f"), fmt(r.get("broker_cpu_s")),
             fmt(r.get("view_b_per_user"), ".0f")]) + " |")
     if w32:
-        lines.append("")
-        lines.append(f"joins at {w32['users']:,} users: W=32 {fmt(w32.get('joins_s'), '.0f')}/s"
-                     f" ({fmt(w32.get('join_cpu_us'))} µs of broker CPU each), W=2"
-                     f" {fmt(w32.get('joins2_s'), '.0f')}/s ({fmt(w32.get('join2_cpu_us'))} µs);"
-                     f" W=32 keeping replicas {fmt(w32.get('joinsr_s'), '.0f')}/s"
-                     f" ({fmt(w32.get('joinr_cpu_us'))} µs)")
+        lines += ["", f"joins at {w32['users']:,} users:", "",
+                  "| workers | map in workers | joins in flight | joins/s (wall) |"
+                  " µs of broker CPU per join |", "|---|---|---|---|---|"]
+        for key, count, replica, window in W32_RUNS:
+            lines.append(f"| W={count} | {'replicas' if replica else 'lean'} |"
+                         f" {count * window} | {fmt(w32.get(f'joins{key}_s'), '.0f')} |"
+                         f" {fmt(w32.get(f'join{key}_cpu_us'))} |")
     return "\n".join(lines)
 
 
