@@ -148,8 +148,8 @@ OPTIONS: List[Option] = [
     _O("rpc_tracebacks", False, "send the handler's full traceback in RPC errors (it names"
        " server files)", _bool),
     # -- the cluster --
-    _O("broker", None, "broker endpoint to join (tcp://, ipc://); default: an embedded broker",
-       _text),
+    _O("broker", None, "broker endpoint to join (tcp://, ipc://), or the endpoints of K shards"
+       " comma-separated in shard order; default: an embedded broker", _text),
     _O("broker_timeout", 5.0, "seconds to wait for a broker answer", _float),
     _O("broker_key", None, "the broker's public key, a file or 40 characters (CURVE on tcp://)",
        _text),
