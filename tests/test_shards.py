@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -18,7 +20,7 @@ from typing import Dict, Iterator, List
 import pytest
 
 from helpers import UNIT, ServerProcess, broker_stats, serve_process, wait_for
-from wse_sync import WseClient
+from wse_sync import WseClient, connect_cluster
 from wse_sync.core.broker import BrokerCore
 from wse_sync.core.checks import ROLE_WORKER
 from wse_sync.core.messages import Message
@@ -175,12 +177,13 @@ def expected(where: Dict[str, int], shard: int, count: int) -> Dict[str, int]:
     return dict(out, users=len(mine))
 
 
-def test_two_shards_carry_users_sends_events_and_conn_per_user(tmp_path, monkeypatch):
+@pytest.mark.parametrize("replica", [False, True], ids=["lookup", "replica"])
+def test_two_shards_carry_users_sends_events_and_conn_per_user(tmp_path, monkeypatch, replica):
     monkeypatch.setenv("WSE_TEST_CPU", "1")
     with shard_brokers(tmp_path, 2) as brokers:
         both = ",".join(b.endpoint for b in brokers)
-        with serve_process(APP, 1, ["--broker", both]) as s1, \
-                serve_process(APP, 1, ["--broker", both]) as s2:
+        extra = ["--broker", both, "--cluster-replica", "true" if replica else "false"]
+        with serve_process(APP, 1, extra) as s1, serve_process(APP, 1, extra) as s2:
             (u0, v0, o1), (u1, v1, o2) = users_of(0, 2, 3, "sh"), users_of(1, 2, 3, "sh")
             c = {u0: connect(s1.url, u0), u1: connect(s1.url, u1), o1: connect(s1.url, o1),
                  v0: connect(s2.url, v0), v1: connect(s2.url, v1), o2: connect(s2.url, o2)}
@@ -198,10 +201,26 @@ def test_two_shards_carry_users_sends_events_and_conn_per_user(tmp_path, monkeyp
             c[v1].call("broadcast", {"type": "msg", "payload": "all"})
             for cl in c.values():
                 wait_for(lambda cl=cl: "all" in cl.got["msg"])
-            # server.clients asks both shards
+            # server.clients asks both shards (or reads both replicas)
             listing = wait_for(lambda: (lambda r: r if len(r) == len(c) else None)(
                 c[u0].call("clients")))
             assert sorted(listing) == sorted(c)
+            # `wse-sync stats` over the shards: their sum, and each answer
+            out = subprocess.run([sys.executable, "-m", "wse_sync", "stats", "--broker", both],
+                                 capture_output=True, text=True, timeout=30 * UNIT)
+            assert out.returncode == 0, out.stderr
+            summed = json.loads(out.stdout)
+            assert summed["users"] == len(c) and len(summed["shards"]) == 2
+            assert [a["users"] for a in summed["shards"]] == [3, 3]
+            # a connect_cluster() handle joined to both shards
+            with connect_cluster(both, timeout=10 * UNIT) as handle:
+                assert sorted(handle.clients) == sorted(c)
+                handle.send(v0, "msg", "from a handle")
+                handle.broadcast("msg", "handle to all")
+                handle.flush()
+            wait_for(lambda: c[v0].got["msg"][-2:] == ["from a handle", "handle to all"])
+            for cl in c.values():
+                wait_for(lambda cl=cl: "handle to all" in cl.got["msg"])
             # a call on a connection another worker holds (every shard is asked)
             c[v1].register("whoami", lambda p: ["v1", p])
             answers = c[u0].call("call_conn", {"cid": v1, "rp": "whoami", "payload": 7})

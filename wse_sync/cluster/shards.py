@@ -50,8 +50,12 @@ class _ShardedView:
     """The union of the shards' replicas (each holds other users)."""
 
     def __init__(self, links: List[BrokerLink]) -> None:
-        self.users: Mapping[Hashable, Dict[str, Tuple[str, Any]]] = ChainMap(
-            *[link.view.users for link in links])
+        self._links = links
+
+    @property
+    def users(self) -> Mapping[Hashable, Dict[str, Tuple[str, Any]]]:
+        # (read anew each time: a link swaps in a new view with each snapshot)
+        return ChainMap(*[link.view.users for link in self._links])
 
     def meta_of(self, cid: Hashable) -> Any:
         user = self.users.get(cid)
@@ -199,6 +203,10 @@ class ShardedLink:
     @property
     def unconfirmed(self) -> int:
         return sum(link.unconfirmed for link in self.links)
+
+    @property
+    def unanswered_leaves(self) -> int:
+        return sum(link.unanswered_leaves for link in self.links)
 
 
 def _outcome(fn: Callable[..., Any], *args: Any) -> Tuple[bool, Any]:

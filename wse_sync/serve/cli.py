@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Print a broker's users, connections and counters as"
                                     " JSON. Without --broker: the broker of the local"
                                     " `wse-sync serve` (--port picks one of several).")
-    st.add_argument("--broker", default=None, help="the broker's endpoint")
+    st.add_argument("--broker", default=None,
+                    help="the broker's endpoint (K shards: their endpoints, comma-separated:"
+                         " the sum, with each shard's answer under \"shards\")")
     st.add_argument("--port", type=int, default=None,
                     help="without --broker: the local serve listening on this port")
     st.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
@@ -354,32 +356,57 @@ def _stats_command(args: argparse.Namespace) -> int:
 
 def _stats(endpoint: str, timeout: float, broker_key: Optional[str] = None,
            secret: Optional[str] = None) -> int:
-    import zmq
-
-    from ..cluster.curve import CurveError, client_keys
-    from ..core.messages import MAX_MSG_SIZE, decode, encode
+    """Print a broker's stats; for K shards (comma-separated), their sum with
+    each shard's answer under "shards" (exit 1 if one did not answer)."""
+    from ..cluster.curve import CurveError
+    from ..core.shards import merge_stats, split_endpoints
 
     try:
-        curve = client_keys(endpoint, broker_key, secret)
-    except CurveError as exc:
-        print(f"wse-sync: {exc}", file=sys.stderr)
-        return 2
+        endpoints = split_endpoints(endpoint)
+    except ValueError as exc:
+        return _fail(str(exc))
+    answers: List[Optional[Dict[str, Any]]] = []
+    for one in endpoints:
+        try:
+            answers.append(_ask_stats(one, timeout, broker_key, secret))
+        except CurveError as exc:
+            print(f"wse-sync: {exc}", file=sys.stderr)
+            return 2
+    if len(endpoints) == 1:
+        if answers[0] is None:
+            return 1
+        print(json.dumps(answers[0], indent=2, sort_keys=True))
+        return 0
+    merged = merge_stats(answers)
+    if merged is None:
+        return 1
+    print(json.dumps(merged, indent=2, sort_keys=True))
+    return 0 if all(a is not None for a in answers) else 1
+
+
+def _ask_stats(endpoint: str, timeout: float, broker_key: Optional[str],
+               secret: Optional[str]) -> Optional[Dict[str, Any]]:
+    """One broker's ``stats`` answer; None (said on stderr) without one in ``timeout``."""
+    import zmq
+
+    from ..cluster.curve import client_keys
+    from ..core.messages import MAX_MSG_SIZE, decode, encode
+
+    curve = client_keys(endpoint, broker_key, secret)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_SIZE)
-    if curve is not None:
-        curve.apply(sock)
-    sock.connect(endpoint)
-    sock.send_multipart(encode("stats"))
-    if not sock.poll(timeout * 1000):
-        hint = " (is this key allowed by the broker?)" if curve is not None else ""
-        print(f"no answer from {endpoint} in {timeout}s{hint}", file=sys.stderr)
+    try:
+        if curve is not None:
+            curve.apply(sock)
+        sock.connect(endpoint)
+        sock.send_multipart(encode("stats"))
+        if not sock.poll(timeout * 1000):
+            hint = " (is this key allowed by the broker?)" if curve is not None else ""
+            print(f"no answer from {endpoint} in {timeout}s{hint}", file=sys.stderr)
+            return None
+        return decode(sock.recv_multipart()).body
+    finally:
         sock.close(0)
         ctx.term()
-        return 1
-    msg = decode(sock.recv_multipart())
-    print(json.dumps(msg.body, indent=2, sort_keys=True))
-    sock.close()
-    ctx.term()
-    return 0
