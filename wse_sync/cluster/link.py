@@ -268,6 +268,10 @@ class BrokerLink:
     def unconfirmed(self) -> int:
         return self.core.unconfirmed
 
+    @property
+    def unanswered_leaves(self) -> int:
+        return 0 if self.core.down_since is not None else self.core.unanswered_leaves
+
     # -- socket --------------------------------------------------------------
     def _command(self, kind: str, body: dict, data: Any = None) -> None:
         if self._stopped:

@@ -224,6 +224,11 @@ class LinkCore:
     def is_pending(self, conn_id: str) -> bool:
         return conn_id in self._pending
 
+    @property
+    def unanswered_leaves(self) -> int:
+        """Leaves sent that the broker has not answered (their 'left' may still fire)."""
+        return len(self._unacked)
+
     # -- life ---------------------------------------------------------------
     def hello(self) -> List[Message]:
         """This worker's table (in parts of ``table_part``: the hello, then ``table``

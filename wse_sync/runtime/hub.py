@@ -142,7 +142,11 @@ class Hub:
         for s in list(self._sessions):
             s.conn.close(code, reason)
         deadline = time.monotonic() + timeout
-        while (self._sessions or self._busy) and time.monotonic() < deadline:
+        # the broker's answers to the last leaves fire 'left' here: wait for
+        # them too, so those handlers run while the cluster is still joined
+        while ((self._sessions or self._busy
+                or (self.link is not None and self.link.unanswered_leaves))
+               and time.monotonic() < deadline):
             gevent.sleep(0.02)
         if self._busy:
             log.warning("%d handler(s) still running after %.1fs: abandoning them",
@@ -492,11 +496,12 @@ class Hub:
             log.warning("%s (connection %s)", _describe(error), getattr(conn, "conn_id", None))
 
     def spawn(self, fn: Callable, *args: Any) -> None:
-        """Run application code in a greenlet of its own (counted for a graceful stop)."""
+        """Run application code in a greenlet of its own (counted for a graceful
+        stop from now on, not only once it starts)."""
+        self._busy += 1
         runner.spawn(self._counted, fn, args)
 
     def _counted(self, fn: Callable, args: tuple) -> None:
-        self._busy += 1
         try:
             fn(*args)
         finally:
