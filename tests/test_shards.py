@@ -225,6 +225,9 @@ def test_two_shards_carry_users_sends_events_and_conn_per_user(tmp_path, monkeyp
             c[v1].register("whoami", lambda p: ["v1", p])
             answers = c[u0].call("call_conn", {"cid": v1, "rp": "whoami", "payload": 7})
             assert [a[:2] for a in answers.values()] == [["ok", ["v1", 7]]]
+            # a send on that connection object (conn_send to every shard)
+            c[u0].call("send_conns", {"cid": v1, "type": "msg", "count": 1})
+            wait_for(lambda: c[v1].got["msg"][-1:] == [0])
             # conn_per_user=1 across workers: the user's shard evicts the older
             again = connect(s2.url, u1)
             wait_for(lambda: c[u1].close_status is not None)

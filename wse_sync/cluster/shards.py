@@ -113,12 +113,22 @@ class ShardedLink:
 
     # -- connections (any shard may hold them) -----------------------------
     def conn_send(self, conn_id: str, data: Any) -> None:
-        for link in self.links:
-            link.conn_send(conn_id, data)
+        self._to_every("conn_send", conn_id, data)
 
     def conn_drop(self, conn_id: str, reason: str) -> None:
+        self._to_every("conn_drop", conn_id, reason)
+
+    def _to_every(self, method: str, *args: Any) -> None:
+        """A command to every shard; raises only when no shard took it (one that
+        is away and whose outbox is full may not be the holder's)."""
+        errors = []
         for link in self.links:
-            link.conn_drop(conn_id, reason)
+            try:
+                getattr(link, method)(*args)
+            except WseError as exc:
+                errors.append(exc)
+        if len(errors) == len(self.links):
+            raise errors[0]
 
     def call(self, conn_id: str, rp: str, payload: Any, timeout: float) -> Any:
         """Asks every shard; the holder's answer wins (the others say
