@@ -23,6 +23,7 @@ from helpers import UNIT, ServerProcess, broker_stats, serve_process, wait_for
 from wse_sync import WseClient, connect_cluster
 from wse_sync.core.broker import BrokerCore
 from wse_sync.core.checks import ROLE_WORKER
+from wse_sync.core.link import LinkCore
 from wse_sync.core.messages import Message
 from wse_sync.core.shards import (home_shard, merge_stats, merge_users, parse_shard, shard_of,
                                   split_endpoints)
@@ -104,7 +105,8 @@ def test_a_broker_refuses_a_worker_with_another_shard_list():
     core = BrokerCore(shard=(1, 2))
     # a worker that takes it for a single broker, or for shard 0, or of 4
     for i, said in enumerate((None, [0, 2], [1, 4])):
-        assert _hello(core, f"w{i}", said) == []
+        out = _hello(core, f"w{i}", said)
+        assert [(w, m.kind, m.body) for w, m in out] == [(f"w{i}", "refused", {"shard": [1, 2]})]
     assert core.counters["refused.shard"] == 3 and not core.workers
     out = _hello(core, "good", [1, 2])
     assert [m.kind for _w, m in out] == ["snapshot"]
@@ -119,6 +121,25 @@ def test_a_broker_refuses_a_worker_with_another_shard_list():
     assert core.handle("bad", Message("hello", {"pid": 1, "shard": [2, 2]}), 0.0,
                        ROLE_WORKER) == []
     assert core.counters["dropped.malformed"] == 1
+
+
+def test_a_refused_worker_says_why_once_and_gets_in_when_the_broker_is_right(caplog):
+    link = LinkCore("w1", lambda: [], 1, shard=(0, 2))
+
+    def say_hello(broker: BrokerCore) -> None:
+        for m in link.hello():
+            for _w, answer in broker.handle("w1", m, 0.0, ROLE_WORKER):
+                link.handle(answer, 0.0)
+    wrong = BrokerCore(shard=(1, 2))
+    with caplog.at_level("ERROR", logger="wse_sync.link"):
+        say_hello(wrong)
+        say_hello(wrong)
+    assert link.refused is not None and "shard 1/2" in link.refused and "0/2" in link.refused
+    assert [r.getMessage() for r in caplog.records].count(
+        f"the broker refused this worker: {link.refused}") == 1
+    assert not link.synced
+    say_hello(BrokerCore(shard=(0, 2)))
+    assert link.synced and link.refused is None
 
 
 # -- real brokers and workers ---------------------------------------------------------
@@ -311,8 +332,12 @@ def test_a_worker_with_another_broker_list_is_refused(tmp_path):
         with serve_process(APP, 1, ["--broker", swapped]) as sp:
             for broker in brokers:
                 broker.wait_line(r"refused\.shard")
+            wait_for(lambda: health(sp.port)[1]["shards"] == ["refused", "refused"])
             status, body = health(sp.port)
-            assert status == 503 and body["shards"] == ["joining", "joining"], body
+            assert status == 503 and body["broker"] == "refused", body
+            for i, j in ((1, 0), (0, 1)):
+                sp.wait_line(rf"the broker refused this worker: this broker is shard {i}/2,"
+                             rf" but this worker takes it for shard {j}/2")
             assert "Traceback" not in sp.stderr
     for broker in brokers:
         assert "Traceback" not in broker.stderr

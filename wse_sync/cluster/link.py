@@ -81,7 +81,7 @@ class BrokerLink:
         self.curve = curve
         self.max_msg_size = max_msg_size
         # why the broker refused the handshake (CURVE), until one succeeds
-        self.refused: Optional[str] = None
+        self._handshake_refused: Optional[str] = None
         self.sock: Any = None
         self._monitor: Any = None
         self._answers: Dict[int, AsyncResult] = {}
@@ -248,12 +248,19 @@ class BrokerLink:
     @property
     def state(self) -> str:
         """"up" (in sync with the broker), "joining" (no snapshot yet), "away"
-        (silent past broker_timeout) or "refused" (CURVE handshake refused)."""
+        (silent past broker_timeout) or "refused" (CURVE handshake refused, or
+        the broker said ``refused``: another schema or shard)."""
         if self.refused is not None:
             return "refused"
         if self.core.down_since is not None:
             return "away"
         return "up" if self.core.synced else "joining"
+
+    @property
+    def refused(self) -> Optional[str]:
+        """Why the broker refused this worker (its key at the handshake, or its
+        schema or shard list in an answer), until it lets it in; else None."""
+        return self._handshake_refused or self.core.refused
 
     @property
     def resent(self) -> int:
@@ -319,9 +326,9 @@ class BrokerLink:
                 return
             kind, value = event["event"], event["value"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                if self.refused is not None:
+                if self._handshake_refused is not None:
                     log.info("CURVE handshake with the broker %s succeeded", self.endpoint)
-                self.refused = None
+                self._handshake_refused = None
                 continue
             if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 # also a broker that went away mid-handshake: not a verdict
@@ -337,9 +344,9 @@ class BrokerLink:
             else:
                 why = ("the CURVE handshake with the broker failed (is it a CURVE broker, and"
                        " is --broker-key its public key?)")
-            if self.refused != why:
+            if self._handshake_refused != why:
                 log.error("%s: %s", self.endpoint, why)
-            self.refused = why
+            self._handshake_refused = why
 
     def _hb_loop(self) -> None:
         beats = 0

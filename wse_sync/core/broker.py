@@ -15,8 +15,10 @@ sender's role, the shape and size of the body), and so is what it claims:
   hold at all: evicted, or known to an earlier broker);
 - a ``result`` answers a call the broker routed to the sender.
 
-A refused message changes nothing and gets no answer; it is counted
-(``refused.<what>``) and logged once per sender and kind of refusal.
+A refused message changes nothing and gets no answer (but a ``hello`` for
+another shard is answered ``refused``, so the worker can say why it stays
+out); it is counted (``refused.<what>``) and logged once per sender and kind
+of refusal.
 """
 from __future__ import annotations
 
@@ -201,7 +203,7 @@ class BrokerCore:
             info = None
         if msg.kind == "hello":
             if not self._same_shards(sender, msg.body):
-                return []
+                return [(sender, Message("refused", {"shard": list(self.shard)}))]
             try:
                 out += self._hello(sender, msg.body, now, role)
             except (KeyError, TypeError, ValueError, IndexError) as exc:

@@ -200,6 +200,8 @@ class LinkCore:
         self._log: List[Tuple[List[Any], List[str]]] = []
         self._log_base = 0                   # log index of self._log[0]
         self._staging: Optional[List[Any]] = None  # [sync, next part, of, view]
+        # why the broker refused this worker (its last word), until a snapshot
+        self.refused: Optional[str] = None
         # complete snapshots received (a resync too)
         self.syncs = 0
         self._synced = False
@@ -488,10 +490,22 @@ class LinkCore:
                          if m.kind in ("hello", "table")))
             out += hello
         elif kind == "refused":
-            log.error("the broker refused this worker: it speaks schema %s", body.get("version"))
+            self._refused(body)
         elif kind in ("hb", "ack"):
             self._acked(int(body.get("ack", body.get("seq", 0))))
         return Step(out, effects)
+
+    def _refused(self, body: Dict[str, Any]) -> None:
+        if "shard" in body:
+            i, k = (list(body["shard"]) + [0, 0])[:2]
+            why = (f"this broker is shard {i}/{k}, but this worker takes it for shard"
+                   f" {self.shard[0]}/{self.shard[1]}: every worker needs the same broker"
+                   " list, in the same order")
+        else:
+            why = f"it speaks schema {body.get('version')}"
+        if why != self.refused:
+            log.error("the broker refused this worker: %s", why)
+        self.refused = why
 
     def _new_epoch(self, epoch: Any) -> List[Message]:
         previous, self.epoch = self.epoch, epoch
@@ -570,6 +584,7 @@ class LinkCore:
     def _done_sync(self) -> None:
         self.syncs += 1
         self._synced = True
+        self.refused = None
 
     def _acked(self, seq: int) -> None:
         outbox = self._outbox
