@@ -245,13 +245,16 @@ def test_two_shards_carry_users_sends_events_and_conn_per_user(tmp_path, monkeyp
                                                                 "handle to all"])
             for cl in c.values():
                 wait_for(lambda cl=cl: "handle to all" in cl.got["msg"])
-            # a call on a connection another worker holds (every shard is asked)
+            # a call on a connection another worker holds (through its user's shard)
             c[v1].register("whoami", lambda p: ["v1", p])
             answers = c[u0].call("call_conn", {"cid": v1, "rp": "whoami", "payload": 7})
             assert [a[:2] for a in answers.values()] == [["ok", ["v1", 7]]]
-            # a send on that connection object (conn_send to every shard)
+            # a send on that connection object (conn_send, the same shard)
             c[u0].call("send_conns", {"cid": v1, "type": "msg", "count": 1})
             wait_for(lambda: c[v1].got["msg"][-1:] == [0])
+            # ... and no other shard was asked about that connection
+            for broker in brokers:
+                assert not broker_stats(broker.endpoint)["counters"].get("dropped.unknown-conn")
             # conn_per_user=1 across workers: the user's shard evicts the older
             again = connect(s2.url, u1)
             wait_for(lambda: c[u1].close_status is not None)

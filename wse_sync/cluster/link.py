@@ -179,13 +179,14 @@ class BrokerLink:
     def drop_cid(self, cid: Hashable, reason: str) -> None:
         self._command("drop_cid", {"cid": cid, "reason": reason})
 
-    def conn_send(self, conn_id: str, data: Any) -> None:
+    # the connection's user (``cid``) picks the shard of a ShardedLink; unused here
+    def conn_send(self, conn_id: str, cid: Hashable, data: Any) -> None:
         self._command("conn_send", {"conn_id": conn_id}, data)
 
-    def conn_drop(self, conn_id: str, reason: str) -> None:
+    def conn_drop(self, conn_id: str, cid: Hashable, reason: str) -> None:
         self._command("conn_drop", {"conn_id": conn_id, "reason": reason})
 
-    def call(self, conn_id: str, rp: str, payload: Any, timeout: float) -> Any:
+    def call(self, conn_id: str, cid: Hashable, rp: str, payload: Any, timeout: float) -> Any:
         """Server -> client RPC on a connection held by another worker."""
         req, out = self.core.call(conn_id, rp, payload, timeout)
         result = self._answers[req] = AsyncResult()

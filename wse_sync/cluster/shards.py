@@ -8,8 +8,7 @@ who owns a user):
   each shard is sent the part of this worker's table it owns;
 - ``broadcast``: this worker's home shard (another one while it is away):
   every worker is joined to every shard, so one delivers to all;
-- ``send``/``drop``/``call`` on a connection id: every shard (an id does not
-  say whose it is); the one holding it acts, the others count it unknown;
+- ``send``/``drop``/``call`` on another worker's connection: its user's shard;
 - ``server.clients``: each shard is asked about its users, counts add up.
 
 A shard that is away costs only its users: their joins are decided here and
@@ -22,7 +21,6 @@ from typing import Any, Callable, Dict, Hashable, Iterable, List, Mapping, Optio
 
 import gevent
 
-from ..core.errors import WSE_ERROR, WseError
 from ..core.link import LocalEntry
 from ..core.shards import home_shard, merge_stats, merge_users, shard_of
 from .link import BrokerLink, LocalPort
@@ -111,45 +109,15 @@ class ShardedLink:
             home = next((link for link in self.links if link.state == "up"), home)
         home.broadcast(data)
 
-    # -- connections (any shard may hold them) -----------------------------
-    def conn_send(self, conn_id: str, data: Any) -> None:
-        self._to_every("conn_send", conn_id, data)
+    # -- another worker's connections (their user's shard holds them) -------
+    def conn_send(self, conn_id: str, cid: Hashable, data: Any) -> None:
+        self._of(cid).conn_send(conn_id, cid, data)
 
-    def conn_drop(self, conn_id: str, reason: str) -> None:
-        self._to_every("conn_drop", conn_id, reason)
+    def conn_drop(self, conn_id: str, cid: Hashable, reason: str) -> None:
+        self._of(cid).conn_drop(conn_id, cid, reason)
 
-    def _to_every(self, method: str, *args: Any) -> None:
-        """A command to every shard; raises only when no shard took it (one that
-        is away and whose outbox is full may not be the holder's)."""
-        errors = []
-        for link in self.links:
-            try:
-                getattr(link, method)(*args)
-            except WseError as exc:
-                errors.append(exc)
-        if len(errors) == len(self.links):
-            raise errors[0]
-
-    def call(self, conn_id: str, rp: str, payload: Any, timeout: float) -> Any:
-        """Asks every shard; the holder's answer wins (the others say
-        CONNECTION_NOT_READY at once)."""
-        calls = [gevent.spawn(_outcome, link.call, conn_id, rp, payload, timeout)
-                 for link in self.links]
-        try:
-            pending = list(calls)
-            errors: List[BaseException] = []
-            while pending:
-                for g in gevent.wait(pending, count=1):
-                    pending.remove(g)
-                    ok, value = g.value
-                    if ok:
-                        return value
-                    errors.append(value)
-            real = [e for e in errors if not (isinstance(e, WseError)
-                                              and e.code == WSE_ERROR.CONNECTION_NOT_READY)]
-            raise (real or errors)[0]
-        finally:
-            gevent.killall([g for g in calls if not g.dead], block=False)
+    def call(self, conn_id: str, cid: Hashable, rp: str, payload: Any, timeout: float) -> Any:
+        return self._of(cid).call(conn_id, cid, rp, payload, timeout)
 
     # -- the cluster ---------------------------------------------------------
     def _each(self, method: str, *args: Any) -> List[Any]:

@@ -154,16 +154,17 @@ class RemoteConnection:
         return f"<RemoteConnection {self.conn_id} cid={self.cid!r} worker={self.worker}>"
 
     def send(self, type: str, payload: Any = None) -> bool:
-        self.server.hub.remote_send(self.conn_id, self.server.protocol.pack(type, payload, None))
+        data = self.server.protocol.pack(type, payload, None)
+        self.server.hub.remote_send(self.conn_id, self.cid, data)
         return True
 
     def call(self, rp: str, payload: Any = None, timeout: Optional[float] = None) -> Any:
         if timeout is None:
             timeout = self.server.rpc_timeout
-        return self.server.hub.remote_call(self.conn_id, rp, payload, timeout)
+        return self.server.hub.remote_call(self.conn_id, self.cid, rp, payload, timeout)
 
     def drop(self, reason: str = WSE_REASON.BY_SERVER) -> None:
-        self.server.hub.remote_drop(self.conn_id, reason)
+        self.server.hub.remote_drop(self.conn_id, self.cid, reason)
 
 
 class WseIdentity:

@@ -382,14 +382,15 @@ class Hub:
                     conns[conn_id] = RemoteConnection(self.server, conn_id, cid, worker, meta)
         return conns
 
-    def remote_send(self, conn_id: str, data: Any) -> None:
-        self._cluster().conn_send(conn_id, data)
+    def remote_send(self, conn_id: str, cid: Hashable, data: Any) -> None:
+        self._cluster().conn_send(conn_id, cid, data)
 
-    def remote_call(self, conn_id: str, rp: str, payload: Any, timeout: float) -> Any:
-        return self._cluster().call(conn_id, rp, payload, timeout)
+    def remote_call(self, conn_id: str, cid: Hashable, rp: str, payload: Any,
+                    timeout: float) -> Any:
+        return self._cluster().call(conn_id, cid, rp, payload, timeout)
 
-    def remote_drop(self, conn_id: str, reason: str) -> None:
-        self._cluster().conn_drop(conn_id, reason)
+    def remote_drop(self, conn_id: str, cid: Hashable, reason: str) -> None:
+        self._cluster().conn_drop(conn_id, cid, reason)
 
     # -- LocalPort: what the broker link asks of this worker ---------------------
     def entries(self) -> Iterable[LocalEntry]:
