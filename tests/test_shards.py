@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -46,9 +47,19 @@ def users_of(shard: int, count: int, n: int, prefix: str) -> List[str]:
 # -- the pure rules ---------------------------------------------------------------
 def test_a_cid_has_one_shard_whatever_the_process():
     # crc32 of the cid's JSON: fixed values, not Python's per-process hash()
-    assert [shard_of(c, 4) for c in ("alice", "bob", 42, "42")] == [
-        shard_of(c, 4) for c in ("alice", "bob", 42, "42")]
+    cids = ("alice", "bob", 42, "42", "org/7", "é")
+    other = subprocess.run(
+        [sys.executable, "-c", "from wse_sync.core.shards import shard_of;"
+         f"print([shard_of(c, 4) for c in {cids!r}])"],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONHASHSEED": "7"})
+    assert other.stdout.strip() == str([shard_of(c, 4) for c in cids]), other.stderr
     import zlib
+    # ujson's text: "/" escaped, non-ASCII as \u escapes
+    assert shard_of("org/7", 4) == zlib.crc32(b'"org\\/7"') % 4
+    assert shard_of("é", 4) == zlib.crc32(b'"\\u00e9"') % 4
+    # keys a dict takes for one user share a shard
+    for a, b in ((True, 1), (False, 0), (5.0, 5), (-3.0, -3)):
+        assert all(shard_of(a, k) == shard_of(b, k) for k in range(2, 9)), (a, b)
     assert shard_of("alice", 4) == zlib.crc32(b'"alice"') % 4
     assert shard_of(42, 4) == zlib.crc32(b"42") % 4
     assert shard_of("42", 4) == zlib.crc32(b'"42"') % 4
@@ -180,6 +191,15 @@ def health(port: int) -> tuple:
         return exc.code, json.loads(exc.read())
 
 
+def gauges(port: int) -> Dict[str, float]:
+    """The unlabelled samples of a serve's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5 * UNIT) as r:
+        lines = r.read().decode().splitlines()
+    return {name: float(value) for name, value in
+            (line.split(" ", 1) for line in lines if line and not line.startswith("#"))
+            if "{" not in name}
+
+
 def shard_users(broker: ServerProcess) -> Dict[str, int]:
     """worker pid -> connections this shard holds for it, and the user count."""
     stats = broker_stats(broker.endpoint)
@@ -304,6 +324,15 @@ def test_a_shard_that_dies_costs_only_its_users(tmp_path):
             c[a1].call("broadcast", {"type": "msg", "payload": "all"})
             for cl in c.values():
                 wait_for(lambda cl=cl: "all" in cl.got["msg"])
+            # len() and iteration agree: the live shard's users and this worker's
+            assert c[a0].call("count") == len(c[a0].call("clients")) == 3
+            # /metrics shows what the live shard knows: its users, every worker
+            wait_for(lambda: gauges(s1.port).get("wse_users") == 2
+                     and gauges(s1.port).get("wse_workers") == 2, timeout=10 * UNIT)
+            # a connect_cluster() handle joins with one shard away, and sends
+            with connect_cluster(both, timeout=10 * UNIT) as handle:
+                handle.send(b0, "msg", "from a handle")
+                wait_for(lambda: c[b0].got["msg"][-1:] == ["from a handle"])
             # shard 1's users: a send waits in the outbox, a new user is let in
             c[a0].call("send", {"cid": b1, "type": "msg", "payload": "later"})
             newcomer = connect(s2.url, late)

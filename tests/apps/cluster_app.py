@@ -37,6 +37,11 @@ def _clients(conn, payload):
     return {str(cid): sorted(ident.conns) for cid, ident in server.clients.items()}
 
 
+@server.register("count")
+def _count(conn, payload):
+    return len(server.clients)
+
+
 @server.register("send")
 def _send(conn, payload):
     server.send(payload["cid"], payload["type"], payload.get("payload"))

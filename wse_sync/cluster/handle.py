@@ -153,7 +153,10 @@ class ClusterHandle:
         self._server = server
         deadline = time.monotonic() + self.timeout
         link = server.hub.link
-        while not link.synced:  # the broker's snapshot: the user map
+        # the broker's snapshot (the user map); with shards, each shard's, or
+        # it is away (only its users wait: docs/cluster.md, "Shards")
+        while not (link.synced or (link.state == "partial"
+                                   and "joining" not in link.shard_states)):
             if link.refused is not None or time.monotonic() > deadline:
                 server.shutdown(timeout=0)
                 raise WseError(WSE_ERROR.BROKER_UNAVAILABLE, {

@@ -209,8 +209,9 @@ class BrokerLink:
     def stats(self, full: bool = True, timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
         """Send this worker's metrics report; the broker's answer: the cluster's
         stats (``full``) or ``{}``, None without an answer in ``timeout``
-        (default ``request_timeout``). Measures ``rtt``."""
-        if self._stopped:
+        (default ``request_timeout``) or at once while the broker is away.
+        Measures ``rtt``."""
+        if self._stopped or self.core.down_since is not None:
             return None
         req, out = self.core.stats(self.port.metrics_report(), full)
         result = self._answers[req] = AsyncResult()
@@ -256,6 +257,11 @@ class BrokerLink:
         if self.core.down_since is not None:
             return "away"
         return "up" if self.core.synced else "joining"
+
+    @property
+    def shard_states(self) -> List[str]:
+        """Each shard's ``state``: one broker is one shard."""
+        return [self.state]
 
     @property
     def refused(self) -> Optional[str]:

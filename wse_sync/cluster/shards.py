@@ -40,6 +40,10 @@ class _ShardPort:
         index, count = self._index, self._count
         return [e for e in self._port.entries() if shard_of(e[1], count) == index]
 
+    def user_count(self) -> int:
+        """This worker's users that this shard owns."""
+        return len({e[1] for e in self.entries()})
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._port, name)
 
@@ -66,7 +70,8 @@ class ShardedLink:
     def __init__(self, port: LocalPort, worker_id: str, endpoints: List[str], ctx: Any,
                  **options: Any) -> None:
         count = len(endpoints)
-        self.links = [BrokerLink(_ShardPort(port, i, count), worker_id, endpoint, ctx,
+        self._ports = [_ShardPort(port, i, count) for i in range(count)]
+        self.links = [BrokerLink(self._ports[i], worker_id, endpoint, ctx,
                                  shard=(i, count), **options)
                       for i, endpoint in enumerate(endpoints)]
         self.endpoint = ",".join(endpoints)
@@ -135,7 +140,13 @@ class ShardedLink:
     def lookup(self, cids: Optional[List[Hashable]] = None, count: bool = False,
                timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
         if cids is None:
-            return merge_users(self._each("lookup", None, count, timeout), count)
+            answers = self._each("lookup", None, count, timeout)
+            merged = merge_users(answers, count)
+            if count and merged is not None and merged.get("partial"):
+                # a shard that did not answer holds at least this worker's users of it
+                merged["count"] += sum(self._ports[i].user_count()
+                                       for i, a in enumerate(answers) if a is None)
+            return merged
         by_shard: Dict[int, List[Hashable]] = {}
         for cid in cids:
             by_shard.setdefault(shard_of(cid, len(self.links)), []).append(cid)

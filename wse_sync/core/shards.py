@@ -4,8 +4,9 @@ With K brokers (``broker`` option: K endpoints, comma-separated, the same
 list in the same order on every worker), user ``cid`` belongs to shard
 ``shard_of(cid, K)``: that broker alone holds the user's connections and
 decides its ``joined``/``left``, ``conn_per_user``, ``send`` and ``drop``.
-The function depends only on the cid's JSON text, so workers and brokers on
-any Python agree on it.
+The function depends only on the cid's JSON text (ujson's defaults: ASCII
+with ``\\u`` escapes, ``/`` escaped as ``\\/``), so workers and brokers on any
+Python agree on it.
 """
 from __future__ import annotations
 
@@ -22,9 +23,14 @@ Shard = Tuple[int, int]
 
 
 def shard_of(cid: Hashable, shards: int) -> int:
-    """The shard (0 .. shards-1) that owns user ``cid``."""
+    """The shard (0 .. shards-1) that owns user ``cid``.
+
+    Keys equal in a dict share a shard: ``True`` is ``1`` and ``5.0`` is ``5``
+    (the map is a dict on both sides)."""
     if shards <= 1:
         return 0
+    if isinstance(cid, bool) or (isinstance(cid, float) and cid.is_integer()):
+        cid = int(cid)
     return zlib.crc32(ujson.dumps(cid).encode("utf-8")) % shards
 
 

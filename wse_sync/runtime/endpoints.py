@@ -117,7 +117,7 @@ def render_metrics(server: "WseServer") -> Tuple[bytes, str]:
     hub = server.hub
     stats = None
     link = hub.link
-    if link is not None and link.state == "up":
+    if link is not None and link.state in ("up", "partial"):  # partial: the shards that answer
         stats = link.stats(full=True, timeout=min(2.0, server.options["broker_timeout"]))
     view = cluster_view(stats, hub.worker_id, hub.metrics_report())
     registry = CollectorRegistry(auto_describe=False)

@@ -131,7 +131,7 @@ class Hub:
             from ..cluster.shards import ShardedLink
             self.link = ShardedLink(self, self.worker_id, endpoints, ctx, **link_options)
         else:
-            self.link = BrokerLink(self, self.worker_id, endpoint, ctx, **link_options)
+            self.link = BrokerLink(self, self.worker_id, endpoints[0], ctx, **link_options)
         self.directory = Directory(self.link, options["cluster_replica"],
                                    options["clients_cache"])
         self.link.start()
@@ -471,8 +471,8 @@ class Hub:
         serving = state in ("up", "partial")
         body.update(status="ok" if serving else "no-broker", broker=state,
                     endpoint=link.endpoint, connections=len(self._sessions))
-        shard_states = getattr(link, "shard_states", None)
-        if shard_states is not None:
+        shard_states = link.shard_states
+        if len(shard_states) > 1:
             body["shards"] = shard_states
         if link.refused:
             body["reason"] = link.refused
