@@ -149,8 +149,13 @@ def test_a_refused_worker_says_why_once_and_gets_in_when_the_broker_is_right(cap
     assert [r.getMessage() for r in caplog.records].count(
         f"the broker refused this worker: {link.refused}") == 1
     assert not link.synced
+    # a join is decided here at once (pending), as while a broker is away
+    step = link.join("c1", "u1", None, 1.0, [], 1)
+    assert step.req is None and step.decided == (False, []) and link.is_pending("c1")
     say_hello(BrokerCore(shard=(0, 2)))
     assert link.synced and link.refused is None
+    step = link.join("c2", "u2", None, 2.0, [], 1)
+    assert step.req is not None and step.decided is None
 
 
 # -- real brokers and workers ---------------------------------------------------------

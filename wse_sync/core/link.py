@@ -322,12 +322,13 @@ class LinkCore:
              local: Iterable[Tuple[str, float]], limit: Optional[int]) -> Join:
         """Start a join. ``local``: (conn_id, joined_at) of the user's local connections.
 
-        While the broker is away the join is decided here: the connection is
-        pending, first is False, and the broker fires the user's 'joined' once
-        the map is whole again (a ``UserJoined`` effect where it must fire).
+        While the broker is away (or refuses this worker) the join is decided
+        here: the connection is pending, first is False, and the broker fires
+        the user's 'joined' once the map is whole again (a ``UserJoined``
+        effect where it must fire).
         """
         self.limit = limit
-        if self.down_since is not None:
+        if self.down_since is not None or self.refused is not None:
             self._decided_since_hello = True  # the broker learns of it from a hello
             return Join(None, [], self._decide_locally(conn_id, cid, meta, local, limit))
         self._ids += 1
