@@ -196,13 +196,13 @@ def health(port: int) -> tuple:
         return exc.code, json.loads(exc.read())
 
 
-def gauges(port: int) -> Dict[str, float]:
-    """The unlabelled samples of a serve's /metrics."""
+def gauges(port: int, labelled: bool = False) -> Dict[str, float]:
+    """The samples of a serve's /metrics (unlabelled ones unless ``labelled``)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5 * UNIT) as r:
         lines = r.read().decode().splitlines()
     return {name: float(value) for name, value in
-            (line.split(" ", 1) for line in lines if line and not line.startswith("#"))
-            if "{" not in name}
+            (line.rsplit(" ", 1) for line in lines if line and not line.startswith("#"))
+            if labelled or "{" not in name}
 
 
 def shard_users(broker: ServerProcess) -> Dict[str, int]:
@@ -334,6 +334,10 @@ def test_a_shard_that_dies_costs_only_its_users(tmp_path):
             # /metrics shows what the live shard knows: its users, every worker
             wait_for(lambda: gauges(s1.port).get("wse_users") == 2
                      and gauges(s1.port).get("wse_workers") == 2, timeout=10 * UNIT)
+            shard_up = {k: v for k, v in gauges(s1.port, labelled=True).items()
+                        if k.startswith("wse_broker_shard_up")}
+            assert shard_up == {'wse_broker_shard_up{shard="0"}': 1.0,
+                                'wse_broker_shard_up{shard="1"}': 0.0}, shard_up
             # a connect_cluster() handle joins with one shard away, and sends
             with connect_cluster(both, timeout=10 * UNIT) as handle:
                 handle.send(b0, "msg", "from a handle")

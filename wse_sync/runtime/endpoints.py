@@ -121,16 +121,19 @@ def render_metrics(server: "WseServer") -> Tuple[bytes, str]:
         stats = link.stats(full=True, timeout=min(2.0, server.options["broker_timeout"]))
     view = cluster_view(stats, hub.worker_id, hub.metrics_report())
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(view, stats is not None))
+    shard_states = link.shard_states if link is not None else []
+    registry.register(_Collector(view, stats is not None, shard_states))
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 class _Collector:
     """prometheus_client's custom-collector protocol over one ClusterView."""
 
-    def __init__(self, view: ClusterView, broker_answered: bool) -> None:
+    def __init__(self, view: ClusterView, broker_answered: bool,
+                 shard_states: List[str]) -> None:
         self.view = view
         self.broker_answered = broker_answered
+        self.shard_states = shard_states
 
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -139,6 +142,12 @@ class _Collector:
         up = GaugeMetricFamily("wse_broker_up", "1 when this worker's broker answered this scrape")
         up.add_metric([], 1.0 if self.broker_answered else 0.0)
         yield up
+        g = GaugeMetricFamily("wse_broker_shard_up",
+                              "1 while this worker is in sync with broker shard i (one broker:"
+                              " shard 0)", labels=["shard"])
+        for i, state in enumerate(self.shard_states):
+            g.add_metric([str(i)], 1.0 if state == "up" else 0.0)
+        yield g
         g = GaugeMetricFamily("wse_users", "users connected to the cluster (the broker's map)")
         g.add_metric([], view.users)
         yield g
