@@ -609,3 +609,81 @@ def test_broker_and_worker_in_two_network_namespaces(tmp_path):
                     p.wait(5)
         for ns in (ns_b, ns_w):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+# -- shards with a key pair each ------------------------------------------------
+def test_split_keys_gives_one_key_per_shard():
+    from wse_sync.cluster.curve import CurveError, split_keys
+    assert split_keys(None, 2) == [None, None]
+    assert split_keys("a.key", 3) == ["a.key"] * 3
+    assert split_keys("a.key, b.key", 2) == ["a.key", "b.key"]
+    assert split_keys(["a.key", "b.key"], 2) == ["a.key", "b.key"]
+    with pytest.raises(CurveError, match="3 broker keys for 2 broker"):
+        split_keys("a,b,c", 2)
+
+
+def test_two_curve_shards_with_their_own_keys(tmp_path):
+    root = tmp_path / "keys"
+    secret = make_keys(root, "shard0", "shard1", "w1", "cron")
+    workers, clients = allow(tmp_path / "w", root, "w1"), allow(tmp_path / "c", root, "cron")
+    endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
+    brokers = [ServerProcess(["broker", "--bind", ep, "--shard", f"{i}/2", "--sync-window", "0",
+                              "--curve-secret", secret[f"shard{i}"], "--allow-workers", workers,
+                              "--allow-clients", clients])
+               for i, ep in enumerate(endpoints)]
+    both = ",".join(endpoints)
+    keys = ",".join(os.path.join(str(root), f"shard{i}.key") for i in range(2))
+    try:
+        for b in brokers:
+            b.wait_line(r"broker listening on .* with CURVE")
+        # shard 0's key for both: shard 1 cannot read the handshake, never answers
+        with serve_process(APP, 1, ["--broker", both, "--curve-secret", secret["w1"],
+                                    "--broker-key", keys.split(",")[0]]) as sp:
+            wait_for(lambda: _health(sp.port).get("shards") == ["up", "away"],
+                     timeout=15 * UNIT)
+        # the wrong number of keys is said before anything starts
+        bad = subprocess.run([sys.executable, "-m", "wse_sync", "serve", APP, "--broker", both,
+                              "--broker-key", keys + "," + keys, "--curve-secret",
+                              secret["w1"]], capture_output=True, text=True, timeout=30 * UNIT)
+        assert bad.returncode == 2 and "4 broker keys for 2 broker(s)" in bad.stderr, bad.stderr
+        # a key per shard, in the list's order
+        with serve_process(APP, 1, ["--broker", both, "--broker-key", keys,
+                                    "--curve-secret", secret["w1"]]) as sp:
+            sp.wait_line(r"joined broker tcp://.* with CURVE", count=2)
+            wait_for(lambda: _health(sp.port).get("shards") == ["up", "up"])
+            users = {}
+            for i in range(2):
+                cid = f"k{i}"
+                while not _on_shard(cid, i):
+                    cid += "x"
+                c = WseClient(sp.url, rpc_timeout=10 * UNIT)
+                c.connect(cid)
+                users[cid] = c
+            out = wait_for(lambda: (lambda o: o if o.returncode == 0 and json.loads(
+                o.stdout)["users"] == 2 else None)(subprocess.run(
+                    [sys.executable, "-m", "wse_sync", "stats", "--broker", both, "--broker-key",
+                     keys, "--curve-secret", secret["cron"]], capture_output=True, text=True,
+                    timeout=30 * UNIT)), timeout=10 * UNIT)
+            assert [a["users"] for a in json.loads(out.stdout)["shards"]] == [1, 1]
+            for c in users.values():
+                c.close()
+            assert "Traceback" not in sp.stderr
+    finally:
+        for b in brokers:
+            b.stop()
+            assert "Traceback" not in b.stderr
+
+
+def _health(port: int) -> dict:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5 * UNIT) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read())
+
+
+def _on_shard(cid: str, shard: int) -> bool:
+    from wse_sync.core.shards import shard_of
+    return shard_of(cid, 2) == shard

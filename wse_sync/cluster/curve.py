@@ -31,7 +31,7 @@ import datetime
 import glob
 import logging
 import os
-from typing import Any, Dict, MutableMapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, MutableMapping, NamedTuple, Optional, Sequence, Tuple
 
 import zmq
 from zmq.utils import z85
@@ -39,6 +39,7 @@ from zmq.utils import z85
 from ..core.checks import ROLE_CLIENT, ROLE_WORKER
 
 __all__ = ["CurveError", "ClientKeys", "ServerCurve", "Zap", "needs_curve", "write_keys",
+           "split_keys", "shard_keys",
            "load_public", "load_secret", "load_key_dir", "client_keys", "server_curve",
            "ZAP_ENDPOINT"]
 
@@ -214,6 +215,30 @@ def client_keys(endpoint: str, broker_key: Any = None, secret: Any = None,
         raise CurveError(f"CURVE to {endpoint} needs both keys: the {missing} is missing")
     public, own_secret = load_secret(secret)
     return ClientKeys(load_public(broker_key), public, own_secret)
+
+
+def split_keys(broker_key: Any, count: int) -> List[Any]:
+    """One broker key per shard: one key (a file or 40 characters) for all, or
+    ``count`` of them, comma-separated or a list, in the broker list's order."""
+    if isinstance(broker_key, (list, tuple)):
+        keys = list(broker_key)
+    elif isinstance(broker_key, str) and "," in broker_key:
+        keys = [k.strip() for k in broker_key.split(",")]
+    else:
+        return [broker_key] * count
+    if len(keys) != count:
+        raise CurveError(f"{len(keys)} broker keys for {count} broker(s): give one key for"
+                         " all, or one per broker in the order of the broker list")
+    return keys
+
+
+def shard_keys(endpoints: Sequence[str], broker_key: Any = None, secret: Any = None,
+               env: Optional[MutableMapping[str, str]] = None) -> List[Optional[ClientKeys]]:
+    """``client_keys`` for each endpoint of a broker list (``split_keys``: one
+    broker key for all, or one each; WSE_SYNC_BROKER_KEY alike)."""
+    env = os.environ if env is None else env
+    keys = split_keys(broker_key or env.get(ENV_BROKER_KEY) or None, len(endpoints))
+    return [client_keys(e, k, secret, env) for e, k in zip(endpoints, keys)]
 
 
 class ServerCurve(NamedTuple):

@@ -17,11 +17,13 @@ their commands wait in its outbox until it is back, as with one broker.
 from __future__ import annotations
 
 from collections import ChainMap
-from typing import Any, Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Tuple
+from typing import (Any, Callable, Dict, Hashable, Iterable, List, Mapping, Optional,
+                    Sequence, Tuple)
 
 import gevent
 
 from ..core.link import LocalEntry
+from .curve import ClientKeys
 from ..core.shards import home_shard, merge_stats, merge_users, shard_of
 from .link import BrokerLink, LocalPort
 
@@ -65,13 +67,14 @@ class _ShardedView:
 
 
 class ShardedLink:
-    """Joins one worker runtime to every broker shard (``endpoints`` in shard order)."""
+    """Joins one worker runtime to every broker shard (``endpoints`` in shard
+    order; ``curves``: each one's CURVE keys, or None)."""
 
     def __init__(self, port: LocalPort, worker_id: str, endpoints: List[str], ctx: Any,
-                 **options: Any) -> None:
+                 curves: Sequence[Optional[ClientKeys]], **options: Any) -> None:
         count = len(endpoints)
         self._ports = [_ShardPort(port, i, count) for i in range(count)]
-        self.links = [BrokerLink(self._ports[i], worker_id, endpoint, ctx,
+        self.links = [BrokerLink(self._ports[i], worker_id, endpoint, ctx, curve=curves[i],
                                  shard=(i, count), **options)
                       for i, endpoint in enumerate(endpoints)]
         self.endpoint = ",".join(endpoints)

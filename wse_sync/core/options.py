@@ -151,7 +151,8 @@ OPTIONS: List[Option] = [
     _O("broker", None, "broker endpoint to join (tcp://, ipc://), or the endpoints of K shards"
        " comma-separated in shard order; default: an embedded broker", _text),
     _O("broker_timeout", 5.0, "seconds to wait for a broker answer", _float),
-    _O("broker_key", None, "the broker's public key, a file or 40 characters (CURVE on tcp://)",
+    _O("broker_key", None, "the broker's public key, a file or 40 characters (CURVE on tcp://);"
+       " with shards, one for all or one per shard, comma-separated in shard order",
        _text),
     _O("curve_secret", None, "this process's secret key, a file or 40 characters", _text),
     _O("broker_max_msg_size", 64 * 1024 * 1024, "largest message on the broker link, bytes",

@@ -112,26 +112,25 @@ class Hub:
                                           heartbeat=options["heartbeat"])
             self.embedded_broker.bind()
             self._broker_loop = gevent.spawn(self.embedded_broker.run)
-        from ..cluster.curve import client_keys, needs_curve
+        from ..cluster.curve import shard_keys
         try:
             endpoints = split_endpoints(endpoint)
-            # one key pair for every shard (the one that leaves the host decides)
-            curve = client_keys(next((e for e in endpoints if needs_curve(e)), endpoints[0]),
-                                options["broker_key"], options["curve_secret"])
+            curves = shard_keys(endpoints, options["broker_key"], options["curve_secret"])
         except BaseException:
             ctx.term()
             self._ctx = None
             raise
         link_options = dict(limit=self.server.conn_per_user, serves=self.server.serves,
                             heartbeat=options["heartbeat"],
-                            request_timeout=options["broker_timeout"], curve=curve,
+                            request_timeout=options["broker_timeout"],
                             max_msg_size=options["broker_max_msg_size"],
                             replica=options["cluster_replica"])
         if len(endpoints) > 1:
             from ..cluster.shards import ShardedLink
-            self.link = ShardedLink(self, self.worker_id, endpoints, ctx, **link_options)
+            self.link = ShardedLink(self, self.worker_id, endpoints, ctx, curves, **link_options)
         else:
-            self.link = BrokerLink(self, self.worker_id, endpoints[0], ctx, **link_options)
+            self.link = BrokerLink(self, self.worker_id, endpoints[0], ctx, curve=curves[0],
+                                   **link_options)
         self.directory = Directory(self.link, options["cluster_replica"],
                                    options["clients_cache"])
         self.link.start()

@@ -189,7 +189,8 @@ def _client_key_flags(p: argparse.ArgumentParser, server_options: bool = False) 
     dest = {"dest": "opt_broker_key"} if server_options else {}
     p.add_argument("--broker-key", default=None, metavar="FILE", **dest,
                    help="the broker's public key file (broker.key; default $WSE_SYNC_BROKER_KEY):"
-                        " CURVE to a tcp:// broker")
+                        " CURVE to a tcp:// broker; with shards, one for all or one per shard,"
+                        " comma-separated in shard order")
     dest = {"dest": "opt_curve_secret"} if server_options else {}
     p.add_argument("--curve-secret", default=None, metavar="FILE", **dest,
                    help="this side's secret key file (NAME.key_secret; default"
@@ -255,10 +256,12 @@ def _serve(args: argparse.Namespace) -> int:
     if broker:
         if not broker.startswith(("tcp://", "ipc://")):
             return _fail(f"--broker {broker!r}: not a tcp:// or ipc:// endpoint")
-        from ..cluster.curve import CurveError, client_keys
+        from ..cluster.curve import CurveError, shard_keys
+        from ..core.shards import split_endpoints
         try:  # here, once, rather than in every worker
-            client_keys(broker, options.get("broker_key"), options.get("curve_secret"))
-        except CurveError as exc:
+            shard_keys(split_endpoints(broker), options.get("broker_key"),
+                       options.get("curve_secret"))
+        except (CurveError, ValueError) as exc:
             return _fail(str(exc))
     log_args = ["--log-level", args.log_level, "--log-format", args.log_format]
     if args.log_config:
@@ -266,8 +269,9 @@ def _serve(args: argparse.Namespace) -> int:
     reload_dirs = None
     if args.reload:
         reload_dirs = args.reload_dir or [_app_dir(args.app)]
-    keys = {k: os.path.abspath(options[k]) for k in ("broker_key", "curve_secret")
-            if options.get(k) and os.path.isfile(options[k])}
+    keys = {k: ",".join(os.path.abspath(p) for p in options[k].split(","))
+            for k in ("broker_key", "curve_secret")
+            if options.get(k) and all(os.path.isfile(p) for p in options[k].split(","))}
     sup = Supervisor(args.app, host, port, args.workers, broker=broker, options=options,
                      grace=args.grace, log_level=args.log_level, log_args=log_args,
                      reload_dirs=reload_dirs, runinfo=keys)
@@ -358,7 +362,7 @@ def _stats(endpoint: str, timeout: float, broker_key: Optional[str] = None,
            secret: Optional[str] = None) -> int:
     """Print a broker's stats; for K shards (comma-separated), their sum with
     each shard's answer under "shards" (exit 1 if one did not answer)."""
-    from ..cluster.curve import CurveError
+    from ..cluster.curve import CurveError, split_keys
     from ..core.shards import merge_stats, split_endpoints
 
     try:
@@ -366,9 +370,13 @@ def _stats(endpoint: str, timeout: float, broker_key: Optional[str] = None,
     except ValueError as exc:
         return _fail(str(exc))
     answers: List[Optional[Dict[str, Any]]] = []
-    for one in endpoints:
+    try:
+        keys = split_keys(broker_key, len(endpoints))
+    except CurveError as exc:
+        return _fail(str(exc))
+    for one, key in zip(endpoints, keys):
         try:
-            answers.append(_ask_stats(one, timeout, broker_key, secret))
+            answers.append(_ask_stats(one, timeout, key, secret))
         except CurveError as exc:
             print(f"wse-sync: {exc}", file=sys.stderr)
             return 2
