@@ -243,6 +243,19 @@ def test_register_twice_and_unregister_unknown():
     assert info.value.code == WSE_ERROR.RP_NOT_REGISTERED
     server.unregister("once")
     server.register("once", lambda conn, p: 3)  # free again after unregister
+    with pytest.raises(TypeError):
+        server.register("not-callable", 42)
+    # the client side keeps the same rules
+    client = WseClient("ws://127.0.0.1:9/")
+    client.register("once", lambda p: 1)
+    for bad, code in ((lambda: client.register("once", lambda p: 2),
+                       WSE_ERROR.RP_ALREADY_REGISTERED),
+                      (lambda: client.unregister("unknown"), WSE_ERROR.RP_NOT_REGISTERED)):
+        with pytest.raises(WseError) as info:
+            bad()
+        assert info.value.code == code
+    with pytest.raises(TypeError):
+        client.register("not-callable", 42)
 
 
 def test_rpcs_of_one_connection_run_concurrently():

@@ -4,9 +4,35 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Dict, FrozenSet, List, Literal, Optional, Union
 
-__all__ = ["Emitter", "When", "call_with_kwargs", "EVENTS"]
+__all__ = ["Emitter", "RpcHandlers", "When", "call_with_kwargs", "EVENTS"]
 
 EVENTS = ("joined", "left", "connected", "disconnected", "error", "ignored")
+
+
+class RpcHandlers:
+    """One handler per RPC name (the server's and the client's ``register``)."""
+
+    def __init__(self) -> None:
+        self._handlers: Dict[str, Callable[..., Any]] = {}
+
+    def register(self, rp: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+        """Raises RP_ALREADY_REGISTERED, or TypeError for a handler that is not callable."""
+        from .errors import WSE_ERROR, WseError
+        if rp in self._handlers:
+            raise WseError(WSE_ERROR.RP_ALREADY_REGISTERED, {"rpc": rp})
+        if not callable(handler):
+            raise TypeError("handler must be callable")
+        self._handlers[rp] = handler
+        return handler
+
+    def unregister(self, rp: str) -> None:
+        """Raises RP_NOT_REGISTERED."""
+        from .errors import WSE_ERROR, WseError
+        if self._handlers.pop(rp, None) is None:
+            raise WseError(WSE_ERROR.RP_NOT_REGISTERED, {"rpc": rp})
+
+    def get(self, rp: str) -> Optional[Callable[..., Any]]:
+        return self._handlers.get(rp)
 
 
 class Emitter:

@@ -25,7 +25,7 @@ from gevent.event import AsyncResult, Event
 from . import runner
 from ..core.ids import make_id
 from ..core.errors import WSE_ERROR, WSE_REASON, WSE_STATUS, WseError, rpc_error_payload
-from ..core.events import Emitter
+from ..core.events import Emitter, RpcHandlers
 from ..core.websocket import CLIENT, Message, Protocol
 from ..core.protocol import WseJSON, check_protocol
 
@@ -95,7 +95,7 @@ class WseClient:
         self.identity: Any = ""
         self.meta: dict = {}
         self.welcome: Any = None
-        self._rpcs: Dict[str, Callable] = {}
+        self._rpcs = RpcHandlers()
         self._solver: Optional[Callable] = None
         self._calls: Dict[str, AsyncResult] = {}
         self._sock = None
@@ -161,15 +161,11 @@ class WseClient:
         """``handler(payload) -> result`` answers server calls of ``rp``; decorator too."""
         if handler is None:
             return lambda fn: self.register(rp, fn)
-        if rp in self._rpcs:
-            raise WseError(WSE_ERROR.RP_ALREADY_REGISTERED, {"rpc": rp})
-        self._rpcs[rp] = handler
-        return handler
+        return self._rpcs.register(rp, handler)
 
     def unregister(self, rp: str) -> None:
-        if rp not in self._rpcs:
-            raise WseError(WSE_ERROR.RP_NOT_REGISTERED, {"rpc": rp})
-        del self._rpcs[rp]
+        """Raises RP_NOT_REGISTERED."""
+        self._rpcs.unregister(rp)
 
     def challenge(self, solver: Callable) -> None:
         """``solver(quest, solve)`` answers a server challenge by calling ``solve(answer)``."""

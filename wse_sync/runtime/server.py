@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, Dict, Hashable, Iterator, Optional
 
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError
-from ..core.events import Emitter, When
+from ..core.events import Emitter, RpcHandlers, When
 from ..core.forwarded import parse_trusted
 from ..core.limits import parse_rate
 from ..core.options import DEFAULTS
@@ -72,7 +72,7 @@ class WseServer:
         harden()  # gevent-websocket's stock handler, should it serve us
         self.channel = Emitter()
         self.when = When()
-        self._rpcs: Dict[str, Callable] = {}
+        self._rpcs = RpcHandlers()
         self._cra_generator: Optional[Callable] = None
         self.clients: Mapping = _Clients(self)
         # False for a cluster member without sockets (connect_cluster)
@@ -132,17 +132,11 @@ class WseServer:
         ``handler`` is omitted. Raises RP_ALREADY_REGISTERED."""
         if handler is None:
             return lambda fn: self.register(rp, fn)
-        if rp in self._rpcs:
-            raise WseError(WSE_ERROR.RP_ALREADY_REGISTERED, {"rpc": rp})
-        if not callable(handler):
-            raise TypeError("handler must be callable")
-        self._rpcs[rp] = handler
-        return handler
+        return self._rpcs.register(rp, handler)
 
     def unregister(self, rp: str) -> None:
-        if rp not in self._rpcs:
-            raise WseError(WSE_ERROR.RP_NOT_REGISTERED, {"rpc": rp})
-        del self._rpcs[rp]
+        """Raises RP_NOT_REGISTERED."""
+        self._rpcs.unregister(rp)
 
     def use_challenge(self, generator: Callable) -> None:
         """Enable challenge-response: ``generator(identity, meta, quest, refuse)``."""
