@@ -133,26 +133,31 @@ def test_rolling_restart_never_refuses(monkeypatch):
         by_pid = spread_clients(sp.url, 2, 2, reconnect=True)
         old = set(by_pid)
         clients = [c for cs in by_pid.values() for c in cs]
-        statuses = {id(c): [] for c in clients}
-        closes = []
-        for c in clients:
-            c.when.updated(statuses[id(c)].append)  # (replays READY at once)
-            c.when.closed(lambda code, reason: closes.append(code))
-        sp.proc.send_signal(signal.SIGHUP)
-        sp.wait_line(r"rolling restart done", timeout=60 * UNIT)
-        # every client came back, to a new worker; none was refused or went offline
-        def on_new_worker(c):
-            try:
-                return c.status == WSE_STATUS.READY and c.call("pid") not in old
-            except WseError:  # closed by the roll while we asked
-                return False
+        try:
+            statuses = {id(c): [] for c in clients}
+            closes = []
+            for c in clients:
+                c.when.updated(statuses[id(c)].append)  # (replays READY at once)
+                c.when.closed(lambda code, reason: closes.append(code))
+            sp.proc.send_signal(signal.SIGHUP)
+            sp.wait_line(r"rolling restart done", timeout=60 * UNIT)
+            # every client came back, to a new worker; none was refused or went offline
+            def on_new_worker(c):
+                try:
+                    return c.status == WSE_STATUS.READY and c.call("pid") not in old
+                except WseError:  # closed by the roll while we asked
+                    return False
 
-        wait_for(lambda: all(on_new_worker(c) for c in clients), timeout=20 * UNIT)
-        # OFFLINE only on the way to RE_CONNECTING (as the JS client reports a
-        # close), and one reconnect each: no attempt failed
-        assert all(seq == [WSE_STATUS.READY, WSE_STATUS.OFFLINE, WSE_STATUS.RE_CONNECTING,
-                           WSE_STATUS.READY] for seq in statuses.values()), statuses
-        assert closes == [1012] * len(clients)
-        stats = wait_for(lambda: (s := broker_stats(endpoint)) and
-                         s["connections"] == len(clients) and s, timeout=10 * UNIT)
-        assert len(stats["workers"]) == 2
+            wait_for(lambda: all(on_new_worker(c) for c in clients), timeout=20 * UNIT)
+            # OFFLINE only on the way to RE_CONNECTING (as the JS client reports a
+            # close), and one reconnect each: no attempt failed
+            assert all(seq == [WSE_STATUS.READY, WSE_STATUS.OFFLINE, WSE_STATUS.RE_CONNECTING,
+                               WSE_STATUS.READY] for seq in statuses.values()), statuses
+            assert closes == [1012] * len(clients)
+            stats = wait_for(lambda: (s := broker_stats(endpoint)) and
+                             s["connections"] == len(clients) and s, timeout=10 * UNIT)
+            assert len(stats["workers"]) == 2
+        finally:
+            # (reconnecting clients left open would keep trying for the rest of the run)
+            for c in clients:
+                c.close()
