@@ -366,6 +366,39 @@ def test_a_shard_that_dies_costs_only_its_users(tmp_path):
                 assert "Traceback" not in sp.stderr
 
 
+def test_a_killed_worker_costs_each_shard_its_users_once(tmp_path):
+    with shard_brokers(tmp_path, 2) as brokers:
+        both = ",".join(b.endpoint for b in brokers)
+        with serve_process(APP, 1, ["--broker", both]) as victim_sp, \
+                serve_process(APP, 1, ["--broker", both]) as survivor_sp:
+            doomed = users_of(0, 2, 2, "k") + users_of(1, 2, 2, "k")
+            safe = users_of(0, 2, 1, "s") + users_of(1, 2, 1, "s")
+            c = {u: connect(victim_sp.url, u) for u in doomed}
+            c.update({u: connect(survivor_sp.url, u) for u in safe})
+            victim = c[doomed[0]].pid
+            for broker in brokers:
+                wait_for(lambda b=broker: shard_users(b)["users"] == 3)
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: all(c[u].close_status for u in doomed), timeout=5 * UNIT)
+            # each shard removes the dead worker's connections (3 s without a heartbeat)
+            for broker in brokers:
+                wait_for(lambda b=broker: shard_users(b)["users"] == 1, timeout=15 * UNIT)
+            # 'left' once per user of the dead worker, each from its own shard;
+            # the survivors' users stay
+            watcher = c[safe[0]]
+            left = wait_for(lambda: (lambda e: e if len(e) >= len(doomed) else None)(
+                [e for e in watcher.got["ev"] if e[0] == "left"]), timeout=15 * UNIT)
+            watcher.call("pid")  # one more round trip for a duplicate to show up
+            assert sorted(e[1] for e in watcher.got["ev"] if e[0] == "left") == sorted(doomed)
+            assert {(e[3], e[4]) for e in left} == {(1006, "wse.worker-died")}, left
+            assert all(c[u].close_status is None for u in safe)
+            for u in safe:
+                c[u].close()
+            assert "Traceback" not in survivor_sp.stderr
+    for broker in brokers:
+        assert "Traceback" not in broker.stderr
+
+
 def test_a_worker_with_another_broker_list_is_refused(tmp_path):
     with shard_brokers(tmp_path, 2) as brokers:
         # the shards listed the other way round
