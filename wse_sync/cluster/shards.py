@@ -23,8 +23,8 @@ from typing import (Any, Callable, Dict, Hashable, Iterable, List, Mapping, Opti
 import gevent
 
 from ..core.link import LocalEntry
-from .curve import ClientKeys
 from ..core.shards import home_shard, merge_stats, merge_users, shard_of
+from .curve import ClientKeys
 from .link import BrokerLink, LocalPort
 
 __all__ = ["ShardedLink"]

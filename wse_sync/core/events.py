@@ -4,6 +4,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Dict, FrozenSet, List, Literal, Optional, Union
 
+from .errors import WSE_ERROR, WseError
+
 __all__ = ["Emitter", "RpcHandlers", "When", "call_with_kwargs", "EVENTS"]
 
 EVENTS = ("joined", "left", "connected", "disconnected", "error", "ignored")
@@ -17,7 +19,6 @@ class RpcHandlers:
 
     def register(self, rp: str, handler: Callable[..., Any]) -> Callable[..., Any]:
         """Raises RP_ALREADY_REGISTERED, or TypeError for a handler that is not callable."""
-        from .errors import WSE_ERROR, WseError
         if rp in self._handlers:
             raise WseError(WSE_ERROR.RP_ALREADY_REGISTERED, {"rpc": rp})
         if not callable(handler):
@@ -27,7 +28,6 @@ class RpcHandlers:
 
     def unregister(self, rp: str) -> None:
         """Raises RP_NOT_REGISTERED."""
-        from .errors import WSE_ERROR, WseError
         if self._handlers.pop(rp, None) is None:
             raise WseError(WSE_ERROR.RP_NOT_REGISTERED, {"rpc": rp})
 

@@ -6,10 +6,13 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Dict, List, NoReturn, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, NoReturn, Optional, Tuple
 
 from ..core.options import OPTIONS, OptionError, env_name, flag_name, from_environ
 from . import logs
+
+if TYPE_CHECKING:
+    from ..cluster.curve import ClientKeys
 
 __all__ = ["main", "build_parser"]
 
@@ -362,24 +365,18 @@ def _stats(endpoint: str, timeout: float, broker_key: Optional[str] = None,
            secret: Optional[str] = None) -> int:
     """Print a broker's stats; for K shards (comma-separated), their sum with
     each shard's answer under "shards" (exit 1 if one did not answer)."""
-    from ..cluster.curve import CurveError, split_keys
+    from ..cluster.curve import CurveError, shard_keys
     from ..core.shards import merge_stats, split_endpoints
 
     try:
         endpoints = split_endpoints(endpoint)
     except ValueError as exc:
         return _fail(str(exc))
-    answers: List[Optional[Dict[str, Any]]] = []
     try:
-        keys = split_keys(broker_key, len(endpoints))
+        curves = shard_keys(endpoints, broker_key, secret)
     except CurveError as exc:
         return _fail(str(exc))
-    for one, key in zip(endpoints, keys):
-        try:
-            answers.append(_ask_stats(one, timeout, key, secret))
-        except CurveError as exc:
-            print(f"wse-sync: {exc}", file=sys.stderr)
-            return 2
+    answers = [_ask_stats(one, timeout, curve) for one, curve in zip(endpoints, curves)]
     if len(endpoints) == 1:
         if answers[0] is None:
             return 1
@@ -392,15 +389,13 @@ def _stats(endpoint: str, timeout: float, broker_key: Optional[str] = None,
     return 0 if all(a is not None for a in answers) else 1
 
 
-def _ask_stats(endpoint: str, timeout: float, broker_key: Optional[str],
-               secret: Optional[str]) -> Optional[Dict[str, Any]]:
+def _ask_stats(endpoint: str, timeout: float, curve: Optional[ClientKeys]
+               ) -> Optional[Dict[str, Any]]:
     """One broker's ``stats`` answer; None (said on stderr) without one in ``timeout``."""
     import zmq
 
-    from ..cluster.curve import client_keys
     from ..core.messages import MAX_MSG_SIZE, decode, encode
 
-    curve = client_keys(endpoint, broker_key, secret)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
