@@ -126,6 +126,17 @@ def _edge_of(app: Any, options: Dict[str, Any]) -> _Edge:
     return entry[1]
 
 
+class _WebSocket(WebSocket):
+    """gevent-websocket's WebSocket, which wse_sync only uses to hand the socket
+    over: its ``__del__`` (a ``close()`` that builds a new class on every call
+    once the socket is ours) would leave cyclic garbage per connection."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        pass
+
+
 class WseHandler(WebSocketHandler):
     """gevent-websocket's handler with exact subprotocol selection."""
 
@@ -190,6 +201,8 @@ class WseHandler(WebSocketHandler):
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise
+            # (the timer is the exception: its traceback holds this handler)
+            exc.__traceback__ = None
             log.info("no complete request from %s in %.1fs: 408", self.client_address, seconds)
             _count(self.server.application, "header_timeout")
             self.close_connection = True
@@ -197,6 +210,7 @@ class WseHandler(WebSocketHandler):
         finally:
             if timer is not None:
                 timer.close()
+            self._header_timer = None
 
     def read_request(self, raw_requestline):
         ok = super().read_request(raw_requestline)
@@ -268,7 +282,7 @@ class WseHandler(WebSocketHandler):
         protocol: Optional[str] = None
         if wse is not None and wse.protocol.name in requested:
             protocol = wse.protocol.name
-        self.websocket = WebSocket(self.environ, Stream(self), self)
+        self.websocket = _WebSocket(self.environ, Stream(self), self)
         self.environ.update({"wsgi.websocket_version": version,
                              "wsgi.websocket": self.websocket})
         accept = base64.b64encode(

@@ -6,19 +6,27 @@ and parses frames in the calling greenlet until the connection is over;
 block the caller: what the socket cannot take at once waits in a bounded
 queue drained by a writer greenlet; a peer that lets the queue overflow is
 disconnected (close code 1008, reason ``wse.send-queue-full``).
+
+No watcher on a closed descriptor, ever: libev aborts the whole process on
+one (gevent issue #2100), and gevent's pywsgi closes the raw socket after the
+application returns. So a plain socket is used in non-blocking mode through
+gevent's public API (it then never waits inside gevent) and the transport
+waits on libev watchers of its own; ``run`` stops the writer, closes those
+watchers and closes the socket through gevent before it returns.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import Counter, deque
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import gevent
 from gevent import socket as gsocket
 from gevent.exceptions import ConcurrentObjectUseError
 
 from ..core.limits import TokenBucket
+from ..core.refusals import ThinnedLog
 from ..core.websocket import SERVER, Close, Message, Ping, Pong, Protocol, State
 
 _OPEN = State.OPEN  # (a plain name: the enum class attribute costs ~60 ns a lookup)
@@ -36,6 +44,11 @@ YIELD_EVERY_FRAMES = 32
 YIELD_EVERY_BYTES = 16384
 # bytes asked of the socket per read
 READ_SIZE = 65536
+# seconds the reader waits, at the end, for the writer it stops
+WRITER_STOP_TIMEOUT = 1.0
+
+# connections cut for a full send queue: one line per interval, with the counts
+_cuts = ThinnedLog(log)
 
 
 class Transport:
@@ -51,11 +64,20 @@ class Transport:
                  rate_limit: Optional[Tuple[float, float]] = None,
                  control_rate_limit: Optional[Tuple[float, float]] = None,
                  counters: Optional[Counter] = None) -> None:
-        # the gevent socket; its non-blocking raw socket for the fast path
         self.sock = sock
-        # (a TLS socket's _sock is the TCP socket under it: never write there)
-        self._raw = None if hasattr(sock, "getpeercert") else getattr(sock, "_sock", None)
         self.rfile = rfile
+        # A plain socket: non-blocking (gevent's recv/send then never wait on
+        # the socket's own watchers) and readiness from watchers of ours.
+        # A TLS socket is used through gevent's blocking API (decrypted bytes
+        # may wait in the SSL object while the descriptor is empty).
+        self._plain = not hasattr(sock, "getpeercert")
+        self._rwatch: Any = None
+        self._wwatch: Any = None
+        if self._plain:
+            sock.settimeout(0.0)
+            loop = gevent.get_hub().loop
+            self._rwatch = loop.io(sock.fileno(), 1)
+            self._wwatch = loop.io(sock.fileno(), 2)
         self.protocol = Protocol(SERVER, max_message_size, max_fragments)
         self.max_send_queue = max_send_queue
         # the worker's counters: "messages_out" counts frames queued here
@@ -140,17 +162,18 @@ class Transport:
     def _write(self, frame: bytes) -> bool:
         if self._writer is not None or self._queue:
             if self._queued + len(frame) > self.max_send_queue:
-                log.warning("send queue of a connection is full (%d bytes): dropping it",
-                            self._queued)
+                _cuts.note("send-queue-full", "cut a connection whose send queue was full"
+                           " (%d bytes): 1008 %s", self._queued, SEND_QUEUE_FULL)
+                self._counters["cut.send_queue_full"] += 1
                 self.abort((1008, SEND_QUEUE_FULL))
                 return False
             self._queue.append(frame)  # type: ignore[union-attr]
             self._queued += len(frame)
             return True
         sent = 0
-        if self._raw is not None:
+        if self._plain:
             try:
-                sent = self._raw.send(frame)
+                sent = self.sock.send(frame)
             except BlockingIOError:
                 sent = 0
             except OSError:
@@ -166,11 +189,29 @@ class Transport:
         return True
 
     def _drain(self) -> None:
+        """The writer greenlet: what the socket could not take at once."""
         try:
-            while self._queue:
-                chunk = self._queue.popleft()
-                self._queued -= len(chunk)
-                self.sock.sendall(chunk)
+            if not self._plain:
+                while self._queue:
+                    chunk = self._queue.popleft()
+                    self._queued -= len(chunk)
+                    self.sock.sendall(chunk)
+                return
+            hub = gevent.get_hub()
+            sock, queue = self.sock, self._queue
+            while queue and not self._cut:
+                hub.wait(self._wwatch)
+                while queue and not self._cut:
+                    chunk = queue[0]
+                    try:
+                        sent = sock.send(chunk)
+                    except BlockingIOError:
+                        break
+                    self._queued -= sent
+                    if sent < len(chunk):
+                        queue[0] = chunk[sent:]
+                        break
+                    queue.popleft()
         except OSError:
             self.abort((1006, ""))
         finally:
@@ -246,30 +287,33 @@ class Transport:
         Returns the close (code, reason) to report.
         """
         protocol = self.protocol
-        sock, raw = self.sock, self._raw
+        sock, plain = self.sock, self._plain
+        hub, rwatch = gevent.get_hub(), self._rwatch
         # True after a read shorter than the buffer: the socket is most likely
         # empty, so wait for readiness before reading instead of a recv that
-        # fails with EAGAIN (gevent's sock.recv: one syscall and one exception
-        # more per message in a request/answer loop). (Not for TLS: its
-        # decrypted bytes may wait in the SSL object while the socket is empty.)
+        # fails with EAGAIN (one syscall and one exception more per message in
+        # a request/answer loop).
         drained = False
         try:
-            # the first read empties what the HTTP parser buffered; then the socket
+            # the first read empties what the HTTP parser buffered (non-blocking
+            # on a plain socket: b"" there may only mean nothing is buffered,
+            # and the socket says below whether it is the end)
             try:
                 data = self.rfile.read1(READ_SIZE)
             except (OSError, ValueError):
                 data = b""
+            if plain and not data:
+                data = None
             while not self._cut:
                 if data is None:
                     try:
-                        if raw is None:
+                        if not plain:
                             data = sock.recv(READ_SIZE)
                         else:
                             if drained:
-                                # gevent's own wait (what sock.recv does on EAGAIN)
-                                sock._wait(sock._read_event)
+                                hub.wait(rwatch)
                             try:
-                                data = raw.recv(READ_SIZE)
+                                data = sock.recv(READ_SIZE)
                             except BlockingIOError:
                                 drained = True
                                 continue
@@ -324,7 +368,20 @@ class Transport:
         return [ev for ev in events if type(ev) is Close]
 
     def _drop_socket(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:  # pragma: no cover - already closed
-            pass
+        """Stop everything that waits on the descriptor, then close it through
+        gevent (the rfile too: while it is open, closing the socket leaves the
+        descriptor open for pywsgi to close behind gevent's back)."""
+        writer = self._writer
+        if writer is not None and writer is not gevent.getcurrent():
+            writer.kill(block=True, timeout=WRITER_STOP_TIMEOUT)
+        for watcher in (self._rwatch, self._wwatch):
+            if watcher is not None:
+                watcher.close()
+        self._rwatch = self._wwatch = None
+        if self._abort_timer is not None:
+            self._abort_timer.close()
+        for closeable in (self.rfile, self.sock):
+            try:
+                closeable.close()
+            except (OSError, ValueError):  # pragma: no cover - already closed
+                pass
