@@ -47,7 +47,54 @@ def test_join_fanout_and_left():
     out = core.handle("w2", Message("leave", {"conn_id": "c2", "code": 4001, "reason": "r"}), 0)
     left = [(w, m.body) for w, m in out if m.kind == "left"]
     assert left == [("w2", {"conn_id": "c2", "last": True, "cid": "u", "code": 4001,
-                           "reason": "r", "meta": None})]
+                           "reason": "r", "meta": None, "fire": "c2"})]
+
+
+def _last_leave(core, worker, conn_id, cid):
+    core.handle(worker, Message("join", {"req": 1, "conn_id": conn_id, "cid": cid, "limit": 2,
+                                         "at": 1.0}), 0)
+    out = core.handle(worker, Message("leave", {"conn_id": conn_id, "code": 1000,
+                                                "reason": "bye"}), 0)
+    return [m.body for w, m in out if m.kind == "left" and m.body["last"]]
+
+
+def test_a_left_the_dead_worker_never_started_fires_on_a_survivor():
+    core = BrokerCore()
+    hello(core, "w1")
+    hello(core, "w2")
+    # w1 is told to fire 'left' for two users; it confirms one, then dies
+    assert _last_leave(core, "w1", "c1", "u1")[0]["fire"] == "c1"
+    assert _last_leave(core, "w1", "c2", "u2")[0]["fire"] == "c2"
+    core.handle("w1", Message("fired", {"ids": ["c1"]}), 0)
+    out = core.remove_worker("w1")
+    lefts = [(w, m.body) for w, m in out if m.kind == "left"]
+    assert lefts == [("w2", {"last": True, "cid": "u2", "code": 1000, "reason": "bye",
+                             "meta": None, "fire": "c2"})]
+    assert core.counters["left.refired"] == 1
+    # the survivor has it to confirm in turn
+    assert list(core.workers["w2"].unfired) == ["c2"]
+    core.handle("w2", Message("fired", {"ids": ["c2"]}), 0)
+    assert core.workers["w2"].unfired == {}
+
+
+def test_a_left_superseded_by_a_return_is_not_refired():
+    core = BrokerCore()
+    hello(core, "w1")
+    hello(core, "w2")
+    _last_leave(core, "w1", "c1", "u1")
+    # the user is back (on w2) before w1's death is known: its 'joined' fired there
+    core.handle("w2", Message("join", {"req": 2, "conn_id": "c9", "cid": "u1", "limit": 2,
+                                       "at": 2.0}), 0)
+    out = core.remove_worker("w1")
+    assert [m for w, m in out if m.kind == "left"] == []
+    assert core.counters["left.superseded"] == 1
+
+
+def test_fired_is_checked():
+    core = BrokerCore()
+    hello(core, "w1")
+    assert core.handle("w1", Message("fired", {"ids": "c1"}), 0) == []
+    assert core.counters["dropped.malformed"] == 1
 
 
 def test_eviction_goes_to_the_holder():

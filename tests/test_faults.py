@@ -161,3 +161,33 @@ def test_rolling_restart_never_refuses(monkeypatch):
             # (reconnecting clients left open would keep trying for the rest of the run)
             for c in clients:
                 c.close()
+
+
+def test_left_fires_for_users_who_left_just_before_their_worker_died(monkeypatch):
+    """The victim sent its users' last leaves and the broker answered 'left'
+    there, but the victim dies before it runs them: a survivor fires them."""
+    monkeypatch.setenv("WSE_TEST_CPU", "3")
+    with serve_cluster(APP, 2) as (survivor_sp, victim_sp):
+        endpoint = survivor_sp.broker
+        obs, seen = observer(survivor_sp)
+        control = clients_on(victim_sp, 100, n=1)[0]
+        leaving = clients_on(victim_sp, 0, n=3)
+        wait_for(lambda: (broker_stats(endpoint) or {}).get("connections") == 5)
+        # once only `control` is left there, the victim's loop stands still
+        assert control.call("freeze_when_alone", {"alone": 1, "seconds": 30}) is True
+        for c in leaving:
+            c.close()
+        # the leaves reached the broker (and its 'left' answers the victim)
+        wait_for(lambda: (broker_stats(endpoint) or {}).get("connections") == 2,
+                 timeout=10 * UNIT)
+        os.kill(victim_sp.worker_pid, signal.SIGKILL)
+        expected = sorted(c.identity for c in leaving + [control])
+
+        def lefts():
+            return sorted(e[1] for e in seen if e[0] == "left")
+
+        wait_for(lambda: len(lefts()) >= len(expected), timeout=15 * UNIT)
+        obs.call("pid")  # one more round trip for a duplicate to show up
+        assert lefts() == expected
+        # and nothing else: one 'joined' each, from before
+        assert sorted(e[1] for e in seen if e[0] == "joined") == sorted(expected + ["observer"])

@@ -1,5 +1,6 @@
 """App for multi-worker tests: every welcome and RPC answer tells the worker pid."""
 import os
+import time
 
 from wse_sync import WseServer
 
@@ -123,3 +124,31 @@ def _call_stale(conn, payload):
         return ["ok", target.call(payload["rp"], None, timeout=payload.get("timeout"))]
     except Exception as exc:  # noqa: BLE001 - reported to the test
         return ["err", getattr(exc, "code", repr(exc)), getattr(exc, "details", None)]
+
+
+# freeze_when_alone: once this worker's own connections drop to ``alone``,
+# the 'disconnected' handler holds the whole loop for ``seconds`` (a worker
+# that has sent its last leaves and has not yet run what the broker answers)
+_local = {"n": 0, "freeze": None}
+
+
+@server.when.connected
+def _connected(conn):
+    _local["n"] += 1
+
+
+@server.when.disconnected
+def _disconnected(conn, code, reason):
+    _local["n"] -= 1
+    freeze = _local["freeze"]
+    if freeze is not None and _local["n"] <= freeze[0]:
+        _local["freeze"] = None
+        until = time.monotonic() + freeze[1]
+        while time.monotonic() < until:  # (no yield: the loop stands still)
+            pass
+
+
+@server.register("freeze_when_alone")
+def _freeze_when_alone(conn, payload):
+    _local["freeze"] = (payload["alone"], payload["seconds"])
+    return True

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Dict, Hashable, Iterable, List, Optional, Protocol, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Protocol, Tuple
 
 import gevent
 from gevent import get_hub
@@ -42,7 +43,8 @@ class LocalPort(Protocol):
     def drop(self, conn_ids: List[str], cid: Optional[Hashable], has_cid: bool,
              reason: str) -> None: ...
 
-    def user_left(self, cid: Hashable, code: int, reason: str, meta: Any) -> None: ...
+    def user_left(self, cid: Hashable, code: int, reason: str, meta: Any,
+                  started: Optional[Callable[[], None]] = None) -> None: ...
 
     def user_joined(self, cid: Hashable, meta: Any) -> None: ...
 
@@ -399,7 +401,8 @@ class BrokerLink:
                 if waiting is not None:
                     waiting.set(effect.body)
             elif isinstance(effect, UserLeft):
-                port.user_left(effect.cid, effect.code, effect.reason, effect.meta)
+                started = None if effect.fire is None else partial(self._fired, effect.fire)
+                port.user_left(effect.cid, effect.code, effect.reason, effect.meta, started)
             elif isinstance(effect, UserJoined):
                 port.user_joined(effect.cid, effect.meta)
             elif isinstance(effect, Forget):
@@ -408,6 +411,11 @@ class BrokerLink:
                 port.drop(effect.conn_ids, effect.cid, effect.has_cid, effect.reason)
             elif isinstance(effect, ServeCall):
                 runner.spawn(self._serve_call, effect.body)
+
+    def _fired(self, fire_id: str) -> None:
+        """A 'left' has started here: the broker need not fire it elsewhere."""
+        if not self._stopped:
+            self._send([Message("fired", {"ids": [fire_id]})])
 
     def _serve_call(self, body: dict) -> None:
         try:

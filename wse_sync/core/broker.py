@@ -51,7 +51,7 @@ HELD_WHILE_SYNCING = frozenset({"send", "bcast", "drop_cid", "conn_send", "conn_
                                 "join", "leave", "lookup"})
 # kinds that change neither the sender's standing nor the sync state:
 # handle_all carries a run of them out without asking again who the sender is
-STEADY_KINDS = HELD_WHILE_SYNCING | {"result", "hb"}
+STEADY_KINDS = HELD_WHILE_SYNCING | {"result", "hb", "fired"}
 
 # a worker's commands are acked at least every ACK_EVERY seqs (and with each heartbeat)
 ACK_EVERY = 256
@@ -62,6 +62,9 @@ SNAPSHOT_CHUNK = 2000
 # logged (once per sender and kind); the oldest are forgotten beyond these
 OWNERS_MAX = 100000
 LOGGED_MAX = 10000
+# 'left' events a worker has been told to fire and has not yet confirmed
+# started; beyond this the oldest are forgotten (counted)
+UNFIRED_MAX = 100000
 
 Out = List[Tuple[str, Message]]
 
@@ -117,6 +120,9 @@ class WorkerInfo:
     report: Optional[Dict[str, Any]] = None
     # False: it keeps no replica of the map (no snapshot, no delta; it asks: lookup)
     replica: bool = True
+    # 'left' events sent to it and not yet confirmed started ("fired"):
+    # fire id -> the 'left' body; fired on a survivor if this worker goes
+    unfired: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 class BrokerCore:
@@ -440,8 +446,10 @@ class BrokerCore:
             del self._listings[key]
         self._uploads.pop(worker_id, None)
         info = self.workers.pop(worker_id, None)
+        unfired: List[Dict[str, Any]] = []
         if info is not None:
             self._graveyard[worker_id] = info.acked
+            unfired = list(info.unfired.values())
         self.counters["workers.removed"] += 1
         outcomes = self.registry.drop_worker(worker_id)
         out_calls: Out = []
@@ -463,9 +471,29 @@ class BrokerCore:
             if o.last and announced and survivors:
                 # 'left' fires in one surviving worker, spread round-robin
                 target = survivors[i % len(survivors)]
-                out.append((target, Message("left", {
-                    "cid": o.entry.cid, "code": 1006, "reason": "wse.worker-died",
-                    "meta": o.entry.meta, "last": True})))
+                left = {"cid": o.entry.cid, "code": 1006, "reason": "wse.worker-died",
+                        "meta": o.entry.meta, "last": True, "fire": o.entry.conn_id}
+                self._expect_fired(target, left)
+                out.append((target, Message("left", left)))
+        # 'left' events the gone worker was told to fire and never started
+        # (it died, or stopped with handlers still waiting): a survivor fires
+        # them, unless the user is back (then its new 'joined' has fired)
+        for i, left in enumerate(unfired):
+            cid = left["cid"]
+            if cid in self.registry.users or cid in self.announced:
+                self.counters["left.superseded"] += 1
+                continue
+            if not survivors:
+                self.counters["left.lost"] += 1
+                continue
+            target = survivors[i % len(survivors)]
+            left = {k: v for k, v in left.items() if k != "conn_id"}
+            self._expect_fired(target, left)
+            self.counters["left.refired"] += 1
+            out.append((target, Message("left", left)))
+        if unfired:
+            log.info("worker %s had %d 'left' event(s) not yet started: fired elsewhere",
+                     worker_id, len(unfired))
         return out
 
     def stats(self) -> Dict[str, Any]:
@@ -706,10 +734,31 @@ class BrokerCore:
             cid, meta = body.get("cid"), body.get("meta")
             last = (body.get("epoch") not in (None, self.epoch) and not body.get("pending")
                     and cid not in self.registry.users)
-        out.append((sender, Message("left", {
-            "conn_id": conn_id, "last": bool(last) and not body.get("quiet"), "cid": cid,
-            "code": body.get("code", 1005), "reason": body.get("reason", ""), "meta": meta})))
+        left = {"conn_id": conn_id, "last": bool(last) and not body.get("quiet"), "cid": cid,
+                "code": body.get("code", 1005), "reason": body.get("reason", ""), "meta": meta}
+        if left["last"]:
+            left["fire"] = conn_id
+            self._expect_fired(sender, left)
+        out.append((sender, Message("left", left)))
         return out
+
+    def _expect_fired(self, worker_id: str, left: Dict[str, Any]) -> None:
+        """Remember a 'left' until the worker says it started it."""
+        info = self.workers.get(worker_id)
+        if info is None:
+            return
+        unfired = info.unfired
+        if len(unfired) >= UNFIRED_MAX:
+            del unfired[next(iter(unfired))]
+            self.counters["left.unconfirmed-forgotten"] += 1
+        unfired[left["fire"]] = left
+
+    def _on_fired(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
+        info = self.workers.get(sender)
+        if info is not None:
+            for fire_id in body["ids"]:
+                info.unfired.pop(fire_id, None)
+        return []
 
     def _on_send(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         cid = body["cid"]

@@ -34,6 +34,8 @@ ROLES = frozenset({ROLE_WORKER, ROLE_CLIENT})
 CLIENT_KINDS = frozenset({"hello", "hb", "bye", "stats", "lookup", "send", "bcast", "drop_cid"})
 # users one lookup may name
 MAX_LOOKUP = 1000
+# fire ids one "fired" message confirms
+MAX_FIRED = 10000
 
 # bounds on the fields (characters); beyond them a message is "oversize"
 MAX_ID = 128           # conn_id (15 characters here), call ids as strings, origin
@@ -267,6 +269,15 @@ def _empty(msg: Message) -> None:
     return None
 
 
+def _fired(msg: Message) -> None:
+    """``{ids}``: the 'left' events a worker has started (their ``fire`` ids)."""
+    ids = msg.body.get("ids")
+    if not isinstance(ids, list) or len(ids) > MAX_FIRED:
+        raise _malformed(f"'ids' is not a list of at most {MAX_FIRED}")
+    for v in ids:
+        _conn_id(v, "ids")
+
+
 def _stats(msg: Message) -> None:
     """``{}`` (``wse-sync stats``), or a worker's ``{req, full, report}`` (core.metrics)."""
     body = msg.body
@@ -303,6 +314,7 @@ _CHECKS: Dict[str, Callable[[Message], None]] = {
     "hello": _hello, "table": _table, "join": _join, "leave": _leave, "send": _send,
     "bcast": _bcast, "drop_cid": _drop_cid, "conn_send": _conn_send, "conn_drop": _conn_drop, "call": _call,
     "result": _result, "lookup": _lookup, "hb": _empty, "bye": _empty, "stats": _stats,
+    "fired": _fired,
 }
 
 

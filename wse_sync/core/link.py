@@ -90,11 +90,14 @@ class Drop(NamedTuple):
 
 
 class UserLeft(NamedTuple):
-    """The user's last connection anywhere is gone: fire 'left' here."""
+    """The user's last connection anywhere is gone: fire 'left' here, and
+    once it has started, confirm ``fire`` to the broker (``fired``), which
+    else has a surviving worker fire it if this one goes away first."""
     cid: Hashable
     code: int
     reason: str
     meta: Any
+    fire: Optional[str] = None
 
 
 class UserJoined(NamedTuple):
@@ -458,7 +461,8 @@ class LinkCore:
                 return Step(out, effects)  # the answer to a leave answered before (resent)
             if body.get("last"):
                 effects.append(UserLeft(body["cid"], body.get("code", 1005),
-                                        body.get("reason", ""), body.get("meta")))
+                                        body.get("reason", ""), body.get("meta"),
+                                        body.get("fire")))
         elif kind in ("joined", "result", "stats"):
             req = body.get("req", body.get("call"))
             if req in self._waiting:

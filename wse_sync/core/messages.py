@@ -35,7 +35,7 @@ MAX_MSG_SIZE = 64 * 1024 * 1024
 KINDS = frozenset({
     # worker -> broker
     "hello", "table", "hb", "join", "leave", "send", "bcast", "drop_cid", "conn_send",
-    "conn_drop", "call", "result", "stats", "lookup", "bye",
+    "conn_drop", "call", "result", "stats", "lookup", "bye", "fired",
     # broker -> worker
     "snapshot", "delta", "joined", "left", "deliver", "drop", "reset", "refused", "ack",
     "resolved", "users",

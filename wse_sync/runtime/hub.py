@@ -414,11 +414,12 @@ class Hub:
             if conn is not None:
                 conn.close(1000, reason)
 
-    def user_left(self, cid: Hashable, code: int, reason: str, meta: Any) -> None:
+    def user_left(self, cid: Hashable, code: int, reason: str, meta: Any,
+                  started: Optional[Callable[[], None]] = None) -> None:
         ident = (self._identities.get(cid) or self._gone.pop(cid, None)
                  or WseIdentity(self.server, cid, meta))
         self.forget(cid)
-        self.emit("left", ident, code, reason)
+        self.emit("left", ident, code, reason, started=started)
 
     def user_joined(self, cid: Hashable, meta: Any) -> None:
         self.emit("joined", self.identity(cid, meta, ask=False), meta)
@@ -478,10 +479,16 @@ class Hub:
         return serving, body
 
     # -- application code ------------------------------------------------------
-    def emit(self, name: str, *args: Any) -> None:
-        """Fire a ``when`` event: each handler in a greenlet of its own."""
-        for handler in self.server.when.emitter.handlers(name):
-            self.spawn(self._run_event, name, handler, args)
+    def emit(self, name: str, *args: Any, started: Optional[Callable[[], None]] = None) -> None:
+        """Fire a ``when`` event: each handler in a greenlet of its own.
+        ``started`` is called once, when the first handler starts (at once
+        without a handler)."""
+        handlers = self.server.when.emitter.handlers(name)
+        if started is not None and not handlers:
+            started()
+        for handler in handlers:
+            self.spawn(self._run_event, name, handler, args, started)
+            started = None
 
     def emit_error(self, error: WseError, conn: Optional[Any] = None,
                    exc: Optional[BaseException] = None) -> None:
@@ -507,7 +514,10 @@ class Hub:
         finally:
             self._busy -= 1
 
-    def _run_event(self, name: str, handler: Callable, args: tuple) -> None:
+    def _run_event(self, name: str, handler: Callable, args: tuple,
+                   started: Optional[Callable[[], None]] = None) -> None:
+        if started is not None:
+            started()
         try:
             handler(*args)
         except Exception as exc:
