@@ -88,6 +88,8 @@ class BrokerLink:
         self._monitor: Any = None
         self._answers: Dict[int, AsyncResult] = {}
         self._greenlets: List[gevent.Greenlet] = []
+        self._beater: Any = None
+        self._beats = 0
         self._stopped = False
         # encoded messages waiting for the end of this event-loop turn
         self._outgoing: List[List[bytes]] = []
@@ -120,7 +122,10 @@ class BrokerLink:
             self._greenlets.append(gevent.spawn(self._monitor_loop))
         self.sock.connect(self.endpoint)
         self._send(self.core.hello())
-        self._greenlets += [gevent.spawn(self._recv_loop), gevent.spawn(self._hb_loop)]
+        self._greenlets.append(gevent.spawn(self._recv_loop))
+        if self.heartbeat:
+            self._beater = get_hub().loop.timer(self.heartbeat, self.heartbeat)
+            self._beater.start(self._beat)
         log.info("worker %s (pid %d) joined broker %s%s", self.worker_id, os.getpid(),
                  self.endpoint, " with CURVE" if self.curve is not None else "")
 
@@ -132,6 +137,9 @@ class BrokerLink:
         self._flush()
         for g in self._greenlets:
             g.kill(block=False)
+        if self._beater is not None:
+            self._beater.close()
+            self._beater = None
         if self._monitor is not None:
             try:
                 self.sock.disable_monitor()
@@ -357,14 +365,23 @@ class BrokerLink:
                 log.error("%s: %s", self.endpoint, why)
             self._handshake_refused = why
 
-    def _hb_loop(self) -> None:
-        beats = 0
-        while True:
-            gevent.sleep(self.heartbeat)
-            self._carry_out(self.core.tick(time.monotonic()))
-            beats += 1
-            if beats % self.report_every == 0 and self.core.down_since is None:
+    def _beat(self) -> None:
+        """The heartbeat, run by a libev timer in the event loop itself, not by
+        a greenlet: a greenlet would wait its turn behind every greenlet ready
+        to run (a reconnect storm makes thousands), and the broker would take
+        a busy worker for a dead one. It writes at once, and messages waiting
+        unread in the socket tell that the broker is alive (we are the slow
+        side). Only a loop held by one greenlet that never yields stops it."""
+        try:
+            incoming = bool(self.sock.getsockopt(self.zmq.EVENTS) & self.zmq.POLLIN)
+            self._carry_out(self.core.tick(time.monotonic(), incoming))
+            self._flush()
+            self._beats += 1
+            if self._beats % self.report_every == 0 and self.core.down_since is None:
                 gevent.spawn(self.stats, False)
+        except Exception:  # (the loop would print it and go on: say it once here)
+            if not self._stopped:
+                log.exception("the broker link's heartbeat failed")
 
     def _recv_loop(self) -> None:
         zmq = self.zmq

@@ -268,9 +268,12 @@ class LinkCore:
     def bye(self) -> List[Message]:
         return [Message("bye", {})]
 
-    def tick(self, now: float) -> Step:
-        """A heartbeat to the broker; notice a broker gone silent."""
+    def tick(self, now: float, incoming: bool = False) -> Step:
+        """A heartbeat to the broker; notice a broker gone silent. ``incoming``:
+        messages from the broker wait unread (this worker is the slow side)."""
         out = [] if self.down_since is not None else [Message("hb", {})]
+        if incoming and self.down_since is None:
+            self.last_broker = now
         silent = now - self.last_broker
         if silent > self.broker_timeout and self.down_since is None:
             self.down_since = self.last_broker
