@@ -356,6 +356,24 @@ def wire_reset():
     return Message("reset", {})
 
 
+def test_a_full_outbox_behind_a_running_broker_is_busy_not_unavailable():
+    """The broker answers but its acks lag (it is behind): a distinct error
+    (the shell lets the sender wait for room first), never 'unavailable'."""
+    world = World()
+    a = world.add("A", outage_buffer=2)
+    a.blocked = True  # what the broker sends A (its acks) waits unread
+    a.command("bcast", {}, "1")
+    a.command("bcast", {}, "2")
+    assert a.core.outbox_full and a.core.down_since is None
+    with pytest.raises(WseError) as err:
+        a.command("bcast", {}, "3")
+    assert err.value.code == WSE_ERROR.BROKER_BUSY
+    a.unblock()
+    world.advance(1.0)  # the heartbeat's ack makes room
+    assert not a.core.outbox_full
+    a.command("bcast", {}, "3")
+
+
 def test_the_outage_buffer_and_limit_refuse_commands_visibly():
     world = World()
     a = world.add("A", outage_buffer=2, outage_limit=10.0)

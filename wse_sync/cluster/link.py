@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Prot
 
 import gevent
 from gevent import get_hub
-from gevent.event import AsyncResult
+from gevent.event import AsyncResult, Event
 
 from ..core.errors import WSE_ERROR, WseError
 from ..core.link import (Answer, ClusterView, Deliver, Drop, Forget, LinkCore, LocalEntry,
@@ -89,6 +89,9 @@ class BrokerLink:
         self._answers: Dict[int, AsyncResult] = {}
         self._greenlets: List[gevent.Greenlet] = []
         self._beater: Any = None
+        # senders waiting for room in a full outbox (the broker is behind)
+        self._room = Event()
+        self._room_waiters = 0
         self._beats = 0
         self._stopped = False
         # encoded messages waiting for the end of this event-loop turn
@@ -133,6 +136,7 @@ class BrokerLink:
         if self._stopped:
             return
         self._stopped = True
+        self._room.set()
         self._send(self.core.bye())
         self._flush()
         for g in self._greenlets:
@@ -300,12 +304,33 @@ class BrokerLink:
     def _command(self, kind: str, body: dict, data: Any = None) -> None:
         if self._stopped:
             raise WseError(WSE_ERROR.BROKER_UNAVAILABLE, {"reason": "worker is stopping"})
+        if self.core.outbox_full and self.core.down_since is None:
+            self._wait_for_room()
         try:
             out = self.core.command(kind, body, data, time.monotonic())
         except WseError as error:
             self.port.error(error)
             raise
         self._send(out)
+
+    def _wait_for_room(self) -> None:
+        """Back-pressure: the broker answers but is behind, so the sender waits
+        (at most request_timeout) for its acks to make room in the outbox.
+        Never in the event loop itself (it cannot wait)."""
+        if gevent.getcurrent() is get_hub():
+            return
+        deadline = time.monotonic() + self.request_timeout
+        self._room_waiters += 1
+        try:
+            while (self.core.outbox_full and self.core.down_since is None
+                   and not self._stopped):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._room.clear()
+                self._room.wait(remaining)
+        finally:
+            self._room_waiters -= 1
 
     def _send(self, messages: List[Message]) -> None:
         """Queue messages; everything queued in one turn of the event loop goes
@@ -404,6 +429,8 @@ class BrokerLink:
                     self._carry_out(self.core.handle(msg, now))
                 except Exception:
                     log.exception("failed to handle a %r message from the broker", msg.kind)
+            if self._room_waiters and not self.core.outbox_full:
+                self._room.set()
             if any(m.kind == "snapshot" for m in messages):
                 gevent.sleep(0)  # a streamed map: let the heartbeat and the others run
 

@@ -58,6 +58,7 @@ class _Errors(_Constants):
     CONNECTION_ERROR: str
     MESSAGE_PROCESSING_ERROR: str
     BROKER_UNAVAILABLE: str
+    BROKER_BUSY: str
     RP_TOO_MANY: str
 
 
@@ -97,6 +98,9 @@ WSE_ERROR = _Errors(
     MESSAGE_PROCESSING_ERROR="wse.server.msg-processing-error",
     # added by wse_sync (the reference has no cluster)
     BROKER_UNAVAILABLE="wse.server.broker-unavailable",
+    # wse_sync's: the broker runs but is behind (its acks lag): the sender
+    # waited up to broker_timeout for room in the outbox; try again later
+    BROKER_BUSY="wse.server.broker-busy",
     # wse_sync's own: more RPCs in flight than max_rpc_per_conn / max_rpc_per_worker
     RP_TOO_MANY="wse.server.rp.too-many-calls",
 )

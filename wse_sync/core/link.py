@@ -20,6 +20,7 @@ from typing import (Any, Callable, Deque, Dict, Hashable, Iterable, List, NamedT
 
 from .errors import WSE_ERROR, WseError
 from .messages import Message
+from .refusals import ThinnedLog
 
 __all__ = ["LinkCore", "ClusterView", "Step", "Join", "Deliver", "Drop", "UserLeft",
            "UserJoined", "Forget", "Answer", "ServeCall", "LocalEntry", "Effect"]
@@ -137,6 +138,15 @@ class Join(NamedTuple):
     req: Optional[int]
     out: List[Message]
     decided: Optional[Tuple[bool, List[str]]]
+
+
+# cross-worker commands refused: one log line per interval and kind of refusal
+_refusals = ThinnedLog(log, logging.ERROR)
+
+
+def _refusal(code: str, kind: str, why: str) -> WseError:
+    _refusals.note(code, "%r refused (%s): %s", kind, code, why)
+    return WseError(code, {"kind": kind, "reason": why})
 
 
 def _evict(local: Iterable[Tuple[str, float]], limit: Optional[int]) -> List[str]:
@@ -379,23 +389,33 @@ class LinkCore:
         return [Message("leave", body)]
 
     # -- commands and calls ---------------------------------------------------
+    @property
+    def outbox_full(self) -> bool:
+        """``outage_buffer`` commands wait for the broker's ack."""
+        return len(self._outbox) >= self.outage_buffer
+
     def command(self, kind: str, body: Dict[str, Any], data: Any, now: float) -> List[Message]:
         """A cross-worker command: kept until the broker acks it and resent to a
-        restarted broker. Raises BROKER_UNAVAILABLE when ``outage_buffer``
-        commands wait or the broker has been away for over ``outage_limit`` s."""
+        restarted broker. Raises BROKER_UNAVAILABLE when the broker has been
+        away for over ``outage_limit`` s or ``outage_buffer`` commands wait for
+        it while it is away, BROKER_BUSY when they wait for a broker that
+        answers (it is behind: the shell lets the sender wait for room first)."""
         down = self.down_since
         if down is not None and now - down > self.outage_limit:
-            raise self._unavailable(kind, f"broker away for more than {self.outage_limit:.0f}s")
+            raise _refusal(WSE_ERROR.BROKER_UNAVAILABLE, kind,
+                           f"broker away for more than {self.outage_limit:.0f}s")
         if len(self._outbox) >= self.outage_buffer:
-            raise self._unavailable(kind, f"{len(self._outbox)} commands wait for the broker")
+            if down is None:
+                raise _refusal(WSE_ERROR.BROKER_BUSY, kind,
+                               f"{len(self._outbox)} commands wait for the broker's ack (it is"
+                               " behind)")
+            raise _refusal(WSE_ERROR.BROKER_UNAVAILABLE, kind,
+                           f"{len(self._outbox)} commands wait for the broker (away)")
         self._seq += 1
         body["seq"] = self._seq
         self._outbox.append((self._seq, kind, body, data))
         return [Message(kind, body, data)] if down is None else []
 
-    def _unavailable(self, kind: str, why: str) -> WseError:
-        log.error("%r refused: %s", kind, why)
-        return WseError(WSE_ERROR.BROKER_UNAVAILABLE, {"kind": kind, "reason": why})
 
     def call(self, conn_id: str, rp: str, payload: Any, timeout: float) -> Tuple[int, List[Message]]:
         """Start a call on a connection held by another worker: (req, messages)."""
