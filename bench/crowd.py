@@ -99,6 +99,7 @@ LOG_INFO = {
     "auth timeout": re.compile(r"did not authenticate in time"),
     "refused a connection": re.compile(r"refused a connection"),
     "join decided locally": re.compile(r"did not answer a join"),
+    "broker-busy": re.compile(r"broker-busy"),
     "ERROR lines": re.compile(r" ERROR "),
 }
 
