@@ -450,13 +450,51 @@ def test_no_hi_within_the_handshake_timeout():
         ws.shutdown()
 
 
-def test_identify_that_never_decides_hits_the_auth_timeout():
+def test_identify_that_never_decides_hits_the_auth_timeout_as_the_servers_doing():
+    """The server, not the client, was slow: 1013 (the JS client retries),
+    never the terminal 1000 wse.not-authorized."""
     server = WseServer(identify=lambda accept: None, auth_timeout=0.2 * UNIT)
     with inproc_server(server) as url:
-        with pytest.raises(WseError) as info:
-            WseClient(url).connect("undecided")
-        assert info.value.code == WSE_ERROR.NOT_AUTHORIZED
+        ws = RawWS(url)
+        ws.send_text('["~wse:hi",{"identity":"undecided","meta":{}},null]')
+        assert ws.recv_until_close() == ("close", 1013, "wse.server-busy")
+        ws.shutdown()
         assert len(server.clients) == 0
+        assert server.hub.counters["refused.identify_timeout"] == 1
+
+
+def test_a_crowd_waits_for_identify_slots_instead_of_failing():
+    """max_identify at once; the others queue, and the time in the queue does
+    not count against auth_timeout (each identify takes most of it)."""
+    running, peak = [0], [0]
+
+    def slow_identify(identity, accept):
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        gevent.sleep(0.15 * UNIT)
+        running[0] -= 1
+        accept(identity)
+
+    server = WseServer(identify=slow_identify, auth_timeout=0.25 * UNIT, max_identify=2)
+    with inproc_server(server) as url:
+        clients = [WseClient(url) for _ in range(8)]
+        jobs = [gevent.spawn(c.connect, f"q{i}") for i, c in enumerate(clients)]
+        gevent.joinall(jobs, timeout=10 * UNIT, raise_error=True)
+        assert all(c.status == WSE_STATUS.READY for c in clients)
+        assert peak[0] == 2
+        for c in clients:
+            c.close()
+
+
+def test_a_client_that_does_not_answer_the_challenge_is_still_refused():
+    server = WseServer(identify=accept_all, auth_timeout=0.2 * UNIT)
+    server.use_challenge(lambda identity, quest: quest({"nonce": 1}))
+    with inproc_server(server) as url:
+        ws = RawWS(url)
+        ws.send_text('["~wse:hi",{"identity":"mute","meta":{}},null]')
+        assert ws.recv()[0] == "text"  # the challenge; never answered
+        assert ws.recv_until_close() == ("close", 1000, WSE_REASON.NOT_AUTHORIZED)
+        ws.shutdown()
 
 
 def test_first_message_must_be_hi():

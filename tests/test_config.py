@@ -13,10 +13,11 @@ import socket
 import subprocess
 import sys
 
+import gevent
 import pytest
 
 from deploy_helpers import child_env, gunicorn
-from helpers import APPS, ROOT, UNIT, ServerProcess, free_port, wait_for
+from helpers import APPS, ROOT, UNIT, RawWS, ServerProcess, free_port, wait_for
 from wse_sync import WseClient, WseError
 from wse_sync.core.options import (DEFAULTS, OPTIONS, OptionError, env_name, flag_name,
                                    from_environ, parse)
@@ -354,3 +355,41 @@ def test_gunicorn_lines_and_wse_sync_lines_share_one_format():
     assert any("[wse_sync." in line for line in lines)
     odd = [line for line in lines if not TEXT_LINE.match(line)]
     assert not odd, "\n".join(lines)
+
+
+@pytest.mark.parametrize("how,per_ip,identify", [
+    ("code", 2, 1), ("environment", 3, 2), ("flag", 4, 3), ("flag-off", 0, 3)])
+def test_the_admission_limits_take_effect_however_they_are_given(how, per_ip, identify):
+    """max_unauthenticated_per_ip and max_identify in serve workers: the code's
+    values, the environment's over them, a flag's over both (they were read
+    when WseServer was built, before serve applied flags)."""
+    env, extra = {}, []
+    if how != "code":
+        env = {"WSE_SYNC_MAX_UNAUTHENTICATED_PER_IP": "3", "WSE_SYNC_MAX_IDENTIFY": "2"}
+    if how.startswith("flag"):
+        extra = ["--max-unauthenticated-per-ip", str(per_ip), "--max-identify", str(identify)]
+    port = free_port()
+    sp = ServerProcess(["serve", "tests/apps/limits_app.py:server", "--workers", "1",
+                        "--port", str(port), *extra], env=child_env(**env))
+    url = f"ws://127.0.0.1:{port}/"
+    try:
+        sp.wait_line(r"worker \d+ serving")
+        # unauthenticated sockets from one address that is not a trusted proxy
+        held = [RawWS(url, source="127.0.0.2") for _ in range(per_ip or 8)]
+        extra_ws = RawWS(url, source="127.0.0.2")
+        if per_ip:
+            assert extra_ws.recv_until_close() == ("close", 1013, "wse.server-busy")
+        else:
+            extra_ws.send_text('["~wse:hi",{"identity":"more","meta":{}},null]')
+            assert extra_ws.recv()[0] == "text"  # welcomed
+        for ws in held + [extra_ws]:
+            ws.shutdown()
+        # identify calls at once: as many as max_identify
+        clients = [WseClient(url) for _ in range(identify + 1)]
+        gevent.joinall([gevent.spawn(c.connect, f"p{i}") for i, c in enumerate(clients)],
+                       timeout=20 * UNIT, raise_error=True)
+        assert clients[0].call("peak") == identify
+        for c in clients:
+            c.close()
+    finally:
+        sp.stop()

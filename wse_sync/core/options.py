@@ -181,7 +181,10 @@ OPTIONS: List[Option] = [
     _O("max_unauthenticated_per_ip", 50, "... per client address (X-Forwarded-For aware)"
        " (1013)", _limit),
     _O("max_identify", 100, "identify / challenge calls running at once per worker (others"
-       " wait)", _limit),
+       " wait their turn)", _limit),
+    _O("identify_queue_timeout", 30.0, "seconds a connection may wait for one of max_identify"
+       " slots (then 1013 wse.server-busy, which clients retry); auth_timeout starts once it"
+       " has one", _float),
     _O("max_rpc_per_conn", 64, "RPC handlers running per connection (an error at once beyond)",
        _limit),
     _O("max_rpc_per_worker", 4096, "RPC handlers running per worker", _limit),

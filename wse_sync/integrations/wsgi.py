@@ -28,6 +28,7 @@ from geventwebsocket.websocket import Stream, WebSocket
 
 from ..core.forwarded import is_trusted, origin_allowed, parse_trusted
 from ..core.limits import KeyedCounter
+from ..core.refusals import ThinnedLog
 
 __all__ = ["WseHandler", "WseWSGIServer", "make_wsgi_server", "tls_context"]
 
@@ -99,30 +100,31 @@ def _response(status: str, text: str, headers: Tuple[Tuple[str, str], ...] = ())
 class _Edge:
     """Sockets held by one application in this process, in all and per address."""
 
-    def __init__(self, options: Dict[str, Any]) -> None:
+    def __init__(self) -> None:
         self.active = 0
-        self.per_ip = KeyedCounter(int(options.get("max_connections_per_ip") or 0))
-        self.trusted = parse_trusted(options.get("trusted_proxies", ()))
-        self.refused = 0
-        self._last_log = 0.0
+        # (the cap is set from the options at each connection: they may change)
+        self.per_ip = KeyedCounter(0)
+        self._trusted: Tuple[Any, Any] = (None, None)
+        self._log = ThinnedLog(log)
+
+    def trusted(self, spec: Any) -> Any:
+        """The ``trusted_proxies`` option, parsed once per value."""
+        if self._trusted[0] is not spec:
+            self._trusted = (spec, parse_trusted(spec))
+        return self._trusted[1]
 
     def note_refusal(self, what: str, address: Any) -> None:
-        """One log line per second at most, with the count since the last one."""
-        self.refused += 1
-        now = time.monotonic()
-        if now - self._last_log >= 1.0:
-            self._last_log = now
-            log.warning("refused a connection from %s: %s (%d refused so far)",
-                        address, what, self.refused)
+        """Logged once per interval with the counts (core.refusals)."""
+        self._log.note(what, "refused a connection from %s: %s", address, what)
 
 
 _EDGES: Dict[int, Tuple[Any, _Edge]] = {}
 
 
-def _edge_of(app: Any, options: Dict[str, Any]) -> _Edge:
+def _edge_of(app: Any) -> _Edge:
     entry = _EDGES.get(id(app))
     if entry is None or entry[0] is not app:
-        entry = _EDGES[id(app)] = (app, _Edge(options))
+        entry = _EDGES[id(app)] = (app, _Edge())
     return entry[1]
 
 
@@ -158,9 +160,11 @@ class WseHandler(WebSocketHandler):
         app = self.server.application
         options = _options_of(app)
         self.wse_options = options
-        edge = _edge_of(app, options)
+        edge = _edge_of(app)
+        edge.per_ip.cap = int(options.get("max_connections_per_ip") or 0)
         ip = self.client_address[0] if isinstance(self.client_address, tuple) else ""
-        counted_ip = bool(ip) and not is_trusted(ip, edge.trusted)
+        counted_ip = bool(ip) and not is_trusted(
+            ip, edge.trusted(options.get("trusted_proxies", ())))
         limit = int(options.get("max_connections") or 0)
         if limit and edge.active >= limit:
             return self._refuse(edge, "503 Service Unavailable", "the server is full",

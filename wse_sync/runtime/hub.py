@@ -15,16 +15,14 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List
                     Tuple, Union)
 
 import gevent
-from gevent.lock import BoundedSemaphore
-
 from . import runner
+from .admission import SERVER_BUSY, Admission
 from .connection import CLOSED, OPEN, RemoteConnection, WseConnection, WseIdentity
 from .directory import Directory
 from .session import Session
 from .transport import Transport
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError
 from ..core.forwarded import client_address, is_trusted, origin_allowed
-from ..core.limits import KeyedCounter
 from ..core.limits import parse_rate
 from ..core.ids import make_id
 from ..core.link import LocalEntry
@@ -43,8 +41,7 @@ __all__ = ["Hub", "SERVER_BUSY", "ORIGIN_NOT_ALLOWED"]
 # identities kept for a 'left' after the user's last local connection closed
 GONE_MAX = 10000
 
-# close reasons of the limits
-SERVER_BUSY = "wse.server-busy"
+# close reasons of the limits (and SERVER_BUSY, from .admission)
 ORIGIN_NOT_ALLOWED = "wse.origin-not-allowed"
 
 log = logging.getLogger("wse_sync.server")
@@ -80,12 +77,12 @@ class Hub:
         # the limits refused, by name ("refused.max_unauthenticated", ...)
         self.metrics = WorkerMetrics()
         self.counters = self.metrics.counters
-        # sessions upgraded and not yet welcomed (max_unauthenticated), and per address
-        self._unauthenticated: set = set()
-        self._unauthenticated_of = KeyedCounter(
-            int(server.options["max_unauthenticated_per_ip"] or 0))
-        # identify / challenge calls running at once (max_identify)
-        self.identify_slots = BoundedSemaphore(max(1, int(server.options["max_identify"] or 1)))
+        # sockets between upgrade and welcome: their limits, identify slots
+        # (max_identify), refusals; options read when applied
+        self.admission = Admission(server.options,
+                                   lambda remote: is_trusted(remote, server.trusted),
+                                   self.counters)
+        self.identify_slots = self.admission.identify_slots
         # RPC handlers running in this worker (max_rpc_per_worker)
         self.rpc_running = 0
 
@@ -209,18 +206,12 @@ class Hub:
         if not origin_allowed(environ.get("HTTP_ORIGIN"), options["allowed_origins"]):
             self._refuse(transport, "allowed_origins", 1008, ORIGIN_NOT_ALLOWED, remote)
             return
-        limit = options["max_unauthenticated"]
-        if limit and len(self._unauthenticated) >= limit:
-            self._refuse(transport, "max_unauthenticated", 1013, SERVER_BUSY, remote)
-            return
-        # (a trusted proxy's own address is not a client's: not counted, as at the edge)
-        if not is_trusted(remote, self.server.trusted) and \
-                not self._unauthenticated_of.acquire(remote):
-            self._refuse(transport, "max_unauthenticated_per_ip", 1013, SERVER_BUSY, remote)
+        limit = self.admission.admit(conn, remote)
+        if limit is not None:
+            self._refuse(transport, limit, 1013, SERVER_BUSY, remote)
             return
         session = Session(self, conn)
         self._sessions.add(session)
-        self._unauthenticated.add(session)
         try:
             session.run()
         finally:
@@ -229,19 +220,11 @@ class Hub:
 
     def _welcomed(self, session: Session) -> None:
         """The session no longer counts as unauthenticated (welcomed or gone)."""
-        if session in self._unauthenticated:
-            self._unauthenticated.discard(session)
-            remote = session.conn.remote_addr
-            if not is_trusted(remote, self.server.trusted):
-                self._unauthenticated_of.release(remote)
+        self.admission.done(session.conn, session.conn.remote_addr)
 
     def _refuse(self, transport: Transport, limit: str, code: int, reason: str,
                 remote: Optional[str]) -> None:
-        self.counters["refused." + limit] += 1
-        if self.counters["refused." + limit] & (self.counters["refused." + limit] - 1) == 0:
-            # (1st, 2nd, 4th, 8th... refusal: the log stays short under a flood)
-            log.warning("refused a connection from %s: %s (%d so far)", remote, limit,
-                        self.counters["refused." + limit])
+        self.admission.refused(limit, remote)
         transport.close(code, reason)
         transport.run(lambda data: None)
 
@@ -449,7 +432,7 @@ class Hub:
         sessions = list(self._sessions)
         return self.metrics.report({
             "connections": len(sessions),
-            "unauthenticated": len(self._unauthenticated),
+            "unauthenticated": self.admission.unauthenticated,
             "send_queue_bytes": sum(s.conn.transport.queued for s in sessions),
             "broker_outbox": link.unconfirmed if link is not None else 0,
             "rpc_running": self.rpc_running,

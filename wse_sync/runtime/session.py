@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Optional
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import gevent
 from gevent.event import AsyncResult
 
+from .admission import SERVER_BUSY
 from .connection import CLOSED, OPEN, WseConnection
 from ..core.session import ACCEPTED, QUEST, VIOLATION, SessionCore
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError, rpc_error_payload
@@ -63,6 +65,10 @@ class Session:
         self._timer = None
         # True while the hub joins the cluster (the auth greenlet must not be killed)
         self.joining = False
+        # True while authentication waits on the server (an identify slot,
+        # identify or the challenge generator running): a deadline passing
+        # then is the server's doing (1013, retried), not the client's (1000)
+        self._server_side = False
 
     # -- the reading greenlet -----------------------------------------
     def run(self) -> None:
@@ -234,7 +240,7 @@ class Session:
                     decision.set(None)
 
             try:
-                with self.hub.identify_slots:  # max_identify at once; the deadline bounds the wait
+                with self._identify_slot():
                     call_with_kwargs(server.identify, identity=conn.identity, meta=conn.meta,
                                      accept=accept, refuse=refuse, challenge=challenge,
                                      conn_id=conn.conn_id)
@@ -244,6 +250,7 @@ class Session:
                     "exception": exc}), conn, exc)
                 raise _Refused() from None
             outcome = decision.get()  # the auth deadline bounds this wait
+            self._server_side = False
             if outcome is None:
                 raise _Refused()
             cid, welcome = outcome
@@ -279,7 +286,7 @@ class Session:
                 quest_sent.set(("refuse", None))
 
         try:
-            with self.hub.identify_slots:
+            with self._identify_slot():
                 call_with_kwargs(server.challenge_generator, identity=conn.identity,
                                  meta=conn.meta, quest=quest, refuse=refuse)
         except Exception as exc:
@@ -288,10 +295,28 @@ class Session:
                 "exception": exc}), conn, exc)
             raise _Refused() from None
         kind, data = quest_sent.get()
+        self._server_side = False  # (the client's turn: it has its auth deadline)
         if kind == "refuse":
             raise _Refused()
         response = self._answer.get()
         return {"quest": data, "response": response}
+
+    @contextmanager
+    def _identify_slot(self) -> Iterator[None]:
+        """One of max_identify slots while application auth code runs. Time
+        spent in the queue for it is the server's, bounded by
+        identify_queue_timeout (then 1013); auth_timeout starts again once the
+        slot is ours (a crowd queues instead of failing)."""
+        slots = self.hub.identify_slots
+        self._server_side = True
+        if not slots.try_acquire():
+            self._set_deadline(self.server.options["identify_queue_timeout"])
+            slots.acquire()
+            self._set_deadline(self.server.auth_timeout)
+        try:
+            yield
+        finally:
+            slots.release()
 
     # -- deadlines -----------------------------------------------------
     def ready(self) -> None:
@@ -314,11 +339,16 @@ class Session:
     def _deadline_passed(self) -> None:
         self._timer = None
         if self.core.authenticating and self.conn.ready_state != CLOSED:
+            if self._auth is not None and not self.joining:
+                self._auth.kill(block=False)
+            if self._server_side:
+                # identify (or its queue) took too long: the client may retry
+                self.hub.admission.refused("identify_timeout", self.conn.remote_addr)
+                self.conn.close(1013, SERVER_BUSY)
+                return
             self.hub.counters["refused.auth_timeout"] += 1
             log.info("connection %s from %s did not authenticate in time", self.conn.conn_id,
                      self.conn.remote_addr)
-            if self._auth is not None and not self.joining:
-                self._auth.kill(block=False)
             self.conn.close(1000, WSE_REASON.NOT_AUTHORIZED)
 
 
