@@ -72,9 +72,9 @@ def test_a_left_the_dead_worker_never_started_fires_on_a_survivor():
                              "meta": None, "fire": "c2"})]
     assert core.counters["left.refired"] == 1
     # the survivor has it to confirm in turn
-    assert list(core.workers["w2"].unfired) == ["c2"]
+    assert list(core.lefts.unfired_of("w2")) == ["c2"]
     core.handle("w2", Message("fired", {"ids": ["c2"]}), 0)
-    assert core.workers["w2"].unfired == {}
+    assert core.lefts.unfired_of("w2") == {}
 
 
 def test_a_left_superseded_by_a_return_is_not_refired():
@@ -82,12 +82,35 @@ def test_a_left_superseded_by_a_return_is_not_refired():
     hello(core, "w1")
     hello(core, "w2")
     _last_leave(core, "w1", "c1", "u1")
-    # the user is back (on w2) before w1's death is known: its 'joined' fired there
-    core.handle("w2", Message("join", {"req": 2, "conn_id": "c9", "cid": "u1", "limit": 2,
-                                       "at": 2.0}), 0)
+    # the user is back (on w2) before w1's death is known: its 'joined' answer
+    # waits for w1's 'left', then goes when w1 is gone
+    out = core.handle("w2", Message("join", {"req": 2, "conn_id": "c9", "cid": "u1",
+                                             "limit": 2, "at": 2.0}), 0)
+    assert [m for w, m in out if m.kind == "joined"] == []
     out = core.remove_worker("w1")
     assert [m for w, m in out if m.kind == "left"] == []
+    assert [(w, m.body["first"]) for w, m in out if m.kind == "joined"] == [("w2", True)]
     assert core.counters["left.superseded"] == 1
+
+
+def test_joined_waits_for_the_users_left_to_start_elsewhere():
+    """'left' on w1, then 'joined' on w2, in this order for the application."""
+    core = BrokerCore(worker_timeout=100.0)
+    hello(core, "w1")
+    hello(core, "w2")
+    _last_leave(core, "w1", "c1", "u1")
+    out = core.handle("w2", Message("join", {"req": 5, "conn_id": "c2", "cid": "u1",
+                                             "limit": 2, "at": 2.0}), 10.0)
+    assert [m for w, m in out if m.kind == "joined"] == []
+    out = core.handle("w1", Message("fired", {"ids": ["c1"]}), 10.1)
+    assert [(w, m.body) for w, m in out] == [("w2", {"req": 5, "first": True, "evicted": []})]
+    # a worker too slow to start it holds a welcome JOIN_HOLD seconds at most
+    _last_leave(core, "w1", "c3", "u3")
+    core.handle("w2", Message("join", {"req": 6, "conn_id": "c4", "cid": "u3", "limit": 2,
+                                       "at": 3.0}), 20.0)
+    assert [m for w, m in core.tick(20.5) if m.kind == "joined"] == []
+    assert [w for w, m in core.tick(22.1) if m.kind == "joined"] == ["w2"]
+    assert core.counters["joined.hold-expired"] == 1
 
 
 def test_fired_is_checked():

@@ -20,6 +20,7 @@ from gevent.event import AsyncResult, Event
 from ..core.errors import WSE_ERROR, WseError
 from ..core.link import (Answer, ClusterView, Deliver, Drop, Forget, LinkCore, LocalEntry,
                          ServeCall, Step, UserJoined, UserLeft)
+from ..core.refusals import ThinnedLog
 from ..core.messages import MAX_MSG_SIZE, Message, SchemaError, batch, decode, encode, split
 from ..runtime import runner
 from .curve import ClientKeys, needs_curve
@@ -168,11 +169,17 @@ class BrokerLink:
         result = self._answers[step.req] = AsyncResult()
         try:
             self._send(step.out)
-            body = result.get(timeout=self.request_timeout)
-        except gevent.Timeout:
-            log.error("broker did not answer a join in %.1fs: deciding locally",
-                      self.request_timeout)
-            return self.core.join_timed_out(step.req, conn_id, cid, meta, local, limit)
+            try:
+                body = result.get(timeout=self.request_timeout)
+            except gevent.Timeout:
+                if not result.ready():
+                    _slow_joins.note("join", "the broker did not answer a join in %.1fs:"
+                                     " deciding locally", self.request_timeout)
+                    return self.core.join_timed_out(step.req, conn_id, cid, meta, local,
+                                                    limit)
+                # (the answer came in the same turn of the loop as the timeout: a
+                # join decided here would wait for a verdict already spent)
+                body = result.get()
         finally:
             self._answers.pop(step.req, None)
         return self.core.join_answered(step.req, conn_id, cid, meta, body)
@@ -470,6 +477,10 @@ class BrokerLink:
             out = LinkCore.call_result(body, False,
                                        {"code": exc.code, "details": _jsonable(exc.details)})
         self._send(out)
+
+
+# joins decided locally for want of an answer: one line per interval, with counts
+_slow_joins = ThinnedLog(log, logging.ERROR)
 
 
 def _jsonable(value: Any) -> Any:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Set, Tuple
 
 from .checks import ROLE_CLIENT, ROLE_WORKER, check
 from .errors import WSE_ERROR, WSE_REASON
+from .lefts import PendingLefts
 from .messages import KINDS, Message
 from .registry import ConnEntry, Registry
 from .shards import Shard, shard_of
@@ -62,9 +63,6 @@ SNAPSHOT_CHUNK = 2000
 # logged (once per sender and kind); the oldest are forgotten beyond these
 OWNERS_MAX = 100000
 LOGGED_MAX = 10000
-# 'left' events a worker has been told to fire and has not yet confirmed
-# started; beyond this the oldest are forgotten (counted)
-UNFIRED_MAX = 100000
 
 Out = List[Tuple[str, Message]]
 
@@ -120,9 +118,6 @@ class WorkerInfo:
     report: Optional[Dict[str, Any]] = None
     # False: it keeps no replica of the map (no snapshot, no delta; it asks: lookup)
     replica: bool = True
-    # 'left' events sent to it and not yet confirmed started ("fired"):
-    # fire id -> the 'left' body; fired on a survivor if this worker goes
-    unfired: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 class BrokerCore:
@@ -172,6 +167,8 @@ class BrokerCore:
         self._listings: Dict[Tuple[str, Any], _Listing] = {}
         # tables still arriving in parts (worker -> its upload)
         self._uploads: Dict[str, _Upload] = {}
+        # 'left' events not yet started, and 'joined' answers held behind them
+        self.lefts = PendingLefts(self.counters)
         # the worker -> broker kinds this core carries out: kind -> _on_<kind>
         self._handlers: Dict[str, Callable[[str, Dict[str, Any], Any, float], Out]] = {
             name[4:]: getattr(self, name) for name in dir(self) if name.startswith("_on_")}
@@ -372,6 +369,7 @@ class BrokerCore:
                      len(self.workers), len(deferred))
             for sender, msg in deferred:
                 out += self._carry_out(sender, msg, now)
+        out += self.lefts.expired(now)
         # after the held leaves: a pending connection that is gone gets no 'joined'
         if self._pending and not self._syncing(now):
             out += self._resolve_pending()
@@ -446,10 +444,9 @@ class BrokerCore:
             del self._listings[key]
         self._uploads.pop(worker_id, None)
         info = self.workers.pop(worker_id, None)
-        unfired: List[Dict[str, Any]] = []
         if info is not None:
             self._graveyard[worker_id] = info.acked
-            unfired = list(info.unfired.values())
+        unfired, released = self.lefts.drop_worker(worker_id)
         self.counters["workers.removed"] += 1
         outcomes = self.registry.drop_worker(worker_id)
         out_calls: Out = []
@@ -460,7 +457,7 @@ class BrokerCore:
                     out_calls.append((origin, Message("result", {"call": call, "ok": False,
                         "value": {"code": WSE_ERROR.RP_DISCONNECT,
                                   "details": {"disconnected": [1006, "wse.worker-died"]}}})))
-        out = out_calls + self._delta([], [o.entry.conn_id for o in outcomes])
+        out = out_calls + released + self._delta([], [o.entry.conn_id for o in outcomes])
         survivors = [w for w, i in self.workers.items() if i.serves]
         for o in outcomes:
             self._pending.pop(o.entry.conn_id, None)
@@ -703,9 +700,14 @@ class BrokerCore:
         entry = self.registry.conns[body["conn_id"]]
         if res.first:
             self.announced.add(entry.cid)
-        out: Out = [(sender, Message("joined", {
-            "req": body["req"], "first": res.first,
-            "evicted": [e.conn_id for e in res.evicted]}))]
+        answer = Message("joined", {"req": body["req"], "first": res.first,
+                                    "evicted": [e.conn_id for e in res.evicted]})
+        out: Out = []
+        if res.first and self.lefts.waiting(entry.cid):
+            # its 'left' has not started where it was sent: 'joined' after it
+            self.lefts.hold(entry.cid, sender, answer, now)
+        else:
+            out.append((sender, answer))
         out += self._delta([entry.to_list()], [e.conn_id for e in res.evicted], skip=sender)
         out += self._drops(res.evicted, WSE_REASON.CLIENTS_CONCURRENCY, skip=sender)
         return out
@@ -744,21 +746,11 @@ class BrokerCore:
 
     def _expect_fired(self, worker_id: str, left: Dict[str, Any]) -> None:
         """Remember a 'left' until the worker says it started it."""
-        info = self.workers.get(worker_id)
-        if info is None:
-            return
-        unfired = info.unfired
-        if len(unfired) >= UNFIRED_MAX:
-            del unfired[next(iter(unfired))]
-            self.counters["left.unconfirmed-forgotten"] += 1
-        unfired[left["fire"]] = left
+        if worker_id in self.workers:
+            self.lefts.expect(worker_id, left)
 
     def _on_fired(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
-        info = self.workers.get(sender)
-        if info is not None:
-            for fire_id in body["ids"]:
-                info.unfired.pop(fire_id, None)
-        return []
+        return self.lefts.confirm(sender, body["ids"])
 
     def _on_send(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         cid = body["cid"]

@@ -165,6 +165,9 @@ OPTIONS: List[Option] = [
        " reused by server.clients (without cluster_replica)", _float),
     _O("trusted_proxies", ("127.0.0.1", "::1"), "addresses whose X-Forwarded-For is believed"
        " (comma-separated; '*': all)", _proxies),
+    _O("stop_spread", 5.0, "seconds over which a stopping worker closes its connections"
+       " (1012, in batches of 200 or more; at most half of the stop's grace), so that its"
+       " clients reconnect as a stream, not a storm", _float),
     _O("gc_threshold", 7000, "wse-sync serve workers: gen-0 threshold of Python's cyclic GC,"
        " set (after gc.freeze() of what the app imported) once the worker serves (0: leave"
        " the GC as it is)", _limit),

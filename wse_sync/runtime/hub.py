@@ -9,6 +9,7 @@ and WseServer's public API is carried out here.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List, Optional,
@@ -40,6 +41,10 @@ __all__ = ["Hub", "SERVER_BUSY", "ORIGIN_NOT_ALLOWED"]
 
 # identities kept for a 'left' after the user's last local connection closed
 GONE_MAX = 10000
+# a stop closes connections in batches of at least STOP_BATCH_MIN, one every
+# STOP_STEP seconds, spread over the stop_spread option
+STOP_STEP = 0.1
+STOP_BATCH_MIN = 200
 
 # close reasons of the limits (and SERVER_BUSY, from .admission)
 ORIGIN_NOT_ALLOWED = "wse.origin-not-allowed"
@@ -73,6 +78,8 @@ class Hub:
         self._sweeper: Optional[gevent.Greenlet] = None
         # handlers running now (RPC, channel, event), for a graceful stop
         self._busy = 0
+        # a stop gave up waiting for them: what has not started, never will
+        self._abandoned = False
         # what this worker counts (core.metrics); ``counters`` also holds what
         # the limits refused, by name ("refused.max_unauthenticated", ...)
         self.metrics = WorkerMetrics()
@@ -134,10 +141,20 @@ class Hub:
         self._sweeper = gevent.spawn(self._sweep)
 
     def shutdown(self, code: int, reason: str, timeout: float) -> None:
+        """Close every connection (over ``stop_spread`` seconds, at most half
+        of ``timeout``, so its clients reconnect as a stream, not a storm),
+        wait for the handlers and the broker's last answers, leave."""
         self.stopping = True
-        for s in list(self._sessions):
-            s.conn.close(code, reason)
         deadline = time.monotonic() + timeout
+        sessions = list(self._sessions)
+        spread = min(float(self.server.options["stop_spread"] or 0), timeout / 2)
+        steps = max(1, int(spread / STOP_STEP))
+        batch = max(STOP_BATCH_MIN, math.ceil(len(sessions) / steps))
+        for i in range(0, len(sessions), batch):
+            if i:
+                gevent.sleep(STOP_STEP)
+            for s in sessions[i:i + batch]:
+                s.conn.close(code, reason)
         # the broker's answers to the last leaves fire 'left' here: wait for
         # them too, so those handlers run while the cluster is still joined
         while ((self._sessions or self._busy
@@ -145,8 +162,10 @@ class Hub:
                and time.monotonic() < deadline):
             gevent.sleep(0.02)
         if self._busy:
-            log.warning("%d handler(s) still running after %.1fs: abandoning them",
+            log.warning("%d handler(s) still running after %.1fs: abandoning them (those not"
+                        " started never will; the broker has a survivor fire their 'left')",
                         self._busy, timeout)
+            self._abandoned = True
         if self.link is not None:
             self.link.stop()
         if self.embedded_broker is not None:
@@ -493,7 +512,8 @@ class Hub:
 
     def _counted(self, fn: Callable, args: tuple) -> None:
         try:
-            fn(*args)
+            if not self._abandoned:
+                fn(*args)
         finally:
             self._busy -= 1
 
