@@ -191,12 +191,21 @@ class Supervisor:
                 self._start_worker()
 
     def _roll(self) -> None:
-        log.info("SIGHUP: replacing %d worker(s) one at a time", len(self.workers))
-        for pid, old in list(self.workers.items()):
-            # the old worker closes its connections only once the new one accepts
+        """Every new worker first (the old ones close nothing until then), then
+        the old ones stop accepting (SIGUSR2) and stop one at a time, each
+        closing its connections over stop_spread: a client reconnects once,
+        to a new worker, never to an old one about to close it again."""
+        old = list(self.workers.items())
+        log.info("SIGHUP: starting %d new worker(s), then stopping the old ones one at a time",
+                 len(old))
+        for _ in old:
             self._start_worker(wait_ready=30)
-            del self.workers[pid]
-            self._stop_proc(old, self.grace + 5)
+        for pid, proc in old:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGUSR2)
+        for pid, proc in old:
+            self.workers.pop(pid, None)
+            self._stop_proc(proc, self.grace + 5)
         log.info("rolling restart done")
 
     def _shutdown(self, sig: int) -> int:

@@ -131,8 +131,15 @@ def run_worker(app_spec: str, fd: int, broker: str, worker_id: Optional[str] = N
     def on_signal() -> None:
         stopping.set()
 
+    def on_replaced() -> None:
+        # a rolling restart: the new workers accept from now on, so that the
+        # clients this one closes next reconnect once, to a new worker
+        log.info("worker %d replaced: no longer accepting connections", os.getpid())
+        http.stop_accepting()
+
     gevent.signal_handler(signal.SIGTERM, on_signal)
     gevent.signal_handler(signal.SIGINT, on_signal)
+    gevent.signal_handler(signal.SIGUSR2, on_replaced)
     parent = os.getppid()
 
     def watch_parent() -> None:
