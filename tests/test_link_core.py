@@ -672,3 +672,25 @@ def test_a_lookup_during_a_restart_waits_for_every_table():
     world.advance(4.0)
     assert b.answers[req]["users"] == [["u4", [["a4", "A", {}]]]]
     world.check_map()
+
+
+def test_a_map_that_lost_connections_heals_from_the_table_digest():
+    """Whatever special case lost them, the broker's map of a worker comes back
+    to the worker's table within two digests, counted, with no event fired."""
+    world = World()
+    a = world.add("A")
+    b = world.add("B")
+    for i in range(5):
+        a.connect(f"a{i}", f"u{i}")
+    b.connect("b0", "v0")
+    world.advance(6.0)
+    assert world.broker.counters["map.repaired"] == 0  # steady traffic is no mismatch
+    events = list(a.events), list(b.events)
+    # the map loses two of A's connections and gains one A never had
+    world.broker.registry.leave("a1")
+    world.broker.registry.leave("a3")
+    world.broker.registry.join("ghost", "g", "A")
+    world.advance(6.0)
+    world.check_map()
+    assert world.broker.counters["map.repaired"] == 1
+    assert (list(a.events), list(b.events)) == events

@@ -31,7 +31,8 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Set, Tuple
 from .checks import ROLE_CLIENT, ROLE_WORKER, check
 from .errors import WSE_ERROR, WSE_REASON
 from .lefts import PendingLefts
-from .messages import KINDS, Message
+from .refusals import ThinnedLog
+from .messages import KINDS, Message, table_digest
 from .registry import ConnEntry, Registry
 from .shards import Shard, shard_of
 
@@ -65,6 +66,9 @@ OWNERS_MAX = 100000
 LOGGED_MAX = 10000
 
 Out = List[Tuple[str, Message]]
+
+# map repairs: one log line per interval, with the counts
+_repairs = ThinnedLog(log)
 
 
 @dataclass
@@ -118,6 +122,8 @@ class WorkerInfo:
     report: Optional[Dict[str, Any]] = None
     # False: it keeps no replica of the map (no snapshot, no delta; it asks: lookup)
     replica: bool = True
+    # how its last table digest differed from the map (count, xor), if it did
+    mismatch: Optional[Tuple[int, int]] = None
 
 
 class BrokerCore:
@@ -531,7 +537,7 @@ class BrokerCore:
             raise TypeError("limit must be an int or null")
         of = int(body.get("of", 1))
         table = body.get("table", [])
-        if table or base or of > 1:
+        if (table or base or of > 1) and not body.get("repair"):
             self._restarted(now)
         info = self.workers.get(sender)
         if info is None:
@@ -673,7 +679,27 @@ class BrokerCore:
                 for w, ids in conns.items()]
 
     def _on_hb(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
-        return []
+        """A heartbeat; some carry the digest of the worker's table: a map
+        that differs from it the same way twice in a row (not a join or
+        leave in flight) is repaired from the worker's table."""
+        digest = body.get("digest")
+        info = self.workers.get(sender)
+        if digest is None or info is None or not info.serves or sender in self._uploads:
+            return []
+        held = self.registry.entries_of_worker(sender)
+        if digest[0] == len(held):
+            info.mismatch = None
+            return []
+        mine = table_digest(e.conn_id for e in held)
+        diff = (digest[0] - mine[0], digest[1] ^ mine[1])
+        if info.mismatch != diff:
+            info.mismatch = diff
+            return []
+        info.mismatch = None
+        self.counters["map.repaired"] += 1
+        _repairs.note("repair", "the map of worker %s differs from its table (%+d"
+                      " connection(s)): asking for its table", sender, diff[0])
+        return [(sender, Message("reset", {"repair": True}))]
 
     def _on_bye(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         log.info("worker %s leaves the cluster", sender)

@@ -269,6 +269,16 @@ def _empty(msg: Message) -> None:
     return None
 
 
+def _hb(msg: Message) -> None:
+    """``{}``, or ``{digest: [count, xor]}`` (core.link.table_digest)."""
+    digest = msg.body.get("digest")
+    if digest is None:
+        return
+    if (not isinstance(digest, list) or len(digest) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in digest)):
+        raise _malformed("'digest' is not [count, xor]")
+
+
 def _fired(msg: Message) -> None:
     """``{ids}``: the 'left' events a worker has started (their ``fire`` ids)."""
     ids = msg.body.get("ids")
@@ -313,7 +323,7 @@ def _stats(msg: Message) -> None:
 _CHECKS: Dict[str, Callable[[Message], None]] = {
     "hello": _hello, "table": _table, "join": _join, "leave": _leave, "send": _send,
     "bcast": _bcast, "drop_cid": _drop_cid, "conn_send": _conn_send, "conn_drop": _conn_drop, "call": _call,
-    "result": _result, "lookup": _lookup, "hb": _empty, "bye": _empty, "stats": _stats,
+    "result": _result, "lookup": _lookup, "hb": _hb, "bye": _empty, "stats": _stats,
     "fired": _fired,
 }
 

@@ -19,7 +19,7 @@ from typing import (Any, Callable, Deque, Dict, Hashable, Iterable, List, NamedT
                     Set, Tuple, Union)
 
 from .errors import WSE_ERROR, WseError
-from .messages import Message
+from .messages import Message, table_digest
 from .refusals import ThinnedLog
 
 __all__ = ["LinkCore", "ClusterView", "Step", "Join", "Deliver", "Drop", "UserLeft",
@@ -140,6 +140,11 @@ class Join(NamedTuple):
     decided: Optional[Tuple[bool, List[str]]]
 
 
+# every DIGEST_EVERY-th heartbeat carries the digest of this worker's table,
+# which the broker checks against its map (and repairs: core.broker)
+DIGEST_EVERY = 5
+
+
 # cross-worker commands refused: one log line per interval and kind of refusal
 _refusals = ThinnedLog(log, logging.ERROR)
 
@@ -224,6 +229,8 @@ class LinkCore:
         self._decided_since_hello = False
         # lookups of every user whose answer comes in parts: req -> rows so far
         self._listing: Dict[int, List[Any]] = {}
+        # heartbeats sent (every DIGEST_EVERY-th carries the table's digest)
+        self._beats = 0
 
     # -- what the shell may read -----------------------------------------
     @property
@@ -245,10 +252,11 @@ class LinkCore:
         return len(self._unacked)
 
     # -- life ---------------------------------------------------------------
-    def hello(self) -> List[Message]:
+    def hello(self, repair: bool = False) -> List[Message]:
         """This worker's table (in parts of ``table_part``: the hello, then ``table``
         messages, to be sent in this order), then every command the broker has
-        not acked."""
+        not acked. ``repair``: asked by a broker whose map of this worker
+        disagrees with the table's digest (not a broker that restarted)."""
         table = [[conn_id, cid, meta, at, conn_id in self._pending]
                  for conn_id, cid, meta, at in self.entries()]
         base = self._outbox[0][0] - 1 if self._outbox else self._seq
@@ -264,6 +272,8 @@ class LinkCore:
                                  "base": base, "serves": self.serves, "sync": self._hellos}
         if not self.replica:
             hello["replica"] = False
+        if repair:
+            hello["repair"] = True
         if self.shard[1] > 1:
             hello["shard"] = [self.shard[0], self.shard[1]]
         if len(parts) > 1:
@@ -281,7 +291,13 @@ class LinkCore:
     def tick(self, now: float, incoming: bool = False) -> Step:
         """A heartbeat to the broker; notice a broker gone silent. ``incoming``:
         messages from the broker wait unread (this worker is the slow side)."""
-        out = [] if self.down_since is not None else [Message("hb", {})]
+        out = []
+        if self.down_since is None:
+            self._beats += 1
+            body: Dict[str, Any] = {}
+            if self.serves and self._beats % DIGEST_EVERY == 0:
+                body["digest"] = table_digest(c[0] for c in self.entries())
+            out.append(Message("hb", body))
         if incoming and self.down_since is None:
             self.last_broker = now
         silent = now - self.last_broker
@@ -512,7 +528,7 @@ class LinkCore:
         elif kind == "call":
             effects.append(ServeCall(body))
         elif kind == "reset":
-            hello = self.hello()
+            hello = self.hello(repair=bool(body.get("repair")))
             log.info("broker asked for this worker's table: resent %d connection(s)",
                      sum(len(m.body.get("table", m.body.get("rows", []))) for m in hello
                          if m.kind in ("hello", "table")))

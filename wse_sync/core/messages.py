@@ -14,12 +14,14 @@ docs/cluster.md.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import ujson
 
 __all__ = ["VERSION", "KINDS", "MAX_MSG_SIZE", "Message", "SchemaError", "encode", "decode",
+           "table_digest",
            "batch", "split"]
 
 VERSION = b"wse1"
@@ -40,6 +42,16 @@ KINDS = frozenset({
     "snapshot", "delta", "joined", "left", "deliver", "drop", "reset", "refused", "ack",
     "resolved", "users",
 })
+
+
+def table_digest(conn_ids: Iterable[str]) -> List[int]:
+    """A worker's table in a heartbeat: [how many connections, XOR of the
+    CRC-32s of their ids] (equal for equal sets, in any order)."""
+    n = x = 0
+    for conn_id in conn_ids:
+        n += 1
+        x ^= zlib.crc32(conn_id.encode("utf-8", "surrogatepass"))
+    return [n, x]
 
 
 _KIND_OF = {k.encode("ascii"): k for k in KINDS}
