@@ -110,3 +110,15 @@ def test_a_frame_larger_than_the_send_queue_is_refused_and_the_peer_stays(pair):
     assert peer.recv() == ("text", "small")
     t.close(1000, "")
     assert peer.recv() == ("close", 1000, "")
+
+
+def test_has_unread_tells_bytes_waiting_in_the_socket(pair):
+    """What a deadline asks: did the peer send in time, and is this side slow?"""
+    sock, peer = pair
+    t = Transport(sock, sock.makefile("rb"), 1 << 20)
+    assert not t.has_unread()
+    peer.send(build_frame(OP_TEXT, b"hi", mask=True))
+    gevent.sleep(0.01)
+    assert t.has_unread()
+    t.abort()
+    assert not t.has_unread()

@@ -341,8 +341,9 @@ class Session:
         if self.core.authenticating and self.conn.ready_state != CLOSED:
             if self._auth is not None and not self.joining:
                 self._auth.kill(block=False)
-            if self._server_side:
-                # identify (or its queue) took too long: the client may retry
+            if self._server_side or self.conn.transport.has_unread():
+                # identify (or its queue) took too long, or what the client
+                # sent in time waits unread: the server is the slow side
                 self.hub.admission.refused("identify_timeout", self.conn.remote_addr)
                 self.conn.close(1013, SERVER_BUSY)
                 return

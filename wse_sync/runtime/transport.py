@@ -117,6 +117,16 @@ class Transport:
         """(code, reason) of the close: the peer's when it closed first."""
         return self._cut_status or self.protocol.close_status
 
+    def has_unread(self) -> bool:
+        """Bytes from the peer wait in the socket, not yet read (this side is
+        the slow one). False when it cannot tell (TLS)."""
+        if not self._plain or self._cut:
+            return False
+        try:
+            return bool(self.sock.recv(1, gsocket.MSG_PEEK))
+        except OSError:  # (BlockingIOError: nothing there)
+            return False
+
     # -- writing -------------------------------------------------------
     def frame_for(self, data) -> bytes:
         """Wire bytes of one message: text frame for str, binary for bytes."""
