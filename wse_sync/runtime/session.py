@@ -113,6 +113,7 @@ class Session:
         meta = payload.get("meta")
         self.conn.meta = meta if meta is not None else {}
         self._set_deadline(self.server.auth_timeout)
+        self._server_side = True  # (from now on the server's turn, until a challenge is sent)
         self._auth = gevent.spawn(self._authenticate)
 
     def _challenge_answer(self, type_, payload, stamp) -> None:
