@@ -324,13 +324,18 @@ def test_server_calls_client(flows):
         "code": "wse.server.rp.not-registered", "details": None}}
     thrown = answers["js_throw"]["error"]
     assert thrown["code"] == "wse.server.rp.failed"
-    assert set(thrown["details"]) == {"origin"}
+    # as the wse 4.12.3 client: the call's rpc and payload beside origin (or
+    # beside the handler's own fields)
+    assert set(thrown["details"]) == {"origin", "rpc", "payload"}
+    assert (thrown["details"]["rpc"], thrown["details"]["payload"]) == ("js_throw", None)
     assert thrown["details"]["origin"]["name"] == "Error"
     assert thrown["details"]["origin"]["message"] == "js boom"
     assert thrown["details"]["origin"]["stack"].startswith("Error: js boom")
-    assert answers["js_throw_obj"]["error"] == {"code": "wse.server.rp.failed",
-                                                "details": {"field": 1}}
-    assert answers["js_throw_wse"]["error"] == {"code": "js.custom", "details": {"k": 1}}
+    assert answers["js_throw_obj"]["error"] == {
+        "code": "wse.server.rp.failed",
+        "details": {"field": 1, "rpc": "js_throw_obj", "payload": None}}
+    assert answers["js_throw_wse"]["error"] == {
+        "code": "js.custom", "details": {"k": 1, "rpc": "js_throw_wse", "payload": None}}
     # the server's call frames: [rp, payload, 10-char stamp]; answered with the same stamp
     frames = after_welcome(out["frames"])
     calls = [(i, json.loads(data)) for i, (d, data) in enumerate(frames)

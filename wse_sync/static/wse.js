@@ -529,7 +529,7 @@ export class WseClient {
       try {
         reply(this.protocol.pack({
           type: types.response_error,
-          payload: RpcManager.normalizeError(err),
+          payload: RpcManager.normalizeError(err, type, payload),
           stamp,
         }))
       } finally {
