@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Session", "CHANNEL_QUEUE_FULL"]
 
 CHANNEL_QUEUE_FULL = "wse.channel-queue-full"
+# a deadline timer running this late (s) shows an overloaded loop: the
+# server, not the client, is the slow side
+LOOP_LAG = 0.5
 
 log = logging.getLogger("wse_sync.session")
 
@@ -65,6 +68,7 @@ class Session:
         self._timer = None
         # True while the hub joins the cluster (the auth greenlet must not be killed)
         self.joining = False
+        self._deadline_at = 0.0
         # True while authentication waits on the server (an identify slot,
         # identify or the challenge generator running): a deadline passing
         # then is the server's doing (1013, retried), not the client's (1000)
@@ -328,6 +332,7 @@ class Session:
     def _set_deadline(self, seconds: Optional[float]) -> None:
         self._cancel_deadline()
         if seconds:
+            self._deadline_at = time.monotonic() + seconds
             self._timer = gevent.get_hub().loop.timer(seconds)
             self._timer.start(self._deadline_passed)
 
@@ -342,9 +347,11 @@ class Session:
         if self.core.authenticating and self.conn.ready_state != CLOSED:
             if self._auth is not None and not self.joining:
                 self._auth.kill(block=False)
-            if self._server_side or self.conn.transport.has_unread():
-                # identify (or its queue) took too long, or what the client
-                # sent in time waits unread: the server is the slow side
+            late = time.monotonic() - self._deadline_at
+            if (self._server_side or late > LOOP_LAG or self.conn.transport.has_unread()):
+                # identify (or its queue) took too long, what the client sent
+                # in time waits unread, or this loop is so busy that the timer
+                # itself came late: the server is the slow side
                 self.hub.admission.refused("identify_timeout", self.conn.remote_addr)
                 self.conn.close(1013, SERVER_BUSY)
                 return
