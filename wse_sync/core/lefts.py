@@ -31,7 +31,7 @@ Out = List[Tuple[str, Message]]
 class PendingLefts:
     """Unconfirmed 'left' events by worker, and 'joined' answers held behind them."""
 
-    def __init__(self, counters: Counter, hold_for: float = JOIN_HOLD,
+    def __init__(self, counters: "Counter[str]", hold_for: float = JOIN_HOLD,
                  max_per_worker: int = UNFIRED_MAX) -> None:
         self.counters = counters
         self.hold_for = hold_for

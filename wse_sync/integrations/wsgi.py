@@ -17,7 +17,6 @@ import base64
 import hashlib
 import logging
 import ssl
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import gevent

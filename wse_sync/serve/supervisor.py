@@ -200,7 +200,7 @@ class Supervisor:
                  len(old))
         for _ in old:
             self._start_worker(wait_ready=30)
-        for pid, proc in old:
+        for _pid, proc in old:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGUSR2)
         for pid, proc in old:
