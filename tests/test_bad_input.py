@@ -21,6 +21,7 @@ from wse_sync.core.frames import (OP_BINARY, OP_CONT, OP_PING, OP_PONG, OP_TEXT,
 
 PROTOCOL_ERR = ("close", 1000, WSE_REASON.PROTOCOL_ERR)
 NOT_AUTHORIZED = ("close", 1000, WSE_REASON.NOT_AUTHORIZED)
+HANDSHAKE_TIMEOUT = ("close", 1013, "wse.handshake-timeout")
 
 
 def hi(identity="raw", meta=None):
@@ -407,7 +408,7 @@ def test_handshake_timeout():
         ws = e.raw()
         assert ws.status == 101
         # never sends ~wse:hi
-        assert expect_close(ws, 10 * UNIT) == NOT_AUTHORIZED
+        assert expect_close(ws, 10 * UNIT) == HANDSHAKE_TIMEOUT
         e.check_good_still_works()
 
 
@@ -416,7 +417,7 @@ def test_handshake_timeout_for_a_peer_that_never_finishes_its_hi_frame():
         ws = e.raw()
         frame = build_frame(OP_TEXT, hi("trickle").encode(), mask=True)
         ws.send_raw(frame[:-5])  # all but the last bytes, never sent
-        assert expect_close(ws, 10 * UNIT) == NOT_AUTHORIZED
+        assert expect_close(ws, 10 * UNIT) == HANDSHAKE_TIMEOUT
         assert "trickle" not in e.server.clients
         e.check_good_still_works()
 

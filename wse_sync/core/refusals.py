@@ -31,8 +31,10 @@ class ThinnedLog:
         self._since: Dict[str, int] = {}
         self._last: Dict[str, float] = {}
 
-    def note(self, kind: str, fmt: str, *args: Any, now: Optional[float] = None) -> bool:
-        """Count one; True when this call wrote a log line."""
+    def note(self, kind: str, fmt: str, *args: Any, now: Optional[float] = None,
+             level: Optional[int] = None) -> bool:
+        """Count one; True when this call wrote a log line (at ``level``, else
+        the one given at construction)."""
         self.total[kind] = self.total.get(kind, 0) + 1
         self._since[kind] = self._since.get(kind, 0) + 1
         now = self._clock() if now is None else now
@@ -41,7 +43,8 @@ class ThinnedLog:
             return False
         self._last[kind] = now
         since, self._since[kind] = self._since[kind], 0
-        if self.logger.isEnabledFor(self.level):
-            self.logger.log(self.level, fmt + " (%d since the last line, %d in all)",
+        level = self.level if level is None else level
+        if self.logger.isEnabledFor(level):
+            self.logger.log(level, fmt + " (%d since the last line, %d in all)",
                             *args, since, self.total[kind])
         return True

@@ -123,6 +123,8 @@ class Admission:
                 del self._per_ip[remote]
 
     def refused(self, limit: str, remote: Optional[str], level: int = logging.WARNING) -> None:
-        """Count a refusal by ``limit``; log it once per interval with the counts."""
+        """Count a refusal by ``limit``; log it once per interval with the counts
+        (at ``level``)."""
         self._counters["refused." + limit] += 1
-        self._log.note(limit, "refused a connection from %s: %s", remote, limit)
+        if log.isEnabledFor(level):
+            self._log.note(limit, "refused a connection from %s: %s", remote, limit, level=level)

@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Session", "CHANNEL_QUEUE_FULL"]
 
 CHANNEL_QUEUE_FULL = "wse.channel-queue-full"
+# the close reason (1013) of a socket that sent no ~wse:hi in handshake_timeout
+HANDSHAKE_TIMEOUT = "wse.handshake-timeout"
 # a deadline timer running this late (s) shows an overloaded loop: the
 # server, not the client, is the slow side
 LOOP_LAG = 0.5
@@ -69,6 +71,7 @@ class Session:
         # True while the hub joins the cluster (the auth greenlet must not be killed)
         self.joining = False
         self._deadline_at = 0.0
+        self._said_hi = False
         # True while authentication waits on the server (an identify slot,
         # identify or the challenge generator running): a deadline passing
         # then is the server's doing (1013, retried), not the client's (1000)
@@ -113,6 +116,7 @@ class Session:
 
     # -- actions -------------------------------------------------------
     def _start_auth(self, type_, payload, stamp) -> None:
+        self._said_hi = True
         self.conn.identity = payload.get("identity", "")
         meta = payload.get("meta")
         self.conn.meta = meta if meta is not None else {}
@@ -347,12 +351,21 @@ class Session:
         if self.core.authenticating and self.conn.ready_state != CLOSED:
             if self._auth is not None and not self.joining:
                 self._auth.kill(block=False)
+            remote = self.conn.remote_addr
+            if not self._said_hi:
+                # The wse client says hi as soon as the socket opens: without
+                # it the path (or this loop) is congested, or the peer is no
+                # wse client. Either way the socket goes, with a code a real
+                # client retries; a client that never answers is not logged out.
+                self.hub.admission.refused("handshake_timeout", remote, logging.INFO)
+                self.conn.close(1013, HANDSHAKE_TIMEOUT)
+                return
             late = time.monotonic() - self._deadline_at
             if (self._server_side or late > LOOP_LAG or self.conn.transport.has_unread()):
                 # identify (or its queue) took too long, what the client sent
                 # in time waits unread, or this loop is so busy that the timer
                 # itself came late: the server is the slow side
-                self.hub.admission.refused("identify_timeout", self.conn.remote_addr)
+                self.hub.admission.refused("identify_timeout", remote)
                 self.conn.close(1013, SERVER_BUSY)
                 return
             self.hub.counters["refused.auth_timeout"] += 1
