@@ -148,6 +148,8 @@ def test_dead_worker_is_removed_and_left_fires_on_a_survivor():
     hello(core, "w2", now=0)
     core.handle("w1", Message("join", {"req": 1, "conn_id": "a", "cid": "alice", "limit": 2}), 0)
     core.handle("w1", Message("join", {"req": 2, "conn_id": "b", "cid": "bob", "limit": 2}), 0)
+    # (w1 started their 'joined': now their 'left' is due if it dies)
+    core.handle("w1", Message("fired", {"ids": [], "joined": ["a", "b"]}), 0)
     core.handle("w2", Message("join", {"req": 3, "conn_id": "b2", "cid": "bob", "limit": 2}), 0)
     core.handle("w2", Message("hb", {}), 3.5)
     out = core.tick(4.0)
@@ -268,6 +270,7 @@ def test_left_of_a_dead_worker_never_goes_to_a_member_without_sockets():
     hello(core, "w2", now=0)
     for i in range(4):
         core.handle("w1", Message("join", {"req": i, "conn_id": f"c{i}", "cid": f"u{i}"}), 0)
+        core.handle("w1", Message("fired", {"ids": [], "joined": [f"c{i}"]}), 0)
     core.handle("w2", Message("hb", {}), 3.5)
     core.handle("handle", Message("hb", {}), 3.5)
     out = core.tick(4.0)
@@ -330,6 +333,7 @@ def test_a_worker_declared_dead_that_comes_back_gets_joined_again():
     hello(core, "w1", now=0)
     hello(core, "w2", now=0)
     core.handle("w1", Message("join", {"req": 1, "conn_id": "a", "cid": "u"}), 0)
+    core.handle("w1", Message("fired", {"ids": [], "joined": ["a"]}), 0)
     core.handle("w2", Message("hb", {}), 3.5)
     out = core.tick(4.0)  # w1 silent: removed, 'left' for u on w2
     assert [(w, m.body["cid"]) for w, m in out if m.kind == "left"] == [("w2", "u")]
@@ -652,3 +656,18 @@ def test_handle_all_is_handle_of_each_message(seed):
     assert one.counters == many.counters
     assert map_of(one) == map_of(many) and set(one.workers) == set(many.workers)
     assert one.counters["in.send"] > 50 and one.counters["routed"] > 15
+
+
+def test_a_worker_that_dies_before_its_joined_started_gets_no_left_for_it():
+    """No 'left' without a 'joined': the user joined on w1 (first), w1 died
+    before confirming that its 'joined' started."""
+    core = BrokerCore()
+    hello(core, "w1")
+    hello(core, "w2")
+    for conn_id, cid in (("c1", "u1"), ("c2", "u2")):
+        core.handle("w1", Message("join", {"req": 1, "conn_id": conn_id, "cid": cid,
+                                           "limit": 2, "at": 1.0}), 0)
+    core.handle("w1", Message("fired", {"ids": [], "joined": ["c1"]}), 0)
+    out = core.remove_worker("w1")
+    assert [m.body["cid"] for w, m in out if m.kind == "left"] == ["u1"]
+    assert core.counters["left.never-joined"] == 1

@@ -9,11 +9,12 @@ import itertools
 
 import pytest
 
+
 from wse_sync.core.broker import ACK_EVERY, BrokerCore
 from wse_sync.core.errors import WSE_ERROR, WseError
 from wse_sync.core.link import (Answer, Deliver, Drop, Forget, LinkCore, ServeCall, UserJoined,
                                 UserLeft)
-from wse_sync.core.messages import decode, encode
+from wse_sync.core.messages import Message, decode, encode
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -66,6 +67,8 @@ class Worker:
                 self.answers[e.req] = e.body
             elif isinstance(e, UserLeft):
                 self.events.append(("left", e.cid))
+                if e.fire is not None:  # (as the hub: confirmed once started)
+                    self.send([Message("fired", {"ids": [e.fire]})])
             elif isinstance(e, UserJoined):
                 self.events.append(("joined", e.cid))
             elif isinstance(e, Forget):
@@ -103,6 +106,8 @@ class Worker:
             self.close(c, 1000, "wse.clients-concurrency")
         if first:
             self.events.append(("joined", cid))
+            self.send([Message("fired", {"ids": [], "joined": [conn_id]})])
+            self.world.settle()
         return first
 
     def close(self, conn_id, code=1000, reason=""):

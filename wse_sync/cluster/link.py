@@ -464,9 +464,20 @@ class BrokerLink:
                 runner.spawn(self._serve_call, effect.body)
 
     def _fired(self, fire_id: str) -> None:
-        """A 'left' has started here: the broker need not fire it elsewhere."""
+        """A 'left' has started here: the broker need not fire it elsewhere.
+        Sent at once (before the handler runs: a worker killed meanwhile
+        must not have fired it unknown to the broker)."""
         if not self._stopped:
             self._send([Message("fired", {"ids": [fire_id]})])
+            self._flush()
+
+    def joined_started(self, conn_id: str, cid: Hashable) -> None:
+        """The 'joined' of ``conn_id``'s user has started here: if this worker
+        dies now, the user's 'left' is due (not before: no 'left' without a
+        'joined')."""
+        if not self._stopped:
+            self._send([Message("fired", {"ids": [], "joined": [conn_id]})])
+            self._flush()
 
     def _serve_call(self, body: dict) -> None:
         try:

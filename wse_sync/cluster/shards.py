@@ -102,6 +102,9 @@ class ShardedLink:
               quiet: bool = False) -> None:
         self._of(cid).leave(conn_id, cid, meta, code, reason, quiet)
 
+    def joined_started(self, conn_id: str, cid: Hashable) -> None:
+        self._of(cid).joined_started(conn_id, cid)
+
     def is_pending(self, conn_id: str) -> bool:
         return any(link.is_pending(conn_id) for link in self.links)
 

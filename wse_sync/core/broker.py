@@ -67,6 +67,9 @@ LOGGED_MAX = 10000
 
 Out = List[Tuple[str, Message]]
 
+# unconfirmed 'joined' events kept per worker (beyond: not tracked)
+UNJOINED_MAX = 100000
+
 # map repairs: one log line per interval, with the counts
 _repairs = ThinnedLog(log)
 
@@ -124,6 +127,9 @@ class WorkerInfo:
     replica: bool = True
     # how its last table digest differed from the map (count, xor), if it did
     mismatch: Optional[Tuple[int, int]] = None
+    # connections whose user's 'joined' it was told to fire and has not yet
+    # confirmed started: if it dies now, that user gets no 'left' either
+    unjoined: Dict[str, Hashable] = field(default_factory=dict)
 
 
 class BrokerCore:
@@ -450,8 +456,10 @@ class BrokerCore:
             del self._listings[key]
         self._uploads.pop(worker_id, None)
         info = self.workers.pop(worker_id, None)
+        unjoined: Set[Hashable] = set()
         if info is not None:
             self._graveyard[worker_id] = info.acked
+            unjoined = set(info.unjoined.values())
         unfired, released = self.lefts.drop_worker(worker_id)
         self.counters["workers.removed"] += 1
         outcomes = self.registry.drop_worker(worker_id)
@@ -471,6 +479,10 @@ class BrokerCore:
             announced = o.entry.cid in self.announced
             if o.last:
                 self.announced.discard(o.entry.cid)
+            if o.last and o.entry.cid in unjoined:
+                # its 'joined' never started there: no 'left' either
+                self.counters["left.never-joined"] += 1
+                announced = False
             if o.last and announced and survivors:
                 # 'left' fires in one surviving worker, spread round-robin
                 target = survivors[i % len(survivors)]
@@ -726,6 +738,9 @@ class BrokerCore:
         entry = self.registry.conns[body["conn_id"]]
         if res.first:
             self.announced.add(entry.cid)
+            info = self.workers.get(sender)
+            if info is not None and len(info.unjoined) < UNJOINED_MAX:
+                info.unjoined[entry.conn_id] = entry.cid
         answer = Message("joined", {"req": body["req"], "first": res.first,
                                     "evicted": [e.conn_id for e in res.evicted]})
         out: Out = []
@@ -747,6 +762,9 @@ class BrokerCore:
                          conn_id[:32], self.registry.conns[conn_id].worker, kind="leave")
             return []
         res = self.registry.leave(conn_id)
+        info = self.workers.get(sender)
+        if info is not None:
+            info.unjoined.pop(conn_id, None)
         out: Out = []
         self._pending.pop(conn_id, None)
         if res is not None:
@@ -776,6 +794,10 @@ class BrokerCore:
             self.lefts.expect(worker_id, left)
 
     def _on_fired(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
+        info = self.workers.get(sender)
+        if info is not None:
+            for conn_id in body.get("joined", ()):
+                info.unjoined.pop(conn_id, None)
         return self.lefts.confirm(sender, body["ids"])
 
     def _on_send(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:

@@ -280,12 +280,14 @@ def _hb(msg: Message) -> None:
 
 
 def _fired(msg: Message) -> None:
-    """``{ids}``: the 'left' events a worker has started (their ``fire`` ids)."""
-    ids = msg.body.get("ids")
-    if not isinstance(ids, list) or len(ids) > MAX_FIRED:
-        raise _malformed(f"'ids' is not a list of at most {MAX_FIRED}")
-    for v in ids:
-        _conn_id(v, "ids")
+    """``{ids, joined}``: the 'left' events a worker has started (their
+    ``fire`` ids), and the connections whose user's 'joined' it has started."""
+    for key in ("ids", "joined"):
+        ids = msg.body.get(key, [])
+        if not isinstance(ids, list) or len(ids) > MAX_FIRED:
+            raise _malformed(f"{key!r} is not a list of at most {MAX_FIRED}")
+        for v in ids:
+            _conn_id(v, key)
 
 
 def _stats(msg: Message) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from functools import partial
 import time
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List, Optional,
                     Tuple, Union)
@@ -277,7 +278,8 @@ class Hub:
         self.counters["handshakes"] += 1
         log.debug("connection %s from %s: user %r welcomed", conn.conn_id, conn.remote_addr, cid)
         if first:
-            self.emit("joined", identity, conn.meta)
+            self.emit("joined", identity, conn.meta,
+                      started=partial(link.joined_started, conn.conn_id, cid))
         self.emit("connected", conn)
 
     def closed(self, conn: WseConnection, code: int, reason: str) -> None:
