@@ -50,9 +50,11 @@ def test_join_fanout_and_left():
                            "reason": "r", "meta": None, "fire": "c2"})]
 
 
-def _last_leave(core, worker, conn_id, cid):
+def _last_leave(core, worker, conn_id, cid, joined_started=True):
     core.handle(worker, Message("join", {"req": 1, "conn_id": conn_id, "cid": cid, "limit": 2,
                                          "at": 1.0}), 0)
+    if joined_started:
+        core.handle(worker, Message("fired", {"ids": [], "joined": [conn_id]}), 0)
     out = core.handle(worker, Message("leave", {"conn_id": conn_id, "code": 1000,
                                                 "reason": "bye"}), 0)
     return [m.body for w, m in out if m.kind == "left" and m.body["last"]]
@@ -670,4 +672,15 @@ def test_a_worker_that_dies_before_its_joined_started_gets_no_left_for_it():
     core.handle("w1", Message("fired", {"ids": [], "joined": ["c1"]}), 0)
     out = core.remove_worker("w1")
     assert [m.body["cid"] for w, m in out if m.kind == "left"] == ["u1"]
+    assert core.counters["left.never-joined"] == 1
+
+
+def test_a_user_who_joined_and_left_on_a_worker_that_ran_neither_event_gets_neither():
+    core = BrokerCore()
+    hello(core, "w1")
+    hello(core, "w2")
+    # joined, then left, and w1 started neither event before it died
+    assert _last_leave(core, "w1", "c1", "u1", joined_started=False)[0]["fire"] == "c1"
+    out = core.remove_worker("w1")
+    assert [m for w, m in out if m.kind == "left"] == []
     assert core.counters["left.never-joined"] == 1

@@ -9,6 +9,7 @@ shared socket and places its clients with helpers.spread_clients.
 """
 import os
 import signal
+import time
 
 import gevent
 import gevent.event
@@ -191,3 +192,35 @@ def test_left_fires_for_users_who_left_just_before_their_worker_died(monkeypatch
         assert lefts() == expected
         # and nothing else: one 'joined' each, from before
         assert sorted(e[1] for e in seen if e[0] == "joined") == sorted(expected + ["observer"])
+
+
+def test_a_busy_worker_is_not_declared_dead_a_hung_one_is():
+    """Busy: 40,000 greenlets taking turns for 6 s (a turn of the loop takes
+    seconds) keep the worker in the cluster. Hung: a loop held by one
+    greenlet for 8 s is declared dead within the stated bound (3 heartbeats),
+    its users get 'left', and it comes back afterwards."""
+    with serve_cluster(APP, 2) as (survivor_sp, busy_sp):
+        endpoint = survivor_sp.broker
+        obs, seen = observer(survivor_sp)
+        busy = clients_on(busy_sp, 0, n=2)
+        wait_for(lambda: (broker_stats(endpoint) or {}).get("connections") == 3)
+        assert busy[0].call("storm", {"greenlets": 40000, "seconds": 6}) is True
+        stats = []
+        deadline = time.monotonic() + 7 * UNIT
+        while time.monotonic() < deadline:
+            stats.append((broker_stats(endpoint) or {}).get("connections"))
+            gevent.sleep(0.5)
+        assert set(stats) == {3}, stats
+        assert (broker_stats(endpoint) or {}).get("counters", {}).get("workers.removed", 0) == 0
+        # hung: the loop stands still 8 s (no greenlet yields)
+        assert busy[0].call("freeze_when_alone", {"alone": 99, "seconds": 8}) is True
+        frozen_at = time.monotonic()
+        busy[1].close()  # its 'disconnected' handler holds the loop
+        wait_for(lambda: (broker_stats(endpoint) or {}).get("connections") == 1,
+                 timeout=10 * UNIT, interval=0.1)
+        assert time.monotonic() - frozen_at < 3 + 2 * UNIT  # 3 s of silence, then removed
+        wait_for(lambda: {"u0", "u1"} <= {e[1] for e in seen if e[0] == "left"},
+                 timeout=10 * UNIT)
+        # the loop moves again: the worker says hello, its user is back in the map
+        wait_for(lambda: (broker_stats(endpoint) or {}).get("connections") == 2,
+                 timeout=20 * UNIT, interval=0.2)

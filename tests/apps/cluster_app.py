@@ -152,3 +152,23 @@ def _disconnected(conn, code, reason):
 def _freeze_when_alone(conn, payload):
     _local["freeze"] = (payload["alone"], payload["seconds"])
     return True
+
+
+@server.register("storm")
+def _storm(conn, payload):
+    """``greenlets`` greenlets each doing ~0.1 ms of work per turn of the loop
+    for ``seconds``: a busy worker (every greenlet yields), not a hung one."""
+    import gevent
+
+    until = time.monotonic() + payload["seconds"]
+
+    def work():
+        while time.monotonic() < until:
+            spin = time.monotonic() + 0.0001
+            while time.monotonic() < spin:
+                pass
+            gevent.sleep(0)
+
+    for _ in range(payload["greenlets"]):
+        gevent.spawn(work)
+    return True

@@ -495,6 +495,10 @@ class BrokerCore:
         # them, unless the user is back (then its new 'joined' has fired)
         for i, left in enumerate(unfired):
             cid = left["cid"]
+            if cid in unjoined:
+                # its 'joined' never started there either: neither fires
+                self.counters["left.never-joined"] += 1
+                continue
             if cid in self.registry.users or cid in self.announced:
                 self.counters["left.superseded"] += 1
                 continue
@@ -762,9 +766,6 @@ class BrokerCore:
                          conn_id[:32], self.registry.conns[conn_id].worker, kind="leave")
             return []
         res = self.registry.leave(conn_id)
-        info = self.workers.get(sender)
-        if info is not None:
-            info.unjoined.pop(conn_id, None)
         out: Out = []
         self._pending.pop(conn_id, None)
         if res is not None:
