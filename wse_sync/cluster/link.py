@@ -398,12 +398,13 @@ class BrokerLink:
             self._handshake_refused = why
 
     def _beat(self) -> None:
-        """The heartbeat, run by a libev timer in the event loop itself, not by
-        a greenlet: a greenlet would wait its turn behind every greenlet ready
-        to run (a reconnect storm makes thousands), and the broker would take
-        a busy worker for a dead one. It writes at once, and messages waiting
-        unread in the socket tell that the broker is alive (we are the slow
-        side). Only a loop held by one greenlet that never yields stops it."""
+        """The heartbeat, run by a libev timer in the event loop itself, and
+        written at once: a message queued for the end of the loop turn (as
+        other messages are, to batch them) waits behind every greenlet ready
+        to run, a reconnect storm makes thousands, and the broker took the
+        busy worker for a dead one. Messages waiting unread in the socket tell
+        that the broker is alive (this side is the slow one). Only a loop held
+        by one greenlet that never yields stops it."""
         try:
             incoming = bool(self.sock.getsockopt(self.zmq.EVENTS) & self.zmq.POLLIN)
             self._carry_out(self.core.tick(time.monotonic(), incoming))
