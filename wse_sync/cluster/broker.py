@@ -39,6 +39,7 @@ _SNDMORE = int(zmq_constants.SNDMORE | zmq_constants.NOBLOCK)
 _RCVMORE = int(zmq_constants.RCVMORE)
 # seconds of reading messages per loop round (then heartbeats and parts get their turn)
 READ_BUDGET = 0.05
+RCVHWM = 20000
 # the cyclic GC's first threshold in the broker process (Python's default is 700)
 GC_THRESHOLD = 50000
 
@@ -111,6 +112,9 @@ class Broker:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # messages queued per worker before it must wait (the default, 1000,
+        # made busy workers drop heartbeats while this broker caught up)
+        self.sock.setsockopt(zmq.RCVHWM, RCVHWM)
         # a peer sending a larger frame is disconnected before it is read
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.max_msg_size)
         if self.curve is not None:

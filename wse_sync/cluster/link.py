@@ -11,7 +11,9 @@ import logging
 import os
 import time
 from functools import partial
-from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Protocol, Tuple
+from collections import deque
+from typing import (Any, Callable, Deque, Dict, Hashable, Iterable, List, Optional, Protocol,
+                    Tuple)
 
 import gevent
 from gevent import get_hub
@@ -31,6 +33,12 @@ log = logging.getLogger("wse_sync.link")
 
 # one ZeroMQ message to the broker carries at most this many messages or bytes
 BATCH_MESSAGES = 1000
+# messages kept for a broker that is behind (ZeroMQ's queue full), and the
+# seconds between attempts to write them
+HELD_MAX = 200000
+HELD_RETRY = 0.01
+# seconds a stopping link waits for them to go
+STOP_FLUSH = 3.0
 BATCH_BYTES = 1 << 20
 
 
@@ -90,6 +98,11 @@ class BrokerLink:
         self._answers: Dict[int, AsyncResult] = {}
         self._greenlets: List[gevent.Greenlet] = []
         self._beater: Any = None
+        # batches ZeroMQ would not take (its queue to the broker was full), in
+        # order, and the timer that tries them again
+        self._held: Deque[List[List[bytes]]] = deque()
+        self._held_count = 0
+        self._retry: Any = None
         # senders waiting for room in a full outbox (the broker is behind)
         self._room = Event()
         self._room_waiters = 0
@@ -140,11 +153,22 @@ class BrokerLink:
         self._room.set()
         self._send(self.core.bye())
         self._flush()
+        # what a broker that is behind has not taken yet (the bye last)
+        deadline = time.monotonic() + STOP_FLUSH
+        while self._held and time.monotonic() < deadline and gevent.getcurrent() is not get_hub():
+            gevent.sleep(HELD_RETRY)
+            self._send_held()
+        if self._held:
+            _unsent.note("stop", "%d message(s) for the broker not sent at the stop",
+                         self._held_count)
         for g in self._greenlets:
             g.kill(block=False)
         if self._beater is not None:
             self._beater.close()
             self._beater = None
+        if self._retry is not None:
+            self._retry.close()
+            self._retry = None
         if self._monitor is not None:
             try:
                 self.sock.disable_monitor()
@@ -356,14 +380,46 @@ class BrokerLink:
 
     def _flush(self) -> None:
         messages, self._outgoing, self._outgoing_bytes = self._outgoing, [], 0
-        if not messages or self.sock is None or self.sock.closed:
+        if messages:
+            self._held.append(messages)
+            self._held_count += len(messages)
+        self._send_held()
+
+    def _send_held(self) -> None:
+        """Write the batches waiting, in order. When ZeroMQ's queue towards
+        the broker is full (the broker is behind), they wait here and are
+        tried again shortly: dropping them lost heartbeats (the broker then
+        took the worker for dead), leaves and confirmations."""
+        zmq, sock, held = self.zmq, self.sock, self._held
+        if sock is None or sock.closed:
+            held.clear()
+            self._held_count = 0
             return
-        try:
-            self.sock.send_multipart(batch(messages), self.zmq.NOBLOCK)
-        except self.zmq.ZMQError as exc:
-            # commands stay in the outbox (resent with the next hello); a join
-            # waits for its answer and decides locally after request_timeout
-            log.error("cannot reach the broker (%s): %d message(s) not sent", exc, len(messages))
+        while held:
+            try:
+                sock.send_multipart(batch(held[0]), zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EAGAIN:
+                    self._hold_back()
+                    return
+                # commands stay in the outbox (resent with the next hello); a join
+                # waits for its answer and decides locally after request_timeout
+                _unsent.note("unsent", "cannot reach the broker (%s): %d message(s) not sent",
+                             exc, len(held[0]))
+            self._held_count -= len(held.popleft())
+
+    def _hold_back(self) -> None:
+        """The broker is behind: retry soon; beyond HELD_MAX messages the
+        oldest batch goes (counted, logged)."""
+        while self._held_count > HELD_MAX and len(self._held) > 1:
+            dropped = self._held.popleft()
+            self._held_count -= len(dropped)
+            _unsent.note("held-max", "%d message(s) for the broker dropped: more than %d wait"
+                         " for it", len(dropped), HELD_MAX)
+        if self._retry is None:
+            self._retry = get_hub().loop.timer(HELD_RETRY)
+        if not self._retry.active:
+            self._retry.start(self._send_held)
 
     def _monitor_loop(self) -> None:
         from zmq.utils.monitor import parse_monitor_message
@@ -493,6 +549,8 @@ class BrokerLink:
 
 # joins decided locally for want of an answer: one line per interval, with counts
 _slow_joins = ThinnedLog(log, logging.ERROR)
+# messages for the broker that could not be sent
+_unsent = ThinnedLog(log, logging.ERROR)
 
 
 def _jsonable(value: Any) -> Any:
