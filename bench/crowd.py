@@ -271,7 +271,7 @@ class Harness:
                 # the 8 source addresses stand for thousands of real client addresses
                 "--max-unauthenticated-per-ip", "1000",
                 "--header-timeout", f"{t:g}", "--handshake-timeout", f"{t:g}",
-                "--auth-timeout", f"{t:g}"]
+                "--auth-timeout", f"{t:g}", *self.args.serve_flag]
 
     def start_serve(self) -> None:
         env = dict(os.environ, WSE_CROWD_LOG_DIR=self.events_dir)
@@ -532,13 +532,15 @@ class Harness:
         else:
             out["map_users"] = out["map_connections"] = None
             per_pid_map = None
-        map_set = self.broker_map()
-        out["map_set"] = len(map_set) if map_set is not None else None
-        sets_equal = (map_set is not None and map_set == table_set == clients and dup == 0
-                      and not out["tables_missing"])
         counts_equal = (stats is not None and out["map_users"] == len(ready_cids)
                         and out["map_connections"] == len(clients)
                         and per_pid_map == {p: n for p, n in per_pid_tables.items() if n})
+        # the whole map (a snapshot streamed to a cluster handle: work for the
+        # broker) only once the counts agree, not on every poll of a wait
+        map_set = self.broker_map() if counts_equal else None
+        out["map_set"] = len(map_set) if map_set is not None else None
+        sets_equal = (map_set is not None and map_set == table_set == clients and dup == 0
+                      and not out["tables_missing"])
         out["map_ok"] = bool(sets_equal and counts_equal)
         if not out["map_ok"]:
             diff = {}
@@ -900,6 +902,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Any:
     ap.add_argument("--no-scale-timeouts", dest="scale_timeouts", action="store_false",
                     help="keep the server's handshake/auth/header timeouts at their defaults"
                          " (by default they are scaled by users/40,000, at least 1 s)")
+    ap.add_argument("--serve-flag", action="append", default=[], metavar="FLAG",
+                    help="one more flag for wse-sync serve (repeat; e.g. --serve-flag=--grace=30)")
     ap.add_argument("--json", metavar="OUT", help="write the results as JSON")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the logs (printed path)")
     args = ap.parse_args(argv)

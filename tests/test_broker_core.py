@@ -684,3 +684,25 @@ def test_a_user_who_joined_and_left_on_a_worker_that_ran_neither_event_gets_neit
     out = core.remove_worker("w1")
     assert [m for w, m in out if m.kind == "left"] == []
     assert core.counters["left.never-joined"] == 1
+
+
+def test_a_stopping_workers_users_get_their_left_from_a_worker_that_stays():
+    """A stopping worker may be gone before it runs the events of its last
+    leaves (the broker answers them late when it is behind): another fires."""
+    core = BrokerCore()
+    hello(core, "w1")
+    hello(core, "w2")
+    core.handle("w1", Message("join", {"req": 1, "conn_id": "c1", "cid": "u1", "limit": 2,
+                                       "at": 1.0}), 0)
+    core.handle("w1", Message("fired", {"ids": [], "joined": ["c1"]}), 0)
+    core.handle("w1", Message("stopping", {}), 0)
+    out = core.handle("w1", Message("leave", {"conn_id": "c1", "code": 1012, "reason": ""}), 0)
+    lefts = [(w, m.body) for w, m in out if m.kind == "left"]
+    assert lefts == [
+        ("w2", {"last": True, "cid": "u1", "code": 1012, "reason": "", "meta": None,
+                "fire": "c1"}),
+        ("w1", {"conn_id": "c1", "last": False, "cid": "u1", "code": 1012, "reason": "",
+                "meta": None})]
+    # the stopping worker leaves: nothing more to fire for it
+    assert [m for w, m in core.remove_worker("w1") if m.kind == "left"] == []
+    assert list(core.lefts.unfired_of("w2")) == ["c1"]

@@ -528,6 +528,12 @@ class BrokerLink:
             self._send([Message("fired", {"ids": [fire_id]})])
             self._flush()
 
+    def stopping(self) -> None:
+        """This worker closes its connections next: tell the broker."""
+        if not self._stopped:
+            self._send(self.core.stopping())
+            self._flush()
+
     def joined_started(self, conn_id: str, cid: Hashable) -> None:
         """The 'joined' of ``conn_id``'s user has started here: if this worker
         dies now, the user's 'left' is due (not before: no 'left' without a

@@ -102,6 +102,10 @@ class ShardedLink:
               quiet: bool = False) -> None:
         self._of(cid).leave(conn_id, cid, meta, code, reason, quiet)
 
+    def stopping(self) -> None:
+        for link in self.links:
+            link.stopping()
+
     def joined_started(self, conn_id: str, cid: Hashable) -> None:
         self._of(cid).joined_started(conn_id, cid)
 

@@ -127,6 +127,8 @@ class WorkerInfo:
     replica: bool = True
     # how its last table digest differed from the map (count, xor), if it did
     mismatch: Optional[Tuple[int, int]] = None
+    # it said it is stopping: its users' 'left' goes to other workers
+    stopping: bool = False
     # connections whose user's 'joined' it was told to fire and has not yet
     # confirmed started: if it dies now, that user gets no 'left' either
     unjoined: Dict[str, Hashable] = field(default_factory=dict)
@@ -179,6 +181,8 @@ class BrokerCore:
         self._listings: Dict[Tuple[str, Any], _Listing] = {}
         # tables still arriving in parts (worker -> its upload)
         self._uploads: Dict[str, _Upload] = {}
+        # 'left' events handed from stopping workers to others (round-robin)
+        self._handed = 0
         # 'left' events not yet started, and 'joined' answers held behind them
         self.lefts = PendingLefts(self.counters)
         # the worker -> broker kinds this core carries out: kind -> _on_<kind>
@@ -472,7 +476,7 @@ class BrokerCore:
                         "value": {"code": WSE_ERROR.RP_DISCONNECT,
                                   "details": {"disconnected": [1006, "wse.worker-died"]}}})))
         out = out_calls + released + self._delta([], [o.entry.conn_id for o in outcomes])
-        survivors = [w for w, i in self.workers.items() if i.serves]
+        survivors = self._survivors()
         for o in outcomes:
             self._pending.pop(o.entry.conn_id, None)
         for i, o in enumerate(outcomes):
@@ -717,6 +721,17 @@ class BrokerCore:
                       " connection(s)): asking for its table", sender, diff[0])
         return [(sender, Message("reset", {"repair": True}))]
 
+    def _survivors(self) -> List[str]:
+        """Workers that fire events for others: serving and not stopping."""
+        return [w for w, i in self.workers.items() if i.serves and not i.stopping]
+
+    def _on_stopping(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
+        info = self.workers.get(sender)
+        if info is not None:
+            log.info("worker %s is stopping: its users' 'left' fires on the others", sender)
+            info.stopping = True
+        return []
+
     def _on_bye(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         log.info("worker %s leaves the cluster", sender)
         return self.remove_worker(sender)
@@ -783,6 +798,20 @@ class BrokerCore:
                     and cid not in self.registry.users)
         left = {"conn_id": conn_id, "last": bool(last) and not body.get("quiet"), "cid": cid,
                 "code": body.get("code", 1005), "reason": body.get("reason", ""), "meta": meta}
+        info = self.workers.get(sender)
+        if (left["last"] and info is not None and info.stopping
+                and conn_id not in info.unjoined):
+            # a stopping worker may leave before it runs the event: a worker
+            # that stays fires it (its 'joined' started, or it would not be due)
+            survivors = self._survivors()
+            if survivors:
+                self._handed += 1
+                target = survivors[self._handed % len(survivors)]
+                handed = {k: v for k, v in left.items() if k != "conn_id"}
+                handed["fire"] = conn_id
+                self._expect_fired(target, handed)
+                out.append((target, Message("left", handed)))
+                left["last"] = False  # (the answer to the leave, not to be fired there)
         if left["last"]:
             left["fire"] = conn_id
             self._expect_fired(sender, left)

@@ -325,7 +325,7 @@ def _stats(msg: Message) -> None:
 _CHECKS: Dict[str, Callable[[Message], None]] = {
     "hello": _hello, "table": _table, "join": _join, "leave": _leave, "send": _send,
     "bcast": _bcast, "drop_cid": _drop_cid, "conn_send": _conn_send, "conn_drop": _conn_drop, "call": _call,
-    "result": _result, "lookup": _lookup, "hb": _hb, "bye": _empty, "stats": _stats,
+    "result": _result, "lookup": _lookup, "hb": _hb, "bye": _empty, "stopping": _empty, "stats": _stats,
     "fired": _fired,
 }
 

@@ -288,6 +288,11 @@ class LinkCore:
     def bye(self) -> List[Message]:
         return [Message("bye", {})]
 
+    def stopping(self) -> List[Message]:
+        """This worker is about to close its connections and leave: the
+        broker has other workers fire its users' 'left'."""
+        return [Message("stopping", {})]
+
     def tick(self, now: float, incoming: bool = False) -> Step:
         """A heartbeat to the broker; notice a broker gone silent. ``incoming``:
         messages from the broker wait unread (this worker is the slow side)."""

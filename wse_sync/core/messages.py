@@ -38,6 +38,7 @@ KINDS = frozenset({
     # worker -> broker
     "hello", "table", "hb", "join", "leave", "send", "bcast", "drop_cid", "conn_send",
     "conn_drop", "call", "result", "stats", "lookup", "bye", "fired",
+    "stopping",
     # broker -> worker
     "snapshot", "delta", "joined", "left", "deliver", "drop", "reset", "refused", "ack",
     "resolved", "users",

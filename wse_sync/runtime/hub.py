@@ -146,6 +146,8 @@ class Hub:
         of ``timeout``, so its clients reconnect as a stream, not a storm),
         wait for the handlers and the broker's last answers, leave."""
         self.stopping = True
+        if self.link is not None:
+            self.link.stopping()
         deadline = time.monotonic() + timeout
         sessions = list(self._sessions)
         spread = min(float(self.server.options["stop_spread"] or 0), timeout / 2)

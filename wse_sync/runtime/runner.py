@@ -19,8 +19,11 @@ __all__ = ["spawn"]
 
 log = logging.getLogger("wse_sync.runner")
 
-# parked greenlets kept per process (and per hub)
-MAX_IDLE = 256
+# parked greenlets kept per process (and per hub). Each keeps the Python
+# frame stack it grew while it ran (tens of KB): a larger pool fills up over
+# minutes of churn and reads as a memory ratchet. 64 covers a steady load of
+# 64 handlers at once; a burst beyond creates greenlets (~27 us each).
+MAX_IDLE = 64
 
 _idle: List[greenlet.greenlet] = []
 _hub = None
