@@ -522,11 +522,10 @@ class BrokerLink:
 
     def _fired(self, fire_id: str) -> None:
         """A 'left' has started here: the broker need not fire it elsewhere.
-        Sent at once (before the handler runs: a worker killed meanwhile
-        must not have fired it unknown to the broker)."""
+        (Queued with this turn's batch; the hub yields once before the
+        handler runs, so it is written before the handler acts.)"""
         if not self._stopped:
             self._send([Message("fired", {"ids": [fire_id]})])
-            self._flush()
 
     def stopping(self) -> None:
         """This worker closes its connections next: tell the broker."""
@@ -540,7 +539,6 @@ class BrokerLink:
         'joined')."""
         if not self._stopped:
             self._send([Message("fired", {"ids": [], "joined": [conn_id]})])
-            self._flush()
 
     def _serve_call(self, body: dict) -> None:
         try:

@@ -525,6 +525,10 @@ class Hub:
                    started: Optional[Callable[[], None]] = None) -> None:
         if started is not None:
             started()
+            # one turn of the loop: the confirmation goes out with this turn's
+            # batch before the handler acts (a worker killed while the handler
+            # runs has its event counted as fired, not fired again elsewhere)
+            gevent.sleep(0)
         try:
             handler(*args)
         except Exception as exc:
