@@ -174,7 +174,7 @@ class Transport:
             if self._queued + len(frame) > self.max_send_queue:
                 _cuts.note("send-queue-full", "cut a connection whose send queue was full"
                            " (%d bytes): 1008 %s", self._queued, SEND_QUEUE_FULL)
-                self._counters["cut.send_queue_full"] += 1
+                self._counters["refused.max_send_queue"] += 1  # (a cut: wse_limit_refusals_total)
                 self.abort((1008, SEND_QUEUE_FULL))
                 return False
             self._queue.append(frame)  # type: ignore[union-attr]
