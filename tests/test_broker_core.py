@@ -706,3 +706,14 @@ def test_a_stopping_workers_users_get_their_left_from_a_worker_that_stays():
     # the stopping worker leaves: nothing more to fire for it
     assert [m for w, m in core.remove_worker("w1") if m.kind == "left"] == []
     assert list(core.lefts.unfired_of("w2")) == ["c1"]
+
+
+def test_stopping_is_answered_with_whether_others_fire_its_lefts():
+    core = BrokerCore()
+    hello(core, "w1")
+    hello(core, "w2")
+    assert [(w, m.body) for w, m in core.handle("w1", Message("stopping", {}), 0)] == [
+        ("w1", {"others": True})]
+    # the last one stopping fires its own users' 'left' (a full stop)
+    assert [(w, m.body) for w, m in core.handle("w2", Message("stopping", {}), 0)] == [
+        ("w2", {"others": False})]

@@ -527,6 +527,11 @@ class BrokerLink:
         if not self._stopped:
             self._send([Message("fired", {"ids": [fire_id]})])
 
+    @property
+    def others_fire(self) -> bool:
+        """The broker said other workers fire this stopping worker's 'left'."""
+        return self.core.others_fire
+
     def stopping(self) -> None:
         """This worker closes its connections next: tell the broker."""
         if not self._stopped:

@@ -106,6 +106,10 @@ class ShardedLink:
         for link in self.links:
             link.stopping()
 
+    @property
+    def others_fire(self) -> bool:
+        return all(link.others_fire for link in self.links)
+
     def joined_started(self, conn_id: str, cid: Hashable) -> None:
         self._of(cid).joined_started(conn_id, cid)
 

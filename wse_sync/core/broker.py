@@ -727,10 +727,13 @@ class BrokerCore:
 
     def _on_stopping(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         info = self.workers.get(sender)
-        if info is not None:
-            log.info("worker %s is stopping: its users' 'left' fires on the others", sender)
-            info.stopping = True
-        return []
+        if info is None:
+            return []
+        info.stopping = True
+        others = bool(self._survivors())
+        log.info("worker %s is stopping: its users' 'left' fires %s", sender,
+                 "on the others" if others else "there (no other worker serves)")
+        return [(sender, Message("stopping", {"others": others}))]
 
     def _on_bye(self, sender: str, body: Dict[str, Any], data: Any, now: float) -> Out:
         log.info("worker %s leaves the cluster", sender)

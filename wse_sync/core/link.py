@@ -231,6 +231,9 @@ class LinkCore:
         self._listing: Dict[int, List[Any]] = {}
         # heartbeats sent (every DIGEST_EVERY-th carries the table's digest)
         self._beats = 0
+        # after ``stopping``: the broker has other workers fire this one's
+        # users' 'left' (so a stop need not wait for the answers to its leaves)
+        self.others_fire = False
 
     # -- what the shell may read -----------------------------------------
     @property
@@ -538,6 +541,8 @@ class LinkCore:
                      sum(len(m.body.get("table", m.body.get("rows", []))) for m in hello
                          if m.kind in ("hello", "table")))
             out += hello
+        elif kind == "stopping":
+            self.others_fire = bool(body.get("others"))
         elif kind == "refused":
             self._refused(body)
         elif kind in ("hb", "ack"):

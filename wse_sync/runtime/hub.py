@@ -158,10 +158,12 @@ class Hub:
                 gevent.sleep(STOP_STEP)
             for s in sessions[i:i + batch]:
                 s.conn.close(code, reason)
-        # the broker's answers to the last leaves fire 'left' here: wait for
-        # them too, so those handlers run while the cluster is still joined
+        # the broker's answers to the last leaves fire 'left' here, unless it
+        # said other workers fire them: wait for them too, so those handlers
+        # run while the cluster is still joined
+        link = self.link
         while ((self._sessions or self._busy
-                or (self.link is not None and self.link.unanswered_leaves))
+                or (link is not None and link.unanswered_leaves and not link.others_fire))
                and time.monotonic() < deadline):
             gevent.sleep(0.02)
         if self._busy:
