@@ -5,13 +5,14 @@ imported here, after the process started, so module state is per worker.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
 import signal
 import socket
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 __all__ = ["run_worker", "load_app", "probe_app"]
 
@@ -95,6 +96,23 @@ def tune_gc(threshold: int) -> None:
     gc.set_threshold(threshold, 50, 100)
 
 
+# seconds between two returns of free heap memory to the system (glibc)
+TRIM_EVERY = 10.0
+
+
+def memory_trimmer() -> Optional[Callable[[], None]]:
+    """glibc keeps the heap a burst of connections grew (freed, but held as
+    the process's RSS): ``malloc_trim(0)`` gives the free part back. None
+    where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0) and None
+
+
 def run_worker(app_spec: str, fd: int, broker: str, worker_id: Optional[str] = None,
                options: Optional[dict] = None, grace: float = 10.0,
                ready_fd: Optional[int] = None) -> int:
@@ -119,6 +137,10 @@ def run_worker(app_spec: str, fd: int, broker: str, worker_id: Optional[str] = N
     http = make_wsgi_server(server, listener)  # TLS from the options, context built once
     http.start()
     tune_gc(server.options["gc_threshold"])
+    trim = memory_trimmer()
+    if trim is not None:  # (a timer of the loop: ~1 ms per call on a 50 MB heap)
+        trimmer = gevent.get_hub().loop.timer(TRIM_EVERY, TRIM_EVERY)
+        trimmer.start(trim)
     log.info("worker %d serving %s on %s", os.getpid(), app_spec, listener.getsockname())
     if ready_fd is not None:
         try:
