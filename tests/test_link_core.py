@@ -71,6 +71,7 @@ class Worker:
                     self.send([Message("fired", {"ids": [e.fire]})])
             elif isinstance(e, UserJoined):
                 self.events.append(("joined", e.cid))
+                self.send([Message("fired", {"ids": [], "joined": [e.conn_id]})])
             elif isinstance(e, Forget):
                 self.events.append(("forget", e.cid))
             elif isinstance(e, Deliver):
@@ -699,3 +700,23 @@ def test_a_map_that_lost_connections_heals_from_the_table_digest():
     world.check_map()
     assert world.broker.counters["map.repaired"] == 1
     assert (list(a.events), list(b.events)) == events
+
+
+def test_a_joined_decided_late_is_confirmed_and_its_left_fires_when_the_worker_dies():
+    """A join answered after its timeout fires 'joined' late (UserJoined): that
+    'joined' is confirmed like any other, so the user's 'left' is due when
+    the worker dies (it was withheld as 'never joined')."""
+    world = World()
+    a = world.add("A")
+    b = world.add("B")
+    a.blocked = True           # A reads nothing: the answer to its join comes late
+    a.connect("a1", "u1")
+    assert ("joined", "u1") not in a.events
+    a.unblock()
+    world.settle()
+    assert ("joined", "u1") in a.events
+    assert world.broker.workers["A"].unjoined == {}
+    world.to_workers += world.broker.remove_worker("A")
+    del world.workers["A"]
+    world.settle()
+    assert ("left", "u1") in b.events

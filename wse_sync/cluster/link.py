@@ -55,7 +55,8 @@ class LocalPort(Protocol):
     def user_left(self, cid: Hashable, code: int, reason: str, meta: Any,
                   started: Optional[Callable[[], None]] = None) -> None: ...
 
-    def user_joined(self, cid: Hashable, meta: Any) -> None: ...
+    def user_joined(self, cid: Hashable, meta: Any,
+                    started: Optional[Callable[[], None]] = None) -> None: ...
 
     def forget(self, cid: Hashable) -> None: ...
 
@@ -512,7 +513,9 @@ class BrokerLink:
                 started = None if effect.fire is None else partial(self._fired, effect.fire)
                 port.user_left(effect.cid, effect.code, effect.reason, effect.meta, started)
             elif isinstance(effect, UserJoined):
-                port.user_joined(effect.cid, effect.meta)
+                # (confirmed like any 'joined': the broker may track it)
+                port.user_joined(effect.cid, effect.meta,
+                                 partial(self.joined_started, effect.conn_id, effect.cid))
             elif isinstance(effect, Forget):
                 port.forget(effect.cid)
             elif isinstance(effect, Drop):

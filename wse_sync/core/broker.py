@@ -784,6 +784,10 @@ class BrokerCore:
                          conn_id[:32], self.registry.conns[conn_id].worker, kind="leave")
             return []
         res = self.registry.leave(conn_id)
+        if body.get("quiet"):  # (closed before its welcome: no 'joined' will start)
+            quiet_info = self.workers.get(sender)
+            if quiet_info is not None:
+                quiet_info.unjoined.pop(conn_id, None)
         out: Out = []
         self._pending.pop(conn_id, None)
         if res is not None:

@@ -429,8 +429,9 @@ class Hub:
         self.forget(cid)
         self.emit("left", ident, code, reason, started=started)
 
-    def user_joined(self, cid: Hashable, meta: Any) -> None:
-        self.emit("joined", self.identity(cid, meta, ask=False), meta)
+    def user_joined(self, cid: Hashable, meta: Any,
+                    started: Optional[Callable[[], None]] = None) -> None:
+        self.emit("joined", self.identity(cid, meta, ask=False), meta, started=started)
 
     def forget(self, cid: Hashable) -> None:
         # (called from the link's reader: never a lookup round trip here)
