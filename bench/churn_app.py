@@ -27,7 +27,7 @@ import gevent
 import greenlet
 
 from wse_sync import WseServer
-from wse_sync.runtime import runner
+from wse_sync.socket import runner
 
 LOG_PREFIX = os.environ.get("WSE_CHURN_LOG", "")
 SLOW_IDENTIFY = float(os.environ.get("WSE_CHURN_SLOW_IDENTIFY", "0.3"))

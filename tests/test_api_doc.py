@@ -5,7 +5,7 @@ import re
 
 import wse_sync
 from helpers import ROOT
-from wse_sync.runtime.server import DEFAULTS
+from wse_sync.worker.server import DEFAULTS
 
 API_DOC = os.path.join(ROOT, "docs", "api.md")
 

@@ -21,8 +21,9 @@ from helpers import APPS, ROOT, UNIT, RawWS, ServerProcess, free_port, wait_for
 from wse_sync import WseClient, WseError
 from wse_sync.core.options import (DEFAULTS, OPTIONS, OptionError, env_name, flag_name,
                                    from_environ, parse)
-from wse_sync.runtime.server import WseServer
-from wse_sync.serve import logs, runfile
+from wse_sync.worker.server import WseServer
+from wse_sync.core import logs
+from wse_sync.serve import runfile
 from wse_sync.serve.cli import build_parser
 from wse_sync.serve.reload import Watcher
 

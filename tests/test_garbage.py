@@ -17,8 +17,8 @@ pytestmark = pytest.mark.timeout(60)
 # modules of a server-side connection's code, whose objects must never be
 # found in a cycle after a wave (the test's own WseClients of earlier tests
 # may still be freed meanwhile: not counted)
-OURS = ("wse_sync.runtime.transport", "wse_sync.runtime.session", "wse_sync.runtime.connection",
-        "wse_sync.runtime.hub", "wse_sync.runtime.admission", "wse_sync.integrations",
+OURS = ("wse_sync.socket.transport", "wse_sync.socket.session", "wse_sync.socket.connection",
+        "wse_sync.worker.hub", "wse_sync.worker.admission", "wse_sync.integrations",
         "wse_sync.core.websocket", "wse_sync.core.session", "geventwebsocket", "gevent.pywsgi",
         "gevent._socket", "socket")
 

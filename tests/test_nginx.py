@@ -18,7 +18,7 @@ import pytest
 from deploy_helpers import Proc, child_env, http
 from helpers import ROOT, UNIT, RawWS, free_port, serve_process, wait_for
 from wse_sync import WseClient
-from wse_sync.runtime.server import DEFAULTS
+from wse_sync.worker.server import DEFAULTS
 
 pytestmark = pytest.mark.timeout(int(60 * UNIT))
 

@@ -5,7 +5,7 @@ from gevent import socket as gsocket
 
 from helpers import UNIT
 from wse_sync.core.frames import OP_TEXT, FrameReader, build_close, build_frame
-from wse_sync.runtime.transport import SEND_QUEUE_FULL, Transport
+from wse_sync.socket.transport import SEND_QUEUE_FULL, Transport
 
 
 class Peer:

@@ -22,24 +22,24 @@ CLIENT_JS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "
 
 # public name -> the module that defines it
 _LAZY = {
-    "WseClient": ".runtime.client",
-    "ClusterHandle": ".cluster.handle", "connect_cluster": ".cluster.handle",
-    "WseConnection": ".runtime.connection", "WseIdentity": ".runtime.connection",
+    "WseClient": ".socket.client",
+    "ClusterHandle": ".worker.handle", "connect_cluster": ".worker.handle",
+    "WseConnection": ".socket.connection", "WseIdentity": ".socket.connection",
     "WSE_ERROR": ".core.errors", "WSE_REASON": ".core.errors", "WSE_STATUS": ".core.errors",
     "WseError": ".core.errors",
     "WseMount": ".integrations.mounting", "mount": ".integrations.mounting",
     "WseJSON": ".core.protocol",
-    "WseServer": ".runtime.server",
+    "WseServer": ".worker.server",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .runtime.client import WseClient
-    from .cluster.handle import ClusterHandle, connect_cluster
-    from .runtime.connection import WseConnection, WseIdentity
+    from .socket.client import WseClient
+    from .worker.handle import ClusterHandle, connect_cluster
+    from .socket.connection import WseConnection, WseIdentity
     from .core.errors import WSE_ERROR, WSE_REASON, WSE_STATUS, WseError
     from .integrations.mounting import WseMount, mount
     from .core.protocol import WseJSON
-    from .runtime.server import WseServer
+    from .worker.server import WseServer
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,7 @@ if _ROOT not in sys.path:
 
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from wse_sync.runtime.transport import Transport  # noqa: E402
+from wse_sync.socket.transport import Transport  # noqa: E402
 
 try:
     from wse_sync.wsgi import WseHandler as Handler  # noqa: E402

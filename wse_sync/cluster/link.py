@@ -24,7 +24,7 @@ from ..core.link import (Answer, ClusterView, Deliver, Drop, Forget, LinkCore, L
                          ServeCall, Step, UserJoined, UserLeft)
 from ..core.refusals import ThinnedLog
 from ..core.messages import MAX_MSG_SIZE, Message, SchemaError, batch, decode, encode, split
-from ..runtime import runner
+from ..socket import runner
 from .curve import ClientKeys, needs_curve
 
 __all__ = ["BrokerLink", "ClusterView", "LocalPort"]

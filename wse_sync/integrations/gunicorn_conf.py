@@ -32,13 +32,13 @@ import sys
 import tempfile
 from typing import Any, Dict
 
-from ..serve.logs import dict_config
+from ..core.logs import dict_config
 
 __all__ = ["worker_class", "logconfig_dict", "on_starting", "post_worker_init", "on_exit"]
 
 worker_class = "wse_sync.gunicorn.Worker"
 
-# one log format for gunicorn's lines and wse_sync's (wse_sync.serve.logs);
+# one log format for gunicorn's lines and wse_sync's (wse_sync.core.logs);
 # gunicorn's access log stays quiet unless you set logconfig_dict yourself
 logconfig_dict = dict_config()
 

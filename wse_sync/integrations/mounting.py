@@ -60,7 +60,7 @@ def is_websocket_upgrade(environ: dict) -> bool:
 
 
 def _is_wse_server(obj: Any) -> bool:
-    from ..runtime.server import WseServer
+    from ..worker.server import WseServer
     return isinstance(obj, WseServer)
 
 

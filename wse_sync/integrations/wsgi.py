@@ -76,7 +76,7 @@ def _server_of(app: Any) -> Any:
 
 def _options_of(app: Any) -> Dict[str, Any]:
     """The options of the WseServer behind ``app`` (its edge limits)."""
-    from ..runtime.server import DEFAULTS
+    from ..worker.server import DEFAULTS
     server = _server_of(app)
     return server.options if server is not None else DEFAULTS
 

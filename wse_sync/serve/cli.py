@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Dict, List, NoReturn, Optional, Tuple
 
 from ..core.options import OPTIONS, OptionError, env_name, flag_name, from_environ
-from . import logs
+from ..core import logs
 
 if TYPE_CHECKING:
     from ..cluster.curve import ClientKeys

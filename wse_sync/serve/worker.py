@@ -25,7 +25,7 @@ def load_app(spec: str) -> Any:
     import importlib
     import importlib.util
 
-    from ..runtime.server import WseServer
+    from ..worker.server import WseServer
 
     module_name, sep, attr = spec.rpartition(":")
     if not sep:

@@ -17,12 +17,12 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List
                     Tuple, Union)
 
 import gevent
-from . import runner
+from ..socket import runner
 from .admission import SERVER_BUSY, Admission
-from .connection import CLOSED, OPEN, RemoteConnection, WseConnection, WseIdentity
+from ..socket.connection import CLOSED, OPEN, RemoteConnection, WseConnection, WseIdentity
 from .directory import Directory
-from .session import Session
-from .transport import Transport
+from ..socket.session import Session
+from ..socket.transport import Transport
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError
 from ..core.forwarded import client_address, is_trusted, origin_allowed
 from ..core.limits import parse_rate

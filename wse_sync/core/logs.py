@@ -46,7 +46,7 @@ class JsonFormatter(logging.Formatter):
 
 def dict_config(level: str = "info", fmt: str = "text") -> Dict[str, Any]:
     """dictConfig for wse_sync's loggers, gunicorn's and the root, on stderr."""
-    formatter: Dict[str, Any] = ({"()": "wse_sync.serve.logs.JsonFormatter"} if fmt == "json"
+    formatter: Dict[str, Any] = ({"()": "wse_sync.core.logs.JsonFormatter"} if fmt == "json"
                                  else {"format": FORMAT})
     handler = {"class": "logging.StreamHandler", "formatter": "wse", "stream": "ext://sys.stderr"}
     lvl = level.upper()

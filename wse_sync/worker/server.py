@@ -20,9 +20,9 @@ from ..core.limits import parse_rate
 from ..core.options import DEFAULTS
 from ..core.protocol import WseJSON, check_protocol
 from . import endpoints
-from .connection import WseIdentity
+from ..socket.connection import WseIdentity
 from .hub import Hub
-from .stock_handler import harden
+from ..socket.stock_handler import harden
 
 __all__ = ["WseServer", "DEFAULTS"]
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import gevent
 from gevent.event import AsyncResult
 
-from .admission import SERVER_BUSY
+from ..worker.admission import SERVER_BUSY
 from .connection import CLOSED, OPEN, WseConnection
 from ..core.session import ACCEPTED, QUEST, VIOLATION, SessionCore
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError, rpc_error_payload

@@ -144,7 +144,7 @@ class ClusterHandle:
         return fn(*args)
 
     def _join(self) -> None:
-        from ..runtime.server import WseServer
+        from ..worker.server import WseServer
         broker_key, secret = self._keys
         server = WseServer(identify=_refuse_all, ping_interval=0, broker_key=broker_key,
                            curve_secret=secret)
