@@ -6,7 +6,7 @@
 #       wse-sync serve app.py:server --host 0.0.0.0 --port 4200 --workers 4
 #
 # compose.yaml runs it as a CURVE broker and workers; docs/deploy.md.
-# tests/test_recipes.py checks every command line here against the CLI.
+# tests/processes/test_recipes.py checks every command line here against the CLI.
 
 # -- build: the package and its dependencies into a venv -----------------------
 FROM python:3.12-slim AS build

@@ -1,4 +1,4 @@
-"""App for bench/churn.py (and tests/test_churn.py).
+"""App for bench/churn.py (and tests/processes/test_churn.py).
 
 - Every ``joined`` and ``left`` is appended, one line each, to a file of its
   own per worker process: ``$WSE_CHURN_LOG.<pid>`` (one ``os.write`` per line

@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+# tests/ itself: the tests in pure/, inproc/ and processes/ import helpers.py and
+# deploy_helpers.py from here
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 

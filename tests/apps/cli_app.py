@@ -1,4 +1,4 @@
-"""An app for tests/test_cli.py: a module-level server and a factory.
+"""An app for tests/processes/test_cli.py: a module-level server and a factory.
 
 ``cli_app:server`` and ``cli_app:make_server`` (the welcome tells which one
 built the server); ``not_a_server`` and ``make_nothing`` are bad specs.

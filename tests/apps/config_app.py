@@ -1,4 +1,4 @@
-"""An app for tests/test_config.py: its code sets some options, an RPC tells
+"""An app for tests/processes/test_config.py: its code sets some options, an RPC tells
 what the worker runs with; ``boom`` raises, ``nobody`` is refused."""
 import os
 

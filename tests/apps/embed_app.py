@@ -1,5 +1,5 @@
-"""An existing WSGI app with a WseServer mounted on /ws, for tests/test_embedding.py
-and tests/test_deploy.py (pywsgi and gunicorn).
+"""An existing WSGI app with a WseServer mounted on /ws, for tests/processes/test_embedding.py
+and tests/processes/test_deploy.py (pywsgi and gunicorn).
 
 Plain paths: /hello (headers), /stream (a chunked streaming body), /boom (the
 app raises), /echo (POST body back), /ws (a plain GET: the app's own page).

@@ -1,4 +1,4 @@
-"""The app that tests/node/flows.mjs drives (see tests/test_node_protocol.py).
+"""The app that tests/node/flows.mjs drives (see tests/processes/test_node_protocol.py).
 
 ``server`` is a plain server; ``cra_server`` has challenge-response auth on.
 Both run with one worker, so the module-level records below see every

@@ -1,4 +1,4 @@
-"""An app for tests/test_nginx.py: tells a client where the server thinks it
+"""An app for tests/processes/test_nginx.py: tells a client where the server thinks it
 comes from (``conn.remote_addr``: X-Forwarded-For when the peer is a
 trusted proxy, else the socket's peer)."""
 import os

@@ -2,7 +2,7 @@
  * Drives a wse_sync server (tests/apps/node_app.py) with Node's `ws`, partly
  * through the shipped JavaScript client (wse_sync/static/wse.js, given the
  * `ws` constructor as its WebSocket option), and prints one JSON line per flow
- * with what it observed. The assertions live in tests/test_node_protocol.py.
+ * with what it observed. The assertions live in tests/processes/test_node_protocol.py.
  *
  *   node flows.mjs ws://127.0.0.1:PORT/ ws://127.0.0.1:CRA_PORT/ [flow ...]
  *

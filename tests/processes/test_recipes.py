@@ -81,7 +81,7 @@ def load_compose(path: str = COMPOSE) -> dict:
                 parent[key] = json.loads(rest)
             except ValueError:
                 raise AssertionError(f"compose.yaml:{n}: not a flow (JSON) value: {rest.strip()!r}"
-                                     " (tests/test_recipes.py reads it without YAML)") from None
+                                     " (tests/processes/test_recipes.py reads it without YAML)") from None
     return root
 
 

@@ -3,9 +3,9 @@ wheel, dependency-free, an ES module that plain ``node`` (18/20, no flags)
 loads, on the ``ws`` package given as its WebSocket option, and that says
 clearly what to do when there is no WebSocket at all.
 
-Its protocol behaviour is tests/test_node_protocol.py's (flows.mjs drives this
+Its protocol behaviour is tests/processes/test_node_protocol.py's (flows.mjs drives this
 same file against real servers); the chat page runs it in Chromium
-(tests/test_examples.py).
+(tests/processes/test_examples.py).
 """
 import json
 import os

@@ -1,13 +1,13 @@
-"""The Python WseClient: custom protocols, jump, reconnect, close and misuse."""
+"""The Python WseClient: custom protocols, jump, reconnect, close and misuse (against
+a server in this process; a real serve process: tests/processes/test_client_restart.py)."""
 import json
-import os
 import struct
 import zlib
 
 import pytest
 import ujson
 
-from helpers import UNIT, RawWS, ServerProcess, inproc_server, serve_process, wait_for
+from helpers import UNIT, RawWS, inproc_server, wait_for
 from wse_sync import WSE_ERROR, WSE_REASON, WSE_STATUS, WseClient, WseError, WseServer
 from wse_sync.core.frames import OP_BINARY
 from wse_sync.wsgi import make_wsgi_server
@@ -453,33 +453,6 @@ def test_client_channel_off():
         wait_for(lambda: ignored == [("note", 2)])
         assert got == [1]
         c.close()
-
-
-# -- against a real server process ------------------------------------------------
-
-def test_client_comes_back_after_a_server_process_restart():
-    app = os.path.join("tests", "apps", "cluster_app.py") + ":server"
-    with serve_process(app) as sp:
-        c = WseClient(sp.url, reconnect=True)
-        ready = []
-        c.when.ready(ready.append)
-        first_pid = c.connect("survivor")["pid"]
-        assert c.call("pid") == first_pid
-        sp.proc.send_signal(15)  # SIGTERM: a graceful stop closes with 1012
-        wait_for(lambda: c.close_status is not None, timeout=20 * UNIT)
-        assert c.close_status == (1012, "")
-        assert c.status == WSE_STATUS.RE_CONNECTING
-        assert sp.stop() == 0
-        again = ServerProcess(["serve", app, "--host", "127.0.0.1", "--port", str(sp.port),
-                               "--workers", "1"])
-        try:
-            again.wait_line(r"worker \d+ serving")
-            wait_for(lambda: len(ready) == 2, timeout=20 * UNIT)
-            assert ready[1]["pid"] != first_pid
-            assert c.call("pid") == ready[1]["pid"]
-            c.close()
-        finally:
-            assert again.stop() == 0
 
 
 def test_reconnect_stops_when_the_server_refuses():

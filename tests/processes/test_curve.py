@@ -25,7 +25,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from helpers import UNIT, ServerProcess, free_port, serve_process, wait_for
+from helpers import ROOT, UNIT, ServerProcess, free_port, serve_process, wait_for
 from wse_sync import WseClient, connect_cluster
 from wse_sync.core.errors import WSE_ERROR, WseError
 from wse_sync.core.messages import decode, encode, split
@@ -588,7 +588,7 @@ def test_broker_and_worker_in_two_network_namespaces(tmp_path):
                   "sys.stdin.readline()\n")
         user = subprocess.Popen(["ip", "netns", "exec", ns_w, sys.executable, "-c", client],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+                                env=env, cwd=ROOT)
         procs.append(user)
         assert int(user.stdout.readline()) > 0          # served, through the CURVE link
         look = ("from wse_sync import connect_cluster\n"
