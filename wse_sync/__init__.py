@@ -24,7 +24,7 @@ CLIENT_JS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "
 _LAZY = {
     "WseClient": ".socket.client",
     "ClusterHandle": ".worker.handle", "connect_cluster": ".worker.handle",
-    "WseConnection": ".socket.connection", "WseIdentity": ".socket.connection",
+    "WseConnection": ".socket.connection", "WseIdentity": ".worker.users",
     "WSE_ERROR": ".core.errors", "WSE_REASON": ".core.errors", "WSE_STATUS": ".core.errors",
     "WseError": ".core.errors",
     "WseMount": ".integrations.mounting", "mount": ".integrations.mounting",
@@ -35,7 +35,8 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from .socket.client import WseClient
     from .worker.handle import ClusterHandle, connect_cluster
-    from .socket.connection import WseConnection, WseIdentity
+    from .socket.connection import WseConnection
+    from .worker.users import WseIdentity
     from .core.errors import WSE_ERROR, WSE_REASON, WSE_STATUS, WseError
     from .integrations.mounting import WseMount, mount
     from .core.protocol import WseJSON

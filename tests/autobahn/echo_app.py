@@ -23,7 +23,7 @@ if _ROOT not in sys.path:
 
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from wse_sync.socket.transport import Transport  # noqa: E402
+from wse_sync.socket.transport import Transport, TransportLimits  # noqa: E402
 
 try:
     from wse_sync.wsgi import WseHandler as Handler  # noqa: E402
@@ -48,8 +48,8 @@ def app(environ, start_response):
     handler = ws.handler
     # From here on the socket is ours: keep gevent-websocket from writing to it.
     ws.closed = True
-    transport = Transport(handler.socket, handler.rfile, MAX_MESSAGE_SIZE,
-                          MAX_SEND_QUEUE, CLOSE_TIMEOUT)
+    transport = Transport(handler.socket, handler.rfile,
+                          TransportLimits(MAX_MESSAGE_SIZE, MAX_SEND_QUEUE, CLOSE_TIMEOUT))
     code, reason = transport.run(transport.write_message)
     log.debug("closed %s: %s %r", environ.get("REMOTE_ADDR"), code, reason)
     return []

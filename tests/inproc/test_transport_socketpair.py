@@ -5,7 +5,7 @@ from gevent import socket as gsocket
 
 from helpers import UNIT
 from wse_sync.core.frames import OP_TEXT, FrameReader, build_close, build_frame
-from wse_sync.socket.transport import SEND_QUEUE_FULL, Transport
+from wse_sync.socket.transport import SEND_QUEUE_FULL, Transport, TransportLimits
 
 
 class Peer:
@@ -38,7 +38,8 @@ def pair():
 
 
 def run_transport(sock, on_message=None, **kw):
-    t = Transport(sock, sock.makefile("rb"), kw.pop("max_message_size", 1 << 20), **kw)
+    counters = kw.pop("counters", None)
+    t = Transport(sock, sock.makefile("rb"), TransportLimits(**kw), counters)
     got = []
     g = gevent.spawn(t.run, on_message or (lambda data: (got.append(data), t.write_message(data))))
     return t, g, got
@@ -115,7 +116,7 @@ def test_a_frame_larger_than_the_send_queue_is_refused_and_the_peer_stays(pair):
 def test_has_unread_tells_bytes_waiting_in_the_socket(pair):
     """What a deadline asks: did the peer send in time, and is this side slow?"""
     sock, peer = pair
-    t = Transport(sock, sock.makefile("rb"), 1 << 20)
+    t = Transport(sock, sock.makefile("rb"))
     assert not t.has_unread()
     peer.send(build_frame(OP_TEXT, b"hi", mask=True))
     gevent.sleep(0.01)

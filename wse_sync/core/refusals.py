@@ -1,4 +1,5 @@
-"""One log policy for repeated refusals and cuts (pure: logging only).
+"""Refusals: the close reasons the limits give, and one log policy for
+repeated refusals and cuts (pure: logging only).
 
 A flood of refusals must not become a flood of log lines: each kind is
 logged at most once per ``interval`` seconds, saying how many happened since
@@ -10,7 +11,18 @@ import logging
 import time
 from typing import Any, Callable, Dict, Optional
 
-__all__ = ["ThinnedLog", "LOG_INTERVAL"]
+__all__ = ["ThinnedLog", "LOG_INTERVAL", "SERVER_BUSY", "HANDSHAKE_TIMEOUT", "CHANNEL_QUEUE_FULL",
+           "ORIGIN_NOT_ALLOWED"]
+
+# close reasons (docs/api.md, "Limits"): 1013, retried by the JS client: the
+# server is busy (a limit, an identify queue, a slow loop) ...
+SERVER_BUSY = "wse.server-busy"
+# ... or a socket sent no ~wse:hi within handshake_timeout
+HANDSHAKE_TIMEOUT = "wse.handshake-timeout"
+# 1008: too many channel messages waiting for their handler
+CHANNEL_QUEUE_FULL = "wse.channel-queue-full"
+# 1008: an Origin not in allowed_origins
+ORIGIN_NOT_ALLOWED = "wse.origin-not-allowed"
 
 # seconds between two log lines of one kind
 LOG_INTERVAL = 10.0

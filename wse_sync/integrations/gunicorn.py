@@ -96,7 +96,7 @@ def prepare_worker(worker: Any) -> List[Any]:
         return servers
     shared = (os.environ.get("WSE_SYNC_BROKER") or (worker.cfg.env or {}).get("WSE_SYNC_BROKER"))
     if worker.cfg.workers > 1:
-        alone = [s for s in servers if not s.options.get("broker") and not shared]
+        alone = [s for s in servers if not s.config.broker and not shared]
         if alone:
             raise WorkerSetupError(
                 f"{worker.cfg.workers} gunicorn workers but no shared broker: each worker would"
@@ -106,7 +106,7 @@ def prepare_worker(worker: Any) -> List[Any]:
     for server in servers:
         server.start()
     worker.log.info("wse_sync: worker %d serves %d WseServer(s), broker %s", os.getpid(),
-                    len(servers), shared or servers[0].options.get("broker") or "embedded")
+                    len(servers), shared or servers[0].config.broker or "embedded")
     if not isinstance(worker, Worker):
         _chain_sigterm(worker, servers)
     return servers

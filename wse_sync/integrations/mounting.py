@@ -95,7 +95,7 @@ class WseMount:
             raise TypeError(f"only a WseServer can be mounted, not {type(server).__name__}")
         if path in self.servers:
             raise ValueError(f"path {path!r} is already mounted")
-        own = server.options.get("path")
+        own = server.config.path
         if own not in (None, path):
             raise ValueError(f"this WseServer only answers {own!r} (its path option);"
                              f" it cannot be mounted on {path!r}")

@@ -25,7 +25,8 @@ from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Stream, WebSocket
 
-from ..core.forwarded import is_trusted, origin_allowed, parse_trusted
+from ..core.config import Config
+from ..core.forwarded import is_trusted, origin_allowed
 from ..core.limits import KeyedCounter
 from ..core.refusals import ThinnedLog
 
@@ -71,14 +72,17 @@ def _server_of(app: Any) -> Any:
     if router is not None and hasattr(router, "wse_servers"):
         servers = router.wse_servers()
         router = servers[0] if servers else None
-    return router if isinstance(getattr(router, "options", None), dict) else None
+    return router if isinstance(getattr(router, "config", None), Config) else None
 
 
-def _options_of(app: Any) -> Dict[str, Any]:
-    """The options of the WseServer behind ``app`` (its edge limits)."""
-    from ..worker.server import DEFAULTS
+_DEFAULT_CONFIG = Config()
+
+
+def _config_of(app: Any) -> Config:
+    """The Config of the WseServer behind ``app`` (its edge limits), read anew
+    each time (``configure()`` and the serve flags replace it)."""
     server = _server_of(app)
-    return server.options if server is not None else DEFAULTS
+    return server.config if server is not None else _DEFAULT_CONFIG
 
 
 def _count(app: Any, limit: str) -> None:
@@ -103,14 +107,7 @@ class _Edge:
         self.active = 0
         # (the cap is set from the options at each connection: they may change)
         self.per_ip = KeyedCounter(0)
-        self._trusted: Tuple[Any, Any] = (None, None)
         self._log = ThinnedLog(log)
-
-    def trusted(self, spec: Any) -> Any:
-        """The ``trusted_proxies`` option, parsed once per value."""
-        if self._trusted[0] is not spec:
-            self._trusted = (spec, parse_trusted(spec))
-        return self._trusted[1]
 
     def note_refusal(self, what: str, address: Any) -> None:
         """Logged once per interval with the counts (core.refusals)."""
@@ -157,14 +154,13 @@ class WseHandler(WebSocketHandler):
     def handle(self):
         """Count the socket against max_connections / max_connections_per_ip (503)."""
         app = self.server.application
-        options = _options_of(app)
-        self.wse_options = options
+        config = _config_of(app)
+        self.wse_config = config
         edge = _edge_of(app)
-        edge.per_ip.cap = int(options.get("max_connections_per_ip") or 0)
+        edge.per_ip.cap = int(config.max_connections_per_ip or 0)
         ip = self.client_address[0] if isinstance(self.client_address, tuple) else ""
-        counted_ip = bool(ip) and not is_trusted(
-            ip, edge.trusted(options.get("trusted_proxies", ())))
-        limit = int(options.get("max_connections") or 0)
+        counted_ip = bool(ip) and not is_trusted(ip, config.trusted)
+        limit = int(config.max_connections or 0)
         if limit and edge.active >= limit:
             return self._refuse(edge, "503 Service Unavailable", "the server is full",
                                 "max_connections")
@@ -195,7 +191,7 @@ class WseHandler(WebSocketHandler):
 
     def handle_one_request(self):
         """Read the request within ``header_timeout`` (else 408 and close)."""
-        seconds = self.wse_options.get("header_timeout") if hasattr(self, "wse_options") else None
+        seconds = self.wse_config.header_timeout if hasattr(self, "wse_config") else None
         timer = self._header_timer = gevent.Timeout(seconds) if seconds else None
         if timer is not None:
             timer.start()
@@ -244,8 +240,8 @@ class WseHandler(WebSocketHandler):
         if not env.get("HTTP_SEC_WEBSOCKET_VERSION"):
             return self._bad("426 Upgrade Required", "no Sec-WebSocket-Version",
                              [("Sec-WebSocket-Version", ", ".join(self.SUPPORTED_VERSIONS))])
-        options = getattr(self, "wse_options", None) or _options_of(self.application)
-        if not origin_allowed(env.get("HTTP_ORIGIN"), options.get("allowed_origins")):
+        config = getattr(self, "wse_config", None) or _config_of(self.application)
+        if not origin_allowed(env.get("HTTP_ORIGIN"), config.allowed_origins):
             _count(self.application, "allowed_origins")
             return self._bad("403 Forbidden", "origin not allowed")
         return self.upgrade_connection()
@@ -318,7 +314,7 @@ class WseWSGIServer(WSGIServer):
     handler_class = WseHandler
 
     def wrap_socket_and_handle(self, client_socket, address):
-        seconds = _options_of(self.application).get("tls_handshake_timeout")
+        seconds = _config_of(self.application).tls_handshake_timeout
         try:
             with gevent.Timeout(seconds or None):
                 tls = self.wrap_socket(client_socket, **self.ssl_args)
@@ -347,10 +343,10 @@ def make_wsgi_server(app: Any, listener: Any, **kwargs: Any) -> WSGIServer:
     """
     kwargs.setdefault("log", None)
     kwargs.setdefault("error_log", logging.getLogger("wse_sync.http"))
-    options = _options_of(app)
-    context = kwargs.pop("ssl_context", None) or options.get("ssl_context")
-    certfile = kwargs.pop("certfile", None) or options.get("certfile")
-    keyfile = kwargs.pop("keyfile", None) or options.get("keyfile")
+    config = _config_of(app)
+    context = kwargs.pop("ssl_context", None) or config.ssl_context
+    certfile = kwargs.pop("certfile", None) or config.certfile
+    keyfile = kwargs.pop("keyfile", None) or config.keyfile
     if context is None and certfile:
         context = tls_context(certfile, keyfile)
     if context is not None:

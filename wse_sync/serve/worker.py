@@ -69,8 +69,8 @@ def probe_app(spec: str) -> Tuple[Optional[Dict[str, Any]], Optional[str], str]:
     import subprocess
 
     code = ("import json,sys;from wse_sync.serve.worker import load_app;"
-            "s=load_app(sys.argv[1]);print(json.dumps({'host':s.options['host'],"
-            "'port':s.options['port']}))")
+            "s=load_app(sys.argv[1]);print(json.dumps({'host':s.config.host,"
+            "'port':s.config.port}))")
     out = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True)
     if out.returncode != 0:
         lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
@@ -136,7 +136,7 @@ def run_worker(app_spec: str, fd: int, broker: str, worker_id: Optional[str] = N
         return 2
     http = make_wsgi_server(server, listener)  # TLS from the options, context built once
     http.start()
-    tune_gc(server.options["gc_threshold"])
+    tune_gc(server.config.gc_threshold)
     trim = memory_trimmer()
     if trim is not None:  # (a timer of the loop: ~1 ms per call on a 50 MB heap)
         trimmer = gevent.get_hub().loop.timer(TRIM_EVERY, TRIM_EVERY)

@@ -1,8 +1,8 @@
-"""WseConnection (a device), RemoteConnection (a device on another worker)
-and WseIdentity (a user)."""
+"""WseConnection: a device connected to this worker (the worker layer adds
+RemoteConnection and WseIdentity, in ``worker/users.py``)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Hashable, Mapping, Optional
+from typing import Any, Dict, Hashable, Iterable, Optional, Protocol
 
 import gevent
 from gevent.event import AsyncResult
@@ -10,11 +10,9 @@ from gevent.event import AsyncResult
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError
 from ..core.ids import make_id
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .server import WseServer
-    from .transport import Transport
+from .transport import Transport
 
-__all__ = ["WseConnection", "RemoteConnection", "WseIdentity"]
+__all__ = ["WseConnection", "ConnectionHost", "write_all", "CONNECTING", "OPEN", "CLOSING", "CLOSED"]
 
 CONNECTING, OPEN, CLOSING, CLOSED = 0, 1, 2, 3
 
@@ -29,15 +27,28 @@ class _Disconnected:
         self.reason = reason
 
 
+class ConnectionHost(Protocol):
+    """What a connection reads of the server it belongs to."""
+
+    @property
+    def protocol(self) -> Any: ...  # the codec: pack(type, payload, stamp)
+
+    @property
+    def rpc_timeout(self) -> float: ...
+
+    @property
+    def worker_id(self) -> str: ...
+
+
 class WseConnection:
     """A device connected to this worker.
 
     ``send``, ``call`` and ``drop`` may be used from any greenlet.
     """
 
-    def __init__(self, server: "WseServer", transport: "Transport", identity: Any = None,
+    def __init__(self, host: ConnectionHost, transport: Transport, identity: Any = None,
                  meta: Optional[dict] = None, remote_addr: Optional[str] = None) -> None:
-        self.server = server
+        self._host = host
         self.transport = transport
         # unique id of this connection across the cluster
         self.conn_id: str = make_id(15)
@@ -45,7 +56,8 @@ class WseConnection:
         self.meta: dict = meta if meta is not None else {}
         self.remote_addr = remote_addr
         self.cid: Optional[Hashable] = None
-        self.client: Optional[WseIdentity] = None
+        # the user (a worker.users.WseIdentity) once welcomed
+        self.client: Any = None
         # 0 connecting (before the welcome), 1 open, 2 closing, 3 closed
         self.ready_state = CONNECTING
         # monotonic order of acceptance, for conn_per_user (oldest first)
@@ -58,7 +70,7 @@ class WseConnection:
 
     @property
     def worker(self) -> str:
-        return self.server.worker_id
+        return self._host.worker_id
 
     def __repr__(self) -> str:
         return f"<WseConnection {self.conn_id} cid={self.cid!r} state={self.ready_state}>"
@@ -67,7 +79,7 @@ class WseConnection:
         """Send one message to this device; False when it is not open."""
         if self.ready_state != OPEN:
             return False
-        return self.transport.write_message(self.server.protocol.pack(type, payload, None))
+        return self.transport.write_message(self._host.protocol.pack(type, payload, None))
 
     def call(self, rp: str, payload: Any = None, timeout: Optional[float] = None) -> Any:
         """Call procedure ``rp`` on the client and block this greenlet for the result.
@@ -79,14 +91,14 @@ class WseConnection:
         if self.ready_state != OPEN:
             raise WseError(WSE_ERROR.CONNECTION_NOT_READY, {"conn_id": self.conn_id})
         if timeout is None:
-            timeout = self.server.rpc_timeout
+            timeout = self._host.rpc_timeout
         stamp = make_id(10)
         while stamp in self._calls:  # pragma: no cover - 62**10 ids
             stamp = make_id(10)
         result = AsyncResult()
         self._calls[stamp] = result
         try:
-            self.transport.write_message(self.server.protocol.pack(rp, payload, stamp))
+            self.transport.write_message(self._host.protocol.pack(rp, payload, stamp))
             try:
                 kind, value = result.get(timeout=timeout)
             except gevent.Timeout:
@@ -128,63 +140,15 @@ class WseConnection:
                 result.set(("closed", marker))
 
 
-class RemoteConnection:
-    """A device held by another worker; operations go through the broker."""
-
-    def __init__(self, server: "WseServer", conn_id: str, cid: Hashable, worker: str,
-                 meta: Any = None) -> None:
-        self.server = server
-        self.conn_id = conn_id
-        self.cid = cid
-        self.worker = worker
-        self.meta = meta if meta is not None else {}
-        self.identity = None
-        self.remote_addr = None
-        self.ready_state = OPEN
-
-    @property
-    def readyState(self) -> int:  # noqa: N802
-        return self.ready_state
-
-    @property
-    def client(self) -> Optional["WseIdentity"]:
-        return self.server.clients.get(self.cid)
-
-    def __repr__(self) -> str:
-        return f"<RemoteConnection {self.conn_id} cid={self.cid!r} worker={self.worker}>"
-
-    def send(self, type: str, payload: Any = None) -> bool:
-        data = self.server.protocol.pack(type, payload, None)
-        self.server.hub.remote_send(self.conn_id, self.cid, data)
-        return True
-
-    def call(self, rp: str, payload: Any = None, timeout: Optional[float] = None) -> Any:
-        if timeout is None:
-            timeout = self.server.rpc_timeout
-        return self.server.hub.remote_call(self.conn_id, self.cid, rp, payload, timeout)
-
-    def drop(self, reason: str = WSE_REASON.BY_SERVER) -> None:
-        self.server.hub.remote_drop(self.conn_id, self.cid, reason)
-
-
-class WseIdentity:
-    """A user: every connection of ``cid`` on every worker."""
-
-    def __init__(self, server: "WseServer", cid: Hashable, meta: Any = None) -> None:
-        self.server = server
-        self.cid = cid
-        self.meta = meta if meta is not None else {}
-
-    def __repr__(self) -> str:
-        return f"<WseIdentity {self.cid!r}>"
-
-    @property
-    def conns(self) -> Mapping[str, Any]:
-        """conn_id -> connection (local WseConnection or RemoteConnection)."""
-        return self.server.hub.conns_of(self.cid)
-
-    def send(self, type: str, payload: Any = None) -> None:
-        self.server.send(self.cid, type, payload)
-
-    def drop(self, reason: str = WSE_REASON.BY_SERVER) -> None:
-        self.server.drop_client(self.cid, reason)
+def write_all(conns: Iterable[WseConnection], data: Any) -> int:
+    """Write one packed message to the open ones of ``conns``, framed once for
+    all; how many were written to."""
+    frame = None
+    n = 0
+    for conn in conns:
+        if conn.ready_state == OPEN:
+            if frame is None:
+                frame = conn.transport.frame_for(data)
+            conn.transport.write_raw(frame)
+            n += 1
+    return n

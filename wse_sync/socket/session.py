@@ -11,30 +11,94 @@ import logging
 import time
 from collections import deque
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import Any, Callable, Counter, Iterator, Optional, Protocol
 
 import gevent
 from gevent.event import AsyncResult
 
-from ..worker.admission import SERVER_BUSY
 from .connection import CLOSED, OPEN, WseConnection
+from ..core.config import Config
 from ..core.session import ACCEPTED, QUEST, VIOLATION, SessionCore
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError, rpc_error_payload
-from ..core.events import call_with_kwargs
+from ..core.events import Emitter, call_with_kwargs
+from ..core.metrics import WorkerMetrics
+from ..core.refusals import CHANNEL_QUEUE_FULL, HANDSHAKE_TIMEOUT, SERVER_BUSY
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .hub import Hub
-
-__all__ = ["Session", "CHANNEL_QUEUE_FULL"]
-
-CHANNEL_QUEUE_FULL = "wse.channel-queue-full"
-# the close reason (1013) of a socket that sent no ~wse:hi in handshake_timeout
-HANDSHAKE_TIMEOUT = "wse.handshake-timeout"
+__all__ = ["Session", "SessionApp", "SessionHost", "Slots"]
 # a deadline timer running this late (s) shows an overloaded loop: the
 # server, not the client, is the slow side
 LOOP_LAG = 0.5
 
 log = logging.getLogger("wse_sync.session")
+
+
+class SessionApp(Protocol):
+    """What a session reads of the application (the WseServer)."""
+
+    @property
+    def protocol(self) -> Any: ...  # the codec: pack, unpack, internal_types
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def identify(self) -> Callable: ...
+
+    @property
+    def challenge_generator(self) -> Optional[Callable]: ...
+
+    @property
+    def channel(self) -> Emitter: ...
+
+    def rpc_handler(self, rp: str) -> Optional[Callable]: ...
+
+
+class Slots(Protocol):
+    """A FIFO of slots (max_identify)."""
+
+    def try_acquire(self) -> bool: ...
+
+    def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class SessionHost(Protocol):
+    """What a session asks of its worker."""
+
+    @property
+    def app(self) -> SessionApp: ...
+
+    @property
+    def counters(self) -> Counter[str]: ...
+
+    @property
+    def metrics(self) -> WorkerMetrics: ...
+
+    @property
+    def identify_slots(self) -> Slots: ...
+
+    def emit(self, name: str, *args: Any) -> None: ...
+
+    def emit_error(self, error: WseError, conn: Optional[Any] = None,
+                   exc: Optional[BaseException] = None) -> None: ...
+
+    def spawn(self, fn: Callable, *args: Any) -> None: ...
+
+    def rpc_slot(self) -> bool:
+        """Take one of max_rpc_per_worker (False: none is free)."""
+
+    def rpc_done(self) -> None: ...
+
+    def refused(self, limit: str, remote: Optional[str], level: int = logging.WARNING) -> None:
+        """Count (``refused.<limit>``) and log (thinned) one refusal."""
+
+    def accept(self, session: "Session", cid: Any, welcome: Any) -> None:
+        """identify accepted ``cid``: join, welcome (then ``session.ready()``)."""
+
+    def closed(self, conn: WseConnection, code: int, reason: str) -> None:
+        """The socket is gone (a session's last word)."""
+
 
 class _Refused(Exception):
     pass
@@ -43,15 +107,15 @@ class _Refused(Exception):
 class Session:
     """Drives one WseConnection; created by the hub for each upgraded socket.
 
-    It reads the app (identify, handlers, options) from ``hub.server`` and
-    reports to the hub: ``accept`` when identify accepts, ``closed`` at the end.
+    It reads the app (identify, handlers, options) from ``host.app`` and
+    reports to the host: ``accept`` when identify accepts, ``closed`` at the end.
     """
 
-    def __init__(self, hub: "Hub", conn: WseConnection) -> None:
-        self.hub = hub
-        self.server = server = hub.server
+    def __init__(self, host: SessionHost, conn: WseConnection) -> None:
+        self.host = host
+        self.app = app = host.app
         self.conn = conn
-        types = server.protocol.internal_types
+        types = app.protocol.internal_types
         self.core = SessionCore(types)
         self._t_challenge = types["challenge"]
         self._t_response = types["response"]
@@ -80,7 +144,7 @@ class Session:
     # -- the reading greenlet -----------------------------------------
     def run(self) -> None:
         """Serve the connection until it closes; fires the closing events."""
-        self._set_deadline(self.server.handshake_timeout)
+        self._set_deadline(self.app.config.handshake_timeout)
         code, reason = self.conn.transport.run(self.on_data)
         self._cancel_deadline()
         self.core.close()
@@ -92,23 +156,23 @@ class Session:
                 self._auth.join()  # bounded by the broker request timeout
             else:
                 self._auth.kill()
-        self.hub.closed(self.conn, code, reason)
+        self.host.closed(self.conn, code, reason)
 
     def on_data(self, data: Any) -> None:
-        server = self.server
-        self.hub.counters["messages_in"] += 1
+        server = self.app
+        self.host.counters["messages_in"] += 1
         self._size = len(data)
         try:
             type_, payload, stamp = server.protocol.unpack(data)
         except Exception as exc:
-            self.hub.emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR,
+            self.host.emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR,
                                         {"exception": exc, "message": str(exc)}), self.conn)
             self.conn.close(1000, WSE_REASON.PROTOCOL_ERR)
             return
         decision = self.core.message(type_, payload, stamp)
         action = decision.action
         if action == VIOLATION:
-            self.hub.emit_error(WseError(WSE_ERROR.PROTOCOL_VIOLATION,
+            self.host.emit_error(WseError(WSE_ERROR.PROTOCOL_VIOLATION,
                                         {"reason": decision.reason}), self.conn)
             self.conn.close(1000, WSE_REASON.PROTOCOL_ERR)
         elif action != "ignore":
@@ -120,7 +184,7 @@ class Session:
         self.conn.identity = payload.get("identity", "")
         meta = payload.get("meta")
         self.conn.meta = meta if meta is not None else {}
-        self._set_deadline(self.server.auth_timeout)
+        self._set_deadline(self.app.config.auth_timeout)
         self._server_side = True  # (from now on the server's turn, until a challenge is sent)
         self._auth = gevent.spawn(self._authenticate)
 
@@ -132,32 +196,29 @@ class Session:
         self.conn.resolve(stamp, type_ == self._t_response, payload)
 
     def _rpc(self, type_, payload, stamp) -> None:
-        hub, options = self.hub, self.server.options
-        if ((options["max_rpc_per_conn"] and self._rpc_running >= options["max_rpc_per_conn"])
-                or (options["max_rpc_per_worker"]
-                    and hub.rpc_running >= options["max_rpc_per_worker"])):
-            hub.counters["refused.max_rpc"] += 1
-            self.conn.transport.write_message(self.server.protocol.pack(self._t_response_err, {
+        host, most = self.host, self.app.config.max_rpc_per_conn
+        if (most and self._rpc_running >= most) or not host.rpc_slot():
+            host.counters["refused.max_rpc"] += 1
+            self.conn.transport.write_message(self.app.protocol.pack(self._t_response_err, {
                 "code": WSE_ERROR.RP_TOO_MANY,
                 "details": {"rpc": type_, "running": self._rpc_running}}, stamp))
             return
         self._rpc_running += 1
-        hub.rpc_running += 1
-        hub.spawn(self._run_rpc, type_, payload, stamp)
+        host.spawn(self._run_rpc, type_, payload, stamp)
 
     def _channel(self, type_, payload, stamp) -> None:
-        if not self.server.channel.has(type_):
-            self.hub.emit("ignored", self.conn, type_, payload)
+        if not self.app.channel.has(type_):
+            self.host.emit("ignored", self.conn, type_, payload)
             return
         if self._channel_queue is None:
             self._channel_queue = deque()
-        options = self.server.options
-        if ((options["max_channel_queue"] and len(self._channel_queue) >= options["max_channel_queue"])
-                or (options["max_channel_queue_bytes"]
-                    and self._channel_bytes + self._size > options["max_channel_queue_bytes"])):
+        config = self.app.config
+        if ((config.max_channel_queue and len(self._channel_queue) >= config.max_channel_queue)
+                or (config.max_channel_queue_bytes
+                    and self._channel_bytes + self._size > config.max_channel_queue_bytes)):
             if self.conn.ready_state == OPEN:
-                self.hub.counters["refused.max_channel_queue"] += 1
-                self.hub.emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR, {
+                self.host.counters["refused.max_channel_queue"] += 1
+                self.host.emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR, {
                     "type": type_, "reason": CHANNEL_QUEUE_FULL,
                     "waiting": len(self._channel_queue)}), self.conn)
                 self.conn.close(1008, CHANNEL_QUEUE_FULL)
@@ -168,7 +229,7 @@ class Session:
         self._channel_queue.append((type_, payload, self._size))
         if not self._channel_busy:
             self._channel_busy = True
-            self.hub.spawn(self._drain_channel)
+            self.host.spawn(self._drain_channel)
 
     # -- greenlets -----------------------------------------------------
     def _drain_channel(self) -> None:
@@ -178,11 +239,11 @@ class Session:
             while self._channel_queue and self.conn.ready_state == OPEN:
                 type_, payload, size = self._channel_queue.popleft()
                 self._channel_bytes -= size
-                for handler in self.server.channel.handlers(type_):
+                for handler in self.app.channel.handlers(type_):
                     try:
                         handler(self.conn, payload)
                     except Exception as exc:
-                        self.hub.emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR, {
+                        self.host.emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR, {
                             "type": type_, "exception": exc, "message": str(exc)}), self.conn,
                             exc)
         finally:
@@ -193,12 +254,12 @@ class Session:
             self._answer_rpc(rp, payload, stamp)
         finally:
             self._rpc_running -= 1
-            self.hub.rpc_running -= 1
+            self.host.rpc_done()
 
     def _answer_rpc(self, rp: str, payload: Any, stamp: str) -> None:
-        server, conn = self.server, self.conn
+        server, conn = self.app, self.conn
         handler = server.rpc_handler(rp)
-        metrics = self.hub.metrics
+        metrics = self.host.metrics
         metrics.counters["rpc_calls"] += 1
         if handler is None:
             metrics.counters["rpc_errors"] += 1
@@ -210,16 +271,16 @@ class Session:
                 answer = (self._t_response, handler(conn, payload))
             except Exception as exc:
                 metrics.counters["rpc_errors"] += 1
-                error = rpc_error_payload(exc, rp, payload, server.options["rpc_tracebacks"])
+                error = rpc_error_payload(exc, rp, payload, server.config.rpc_tracebacks)
                 answer = (self._t_response_err, error)
                 if not isinstance(exc, WseError):
-                    self.hub.emit_error(WseError(error["code"], error["details"]), conn, exc)
+                    self.host.emit_error(WseError(error["code"], error["details"]), conn, exc)
             metrics.rpc_seconds.observe(time.monotonic() - started)
         if conn.ready_state == OPEN:
             try:
                 data = server.protocol.pack(answer[0], answer[1], stamp)
             except Exception as exc:  # a result the codec cannot pack
-                self.hub.emit_error(WseError(WSE_ERROR.RP_EXECUTION_FAILED, {
+                self.host.emit_error(WseError(WSE_ERROR.RP_EXECUTION_FAILED, {
                     "rpc": rp, "message": f"result cannot be packed: {exc}"}), conn)
                 data = server.protocol.pack(self._t_response_err, {
                     "code": WSE_ERROR.RP_EXECUTION_FAILED,
@@ -227,7 +288,7 @@ class Session:
             conn.transport.write_message(data)
 
     def _authenticate(self) -> None:
-        server, conn = self.server, self.conn
+        server, conn = self.app, self.conn
         try:
             challenge = None
             if server.challenge_generator is not None:
@@ -238,7 +299,7 @@ class Session:
                 if decision.ready():
                     return
                 if cid and (isinstance(cid, bool) or not isinstance(cid, (str, int))):
-                    self.hub.emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
+                    self.host.emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
                         "message": f"accept() needs a str or int user id, not {type(cid).__name__}"}),
                         conn)
                     cid = None
@@ -254,7 +315,7 @@ class Session:
                                      accept=accept, refuse=refuse, challenge=challenge,
                                      conn_id=conn.conn_id)
             except Exception as exc:
-                self.hub.emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
+                self.host.emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
                     "message": f"identify raised {type(exc).__name__}: {exc}",
                     "exception": exc}), conn, exc)
                 raise _Refused() from None
@@ -267,12 +328,12 @@ class Session:
                 self._cancel_deadline()
                 self.joining = True
                 try:
-                    self.hub.accept(self, cid, welcome)
+                    self.host.accept(self, cid, welcome)
                 finally:
                     self.joining = False
         except _Refused:
             self._cancel_deadline()
-            self.hub.counters["auth_refused"] += 1
+            self.host.counters["auth_refused"] += 1
             log.info("refused a login from %s (connection %s)", conn.remote_addr, conn.conn_id)
             conn.close(1000, WSE_REASON.NOT_AUTHORIZED)
         finally:
@@ -280,7 +341,7 @@ class Session:
                 self._auth = None  # a finished greenlet holds ~3 KB per connection
 
     def _run_challenge(self) -> dict:
-        server, conn = self.server, self.conn
+        server, conn = self.app, self.conn
         quest_sent = AsyncResult()
         self._answer = AsyncResult()
 
@@ -299,7 +360,7 @@ class Session:
                 call_with_kwargs(server.challenge_generator, identity=conn.identity,
                                  meta=conn.meta, quest=quest, refuse=refuse)
         except Exception as exc:
-            self.hub.emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
+            self.host.emit_error(WseError(WSE_ERROR.NOT_AUTHORIZED, {
                 "message": f"challenge generator raised {type(exc).__name__}: {exc}",
                 "exception": exc}), conn, exc)
             raise _Refused() from None
@@ -316,12 +377,12 @@ class Session:
         spent in the queue for it is the server's, bounded by
         identify_queue_timeout (then 1013); auth_timeout starts again once the
         slot is ours (a crowd queues instead of failing)."""
-        slots = self.hub.identify_slots
+        slots = self.host.identify_slots
         self._server_side = True
         if not slots.try_acquire():
-            self._set_deadline(self.server.options["identify_queue_timeout"])
+            self._set_deadline(self.app.config.identify_queue_timeout)
             slots.acquire()
-            self._set_deadline(self.server.auth_timeout)
+            self._set_deadline(self.app.config.auth_timeout)
         try:
             yield
         finally:
@@ -357,7 +418,7 @@ class Session:
                 # it the path (or this loop) is congested, or the peer is no
                 # wse client. Either way the socket goes, with a code a real
                 # client retries; a client that never answers is not logged out.
-                self.hub.admission.refused("handshake_timeout", remote, logging.INFO)
+                self.host.refused("handshake_timeout", remote, logging.INFO)
                 self.conn.close(1013, HANDSHAKE_TIMEOUT)
                 return
             late = time.monotonic() - self._deadline_at
@@ -365,16 +426,20 @@ class Session:
                 # identify (or its queue) took too long, what the client sent
                 # in time waits unread, or this loop is so busy that the timer
                 # itself came late: the server is the slow side
-                self.hub.admission.refused("identify_timeout", remote)
+                self.host.refused("identify_timeout", remote)
                 self.conn.close(1013, SERVER_BUSY)
                 return
-            self.hub.counters["refused.auth_timeout"] += 1
+            self.host.counters["refused.auth_timeout"] += 1
             log.info("connection %s from %s did not authenticate in time", self.conn.conn_id,
                      self.conn.remote_addr)
             self.conn.close(1000, WSE_REASON.NOT_AUTHORIZED)
 
 
-# action name -> Session method (what getattr(self, "_" + action) finds, without
-# building the name and looking it up per message)
-_ACTIONS = {name[1:]: fn for name, fn in vars(Session).items()
-            if name in ("_start_auth", "_challenge_answer", "_resolve_call", "_rpc", "_channel")}
+# what SessionCore decides -> the Session method that carries it out
+_ACTIONS = {
+    "start_auth": Session._start_auth,
+    "challenge_answer": Session._challenge_answer,
+    "resolve_call": Session._resolve_call,
+    "rpc": Session._rpc,
+    "channel": Session._channel,
+}

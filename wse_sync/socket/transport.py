@@ -19,19 +19,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import gevent
 from gevent import socket as gsocket
 from gevent.exceptions import ConcurrentObjectUseError
 
+from ..core.config import Config
 from ..core.limits import TokenBucket
 from ..core.refusals import ThinnedLog
 from ..core.websocket import SERVER, Close, Message, Ping, Pong, Protocol, State
 
 _OPEN = State.OPEN  # (a plain name: the enum class attribute costs ~60 ns a lookup)
 
-__all__ = ["Transport", "SEND_QUEUE_FULL", "RATE_LIMITED"]
+__all__ = ["Transport", "TransportLimits", "SEND_QUEUE_FULL", "RATE_LIMITED"]
 
 log = logging.getLogger("wse_sync.transport")
 
@@ -51,6 +52,25 @@ WRITER_STOP_TIMEOUT = 1.0
 _cuts = ThinnedLog(log)
 
 
+class TransportLimits(NamedTuple):
+    """What one socket may do (bytes, seconds, frames per second as (rate, burst))."""
+
+    max_message_size: Optional[int] = 1 << 20
+    max_send_queue: int = 4 * 1024 * 1024
+    close_timeout: float = 2.0
+    max_fragments: Optional[int] = None
+    rate: Optional[Tuple[float, float]] = None
+    control_rate: Optional[Tuple[float, float]] = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> "TransportLimits":
+        return cls(config.max_message_size, config.max_send_queue, config.close_timeout,
+                   config.max_fragments, config.rate, config.control_rate)
+
+
+_DEFAULT_LIMITS = TransportLimits()
+
+
 class Transport:
     """The I/O shell of one server-side WebSocket connection over a gevent socket.
 
@@ -58,12 +78,10 @@ class Transport:
     class moves its bytes and keeps the close deadline.
     """
 
-    def __init__(self, sock, rfile, max_message_size: Optional[int],
-                 max_send_queue: int = 4 * 1024 * 1024, close_timeout: float = 2.0,
-                 max_fragments: Optional[int] = None,
-                 rate_limit: Optional[Tuple[float, float]] = None,
-                 control_rate_limit: Optional[Tuple[float, float]] = None,
+    def __init__(self, sock: Any, rfile: Any, limits: Optional[TransportLimits] = None,
                  counters: Optional[Counter] = None) -> None:
+        max_message_size, max_send_queue, close_timeout, max_fragments, rate_limit, \
+            control_rate_limit = limits if limits is not None else _DEFAULT_LIMITS
         self.sock = sock
         self.rfile = rfile
         # A plain socket: non-blocking (gevent's recv/send then never wait on

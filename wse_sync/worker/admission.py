@@ -1,7 +1,7 @@
 """Admission of upgraded sockets until their welcome: the limits on sockets
 not yet welcomed and on identify calls, and one refusal policy.
 
-Every limit is read from the server's options at the moment it is applied,
+Every limit is read from the server's Config at the moment it is applied,
 so a value given after the server was built (``configure()``, a ``wse-sync
 serve`` flag, an environment variable) takes effect. Refusals are counted
 (``refused.<limit>``) and logged once per interval with a count.
@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from typing import Any, Callable, Deque, Hashable, Mapping, Optional, Set
+from typing import Any, Callable, Deque, Hashable, Optional, Set
 
 from gevent.event import Event
 
+from ..core.config import Config
 from ..core.refusals import ThinnedLog
 
-__all__ = ["Admission", "IdentifySlots", "SERVER_BUSY"]
+__all__ = ["Admission", "IdentifySlots"]
 
 log = logging.getLogger("wse_sync.server")
-
-# the close reason (with 1013, which the JS client retries) when the server,
-# not the client, is the slow side: a limit, or identify waiting too long
-SERVER_BUSY = "wse.server-busy"
 
 
 class IdentifySlots:
@@ -79,16 +76,16 @@ class IdentifySlots:
 class Admission:
     """The sockets of one worker between upgrade and welcome."""
 
-    def __init__(self, options: Mapping[str, Any], is_trusted: Callable[[Optional[str]], bool],
+    def __init__(self, config: Callable[[], Config], is_trusted: Callable[[Optional[str]], bool],
                  counters: Counter) -> None:
-        self._options = options
+        self._config = config
         self._is_trusted = is_trusted
         self._counters = counters
         self._log = ThinnedLog(log)
         # sessions upgraded and not yet welcomed, and how many per address
         self._pending: Set[Hashable] = set()
         self._per_ip: Counter = Counter()
-        self.identify_slots = IdentifySlots(lambda: int(self._options["max_identify"] or 0))
+        self.identify_slots = IdentifySlots(lambda: int(config().max_identify or 0))
 
     @property
     def unauthenticated(self) -> int:
@@ -96,14 +93,14 @@ class Admission:
 
     def admit(self, key: Hashable, remote: Optional[str]) -> Optional[str]:
         """Count ``key`` as unauthenticated; else the name of the limit it hits."""
-        options = self._options
-        limit = options["max_unauthenticated"]
+        config = self._config()
+        limit = config.max_unauthenticated
         if limit and len(self._pending) >= limit:
             return "max_unauthenticated"
         # (a trusted proxy's own address is not a client's: not counted, as at the edge)
         counted = not self._is_trusted(remote)
         if counted:
-            per_ip = options["max_unauthenticated_per_ip"]
+            per_ip = config.max_unauthenticated_per_ip
             if per_ip and self._per_ip[remote] >= per_ip:
                 return "max_unauthenticated_per_ip"
             self._per_ip[remote] += 1

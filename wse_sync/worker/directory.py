@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Dict, Hashable, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Collection, Dict, Hashable, List, Optional, Union
 
 from ..core.lookup import Conns, LookupCache
 
@@ -24,25 +24,86 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..cluster.link import BrokerLink
     from ..cluster.shards import ShardedLink
 
-__all__ = ["Directory"]
+__all__ = ["Directory", "ReplicaDirectory", "LookupDirectory", "make_directory"]
 
 log = logging.getLogger("wse_sync.directory")
+
+Link = Union["BrokerLink", "ShardedLink"]
 
 
 class Directory:
     """The cluster's users as the broker knows them (this worker's included)."""
 
-    def __init__(self, link: Union["BrokerLink", "ShardedLink"], replica: bool,
-                 cache_ttl: float = 1.0) -> None:
+    def connections(self, cid: Hashable) -> Conns:
+        """conn_id -> (worker, meta) of the user's connections ({}: not connected)."""
+        raise NotImplementedError
+
+    def has(self, cid: Hashable) -> bool:
+        return bool(self.connections(cid))
+
+    def meta_of(self, cid: Hashable, ask: bool = True) -> Any:
+        """The user's meta (None: unknown); ``ask=False``: only what is at hand."""
+        raise NotImplementedError
+
+    def cids(self) -> List[Hashable]:
+        """Every user ([] when the broker does not answer)."""
+        raise NotImplementedError
+
+    def users(self) -> Dict[Hashable, Conns]:
+        """cid -> its connections, for every user."""
+        raise NotImplementedError
+
+    def count(self, local: Collection[Hashable]) -> int:
+        """How many users the cluster has; ``local``: this worker's users."""
+        raise NotImplementedError
+
+    def follows(self, cid: Hashable) -> bool:
+        """True when this directory will see ``cid`` leave the cluster (the
+        worker may keep the user's identity until then)."""
+        return False
+
+    def changed(self, cid: Hashable) -> None:
+        """A connection of ``cid`` came or went here."""
+
+
+class ReplicaDirectory(Directory):
+    """Answers from the link's copy of the broker's map (``cluster_replica``)."""
+
+    def __init__(self, link: Link) -> None:
         self.link = link
-        self.replica = replica
+
+    def connections(self, cid: Hashable) -> Conns:
+        return self.link.view.users.get(cid, {})
+
+    def has(self, cid: Hashable) -> bool:
+        return cid in self.link.view.users
+
+    def meta_of(self, cid: Hashable, ask: bool = True) -> Any:
+        return self.link.view.meta_of(cid)
+
+    def cids(self) -> List[Hashable]:
+        return list(self.link.view.users)
+
+    def users(self) -> Dict[Hashable, Conns]:
+        return {cid: dict(conns) for cid, conns in self.link.view.users.items()}
+
+    def count(self, local: Collection[Hashable]) -> int:
+        users = self.link.view.users
+        return len(users) + sum(1 for cid in local if cid not in users)
+
+    def follows(self, cid: Hashable) -> bool:
+        return cid in self.link.view.users
+
+
+class LookupDirectory(Directory):
+    """Asks the broker, with answers reused for ``cache_ttl`` seconds."""
+
+    def __init__(self, link: Link, cache_ttl: float = 1.0) -> None:
+        self.link = link
         self.cache = LookupCache(cache_ttl)
         self._warned = False
 
     def connections(self, cid: Hashable) -> Conns:
-        """conn_id -> (worker, meta) of the user's connections ({}: not connected)."""
-        if self.replica:
-            return self.link.view.users.get(cid, {})
         now = time.monotonic()
         conns = self.cache.get(cid, now)
         if conns is None:
@@ -53,21 +114,13 @@ class Directory:
             conns = self.cache.get(cid, now) or {}
         return conns
 
-    def has(self, cid: Hashable) -> bool:
-        if self.replica:
-            return cid in self.link.view.users
-        return bool(self.connections(cid))
-
-    def meta_of(self, cid: Hashable) -> Any:
-        if self.replica:
-            return self.link.view.meta_of(cid)
+    def meta_of(self, cid: Hashable, ask: bool = True) -> Any:
+        if not ask:
+            return None
         conns = self.connections(cid)
         return next(iter(conns.values()))[1] if conns else None
 
     def cids(self) -> List[Hashable]:
-        """Every user (a round trip without a replica; [] without the broker)."""
-        if self.replica:
-            return list(self.link.view.users)
         answer = self._ask()
         if answer is None:
             return []
@@ -77,31 +130,23 @@ class Directory:
         return [row[0] for row in rows]
 
     def users(self) -> Dict[Hashable, Conns]:
-        """cid -> its connections, for every user."""
-        if self.replica:
-            return {cid: dict(conns) for cid, conns in self.link.view.users.items()}
         answer = self._ask()
         rows = answer.get("users", []) if answer is not None else []
         return {row[0]: {c[0]: (c[1], c[2]) for c in row[1]} for row in rows}
 
-    def count(self) -> Optional[int]:
-        """How many users (None: the broker did not answer)."""
-        if self.replica:
-            return len(self.link.view.users)
+    def count(self, local: Collection[Hashable]) -> int:
         now = time.monotonic()
         count = self.cache.count(now)
         if count is None:
             answer = self._ask(count=True)
             if answer is None:
-                return None
+                return len(local)
             count = int(answer.get("count", 0))
             self.cache.put_count(count, now)
-        return count
+        return max(len(local), count)
 
     def changed(self, cid: Hashable) -> None:
-        """A connection of ``cid`` came or went here: drop what was cached."""
-        if not self.replica:
-            self.cache.forget(cid)
+        self.cache.forget(cid)
 
     def _ask(self, cids: Optional[List[Hashable]] = None,
              count: bool = False) -> Optional[Dict[str, Any]]:
@@ -113,3 +158,8 @@ class Directory:
         elif answer is not None:
             self._warned = False
         return answer
+
+
+def make_directory(link: Link, replica: bool, cache_ttl: float) -> Directory:
+    """The directory the ``cluster_replica`` option asks for."""
+    return ReplicaDirectory(link) if replica else LookupDirectory(link, cache_ttl)

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Hashable, Iterator, Optional
+from types import MappingProxyType
+from typing import Any, Callable, Hashable, Iterator, Optional
 
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError
 from ..core.events import Emitter, RpcHandlers, When
-from ..core.forwarded import parse_trusted
-from ..core.limits import parse_rate
+from ..core.config import Config
 from ..core.options import DEFAULTS
 from ..core.protocol import WseJSON, check_protocol
 from . import endpoints
-from ..socket.connection import WseIdentity
-from .hub import Hub
 from ..socket.stock_handler import harden
+from .hub import Hub
+from .users import WseIdentity
 
 __all__ = ["WseServer", "DEFAULTS"]
 
@@ -55,8 +55,9 @@ class _Clients(Mapping):
 class WseServer:
     """A wse 4.x compatible server. See python-api.md for the contract."""
 
-    def __init__(self, identify: Optional[Callable] = None, conn_per_user: int = 1,
-                 rpc_timeout: float = 20, protocol: Any = None, **options: Any) -> None:
+    def __init__(self, identify: Optional[Callable] = None, conn_per_user: Optional[int] = None,
+                 rpc_timeout: Optional[float] = None, protocol: Any = None,
+                 **options: Any) -> None:
         if "connPerUser" in options:
             conn_per_user = options.pop("connPerUser")
         if "tO" in options:
@@ -64,11 +65,11 @@ class WseServer:
         if not callable(identify):
             raise WseError(WSE_ERROR.IDENTIFY_HANDLER_MISSING)
         self.identify = identify
-        self.conn_per_user = conn_per_user
-        self.rpc_timeout = rpc_timeout
         self.protocol = check_protocol(protocol if protocol is not None else WseJSON())
-        self.options: Dict[str, Any] = dict(DEFAULTS)
-        self.configure(**options)
+        named = {k: v for k, v in (("conn_per_user", conn_per_user),
+                                   ("rpc_timeout", rpc_timeout)) if v is not None}
+        # every option, typed (core/config.py): replaced whole by configure()
+        self.config: Config = Config.make(**named, **options)
         harden()  # gevent-websocket's stock handler, should it serve us
         self.channel = Emitter()
         self.when = When()
@@ -80,21 +81,31 @@ class WseServer:
         self._hub = Hub(self)
 
     def configure(self, **options: Any) -> None:
-        """Change options (and ``conn_per_user``, ``rpc_timeout``) before the
-        server starts; bad names or values raise here, not per connection."""
-        unknown = set(options) - set(DEFAULTS) - {"conn_per_user", "rpc_timeout"}
-        if unknown:
-            raise TypeError(f"unknown WseServer options: {sorted(unknown)}")
-        merged = dict(self.options)
-        merged.update((k, v) for k, v in options.items() if k in DEFAULTS)
-        parse_rate(merged["rate_limit"])
-        parse_rate(merged["control_rate_limit"])
-        parse_trusted(merged["trusted_proxies"])
-        self.options.update(merged)  # (in place: the runtime holds this dict)
-        if "conn_per_user" in options:
-            self.conn_per_user = options["conn_per_user"]
-        if "rpc_timeout" in options:
-            self.rpc_timeout = options["rpc_timeout"]
+        """Change options (and ``conn_per_user``, ``rpc_timeout``); bad names or
+        values raise here, not per connection. Limits read the new values when
+        they next apply (the listening address and the broker link: at start)."""
+        self.config = self.config.with_(**options)
+
+    @property
+    def options(self) -> Mapping[str, Any]:
+        """The options (read-only; ``configure`` changes them)."""
+        return MappingProxyType(self.config.options())
+
+    @property
+    def conn_per_user(self) -> int:
+        return self.config.conn_per_user
+
+    @conn_per_user.setter
+    def conn_per_user(self, value: int) -> None:
+        self.configure(conn_per_user=value)
+
+    @property
+    def rpc_timeout(self) -> float:
+        return self.config.rpc_timeout
+
+    @rpc_timeout.setter
+    def rpc_timeout(self, value: float) -> None:
+        self.configure(rpc_timeout=value)
 
     # -- the original names ---------------------------------------------
     @property
@@ -121,9 +132,9 @@ class WseServer:
 
     # -- options as attributes -------------------------------------------
     def __getattr__(self, name: str) -> Any:
-        options = self.__dict__.get("options")
-        if options is not None and name in options:
-            return options[name]
+        config = self.__dict__.get("config")
+        if config is not None and name in DEFAULTS:
+            return getattr(config, name)
         raise AttributeError(name)
 
     # -- public API ------------------------------------------------------
@@ -162,7 +173,7 @@ class WseServer:
         return self.protocol.name if self.wants(path) else None
 
     def wants(self, path: str) -> bool:
-        return self.options["path"] in (None, path)
+        return self.config.path in (None, path)
 
     def endpoint_for(self, path: str) -> Optional[str]:
         """What this server answers on ``path`` besides WebSocket upgrades:
@@ -190,12 +201,8 @@ class WseServer:
 
     @property
     def trusted(self) -> Any:
-        """The ``trusted_proxies`` option, parsed (it may change before start)."""
-        spec = self.options["trusted_proxies"]
-        cached = self.__dict__.get("_trusted")
-        if cached is None or cached[0] is not spec:
-            cached = self.__dict__["_trusted"] = (spec, parse_trusted(spec))
-        return cached[1]
+        """The ``trusted_proxies`` option, parsed."""
+        return self.config.trusted
 
     # -- runtime -------------------------------------------------------------
     @property
@@ -217,7 +224,7 @@ class WseServer:
     def endpoint(self, broker: Optional[str] = None) -> Optional[str]:
         """The broker endpoint to join: ``broker``, the ``broker`` option or
         ``WSE_SYNC_BROKER``; None means an embedded broker."""
-        return broker or self.options["broker"] or os.environ.get("WSE_SYNC_BROKER") or None
+        return broker or self.config.broker or os.environ.get("WSE_SYNC_BROKER") or None
 
     def start(self, broker: Optional[str] = None, worker_id: Optional[str] = None) -> None:
         """Join the cluster (idempotent). Without ``broker`` and no ``broker``
