@@ -15,7 +15,7 @@ __all__ = [
     "connect_cluster", "ClusterHandle",
 ]
 
-__version__ = "0.1.0"
+from .core.version import __version__  # noqa: F401 - the public name
 
 # the JavaScript client shipped in the package (an ES module; docs/api.md)
 CLIENT_JS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "wse.js")

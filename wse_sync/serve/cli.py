@@ -8,6 +8,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Dict, List, NoReturn, Optional, Tuple
 
+from ..core.broker import SYNC_WINDOW
 from ..core.options import OPTIONS, OptionError, env_name, flag_name, from_environ
 from ..core import logs
 
@@ -64,7 +65,7 @@ def _log_flags(p: argparse.ArgumentParser, env: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..core.version import __version__
 
     p = _Parser(prog="wse-sync", description=DESCRIPTION, formatter_class=_Formatter)
     p.add_argument("--version", action="version", version=f"wse-sync {__version__}")
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bind", required=True, help="e.g. tcp://127.0.0.1:5555 or ipc:///tmp/wse")
     _log_flags(b)
     b.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)
-    b.add_argument("--sync-window", type=float, default=2.5,
+    b.add_argument("--sync-window", type=float, default=SYNC_WINDOW,
                    help="seconds to hold routed commands after start while workers resend"
                         " their tables (0 for a fresh cluster)")
     b.add_argument("--curve-secret", default=None, metavar="FILE",
