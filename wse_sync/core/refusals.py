@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, MutableMapping, Optional
 
-__all__ = ["ThinnedLog", "LOG_INTERVAL", "SERVER_BUSY", "HANDSHAKE_TIMEOUT", "CHANNEL_QUEUE_FULL",
+__all__ = ["Refusals", "ThinnedLog", "LOG_INTERVAL", "SERVER_BUSY", "HANDSHAKE_TIMEOUT", "CHANNEL_QUEUE_FULL",
            "ORIGIN_NOT_ALLOWED"]
 
 # close reasons (docs/api.md, "Limits"): 1013, retried by the JS client: the
@@ -23,6 +23,9 @@ HANDSHAKE_TIMEOUT = "wse.handshake-timeout"
 CHANNEL_QUEUE_FULL = "wse.channel-queue-full"
 # 1008: an Origin not in allowed_origins
 ORIGIN_NOT_ALLOWED = "wse.origin-not-allowed"
+
+# a collections.Counter of names
+CounterLike = MutableMapping[str, int]
 
 # seconds between two log lines of one kind
 LOG_INTERVAL = 10.0
@@ -60,3 +63,20 @@ class ThinnedLog:
             self.logger.log(level, fmt + " (%d since the last line, %d in all)",
                             *args, since, self.total[kind])
         return True
+
+
+class Refusals:
+    """Every limit's refusal goes through ``refused``: counted in ``counters``
+    as ``refused.<limit>`` (``wse_limit_refusals_total`` in /metrics) and
+    logged through one ThinnedLog."""
+
+    def __init__(self, counters: CounterLike, logger: logging.Logger) -> None:
+        self.counters = counters
+        self._log = ThinnedLog(logger)
+
+    def refused(self, limit: str, who: Any, level: int = logging.WARNING,
+                what: str = "refused a connection from %s: %s") -> None:
+        """Count one refusal by ``limit``; ``what % (who, limit)`` is the log line."""
+        self.counters["refused." + limit] += 1
+        if self._log.logger.isEnabledFor(level):
+            self._log.note(limit, what, who, limit, level=level)

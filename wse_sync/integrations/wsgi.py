@@ -14,6 +14,7 @@ It also keeps the edge limits of the WseServer it serves (its options):
 from __future__ import annotations
 
 import base64
+from collections import Counter
 import hashlib
 import logging
 import ssl
@@ -28,7 +29,7 @@ from geventwebsocket.websocket import Stream, WebSocket
 from ..core.config import Config
 from ..core.forwarded import is_trusted, origin_allowed
 from ..core.limits import KeyedCounter
-from ..core.refusals import ThinnedLog
+from ..core.refusals import Refusals
 
 __all__ = ["WseHandler", "WseWSGIServer", "make_wsgi_server", "tls_context"]
 
@@ -85,11 +86,14 @@ def _config_of(app: Any) -> Config:
     return server.config if server is not None else _DEFAULT_CONFIG
 
 
-def _count(app: Any, limit: str) -> None:
-    """Count a refusal in the server's ``hub.counters`` ("refused.<limit>")."""
+def _refused(app: Any, limit: str, address: Any, level: int = logging.WARNING,
+             what: str = "refused a connection from %s: %s") -> None:
+    """Report a refusal to the server's Refusals (counted as ``refused.<limit>``
+    in its ``hub.counters``, logged thinned); without a WseServer, to the
+    edge's own."""
     server = _server_of(app)
-    if server is not None:
-        server.hub.counters["refused." + limit] += 1
+    refusals = server.hub.admission.refusals if server is not None else _edge_of(app).refusals
+    refusals.refused(limit, address, level, what)
 
 
 def _response(status: str, text: str, headers: Tuple[Tuple[str, str], ...] = ()) -> bytes:
@@ -107,11 +111,8 @@ class _Edge:
         self.active = 0
         # (the cap is set from the options at each connection: they may change)
         self.per_ip = KeyedCounter(0)
-        self._log = ThinnedLog(log)
-
-    def note_refusal(self, what: str, address: Any) -> None:
-        """Logged once per interval with the counts (core.refusals)."""
-        self._log.note(what, "refused a connection from %s: %s", address, what)
+        # refusals of an app without a WseServer behind it
+        self.refusals = Refusals(Counter(), log)
 
 
 _EDGES: Dict[int, Tuple[Any, _Edge]] = {}
@@ -177,8 +178,7 @@ class WseHandler(WebSocketHandler):
                 edge.per_ip.release(ip)
 
     def _refuse(self, edge: _Edge, status: str, text: str, limit: str) -> None:
-        edge.note_refusal(limit, self.client_address)
-        _count(self.server.application, limit)
+        _refused(self.server.application, limit, self.client_address)
         try:
             self.socket.setblocking(False)
             self.socket.send(_response(status, text, (("Retry-After", "5"),)))
@@ -202,8 +202,8 @@ class WseHandler(WebSocketHandler):
                 raise
             # (the timer is the exception: its traceback holds this handler)
             exc.__traceback__ = None
-            log.info("no complete request from %s in %.1fs: 408", self.client_address, seconds)
-            _count(self.server.application, "header_timeout")
+            _refused(self.server.application, "header_timeout", self.client_address, logging.INFO,
+                     "no complete request from %s in time: 408 (%s)")
             self.close_connection = True
             return ("408", _response("408 Request Timeout", "request timeout"))
         finally:
@@ -242,7 +242,8 @@ class WseHandler(WebSocketHandler):
                              [("Sec-WebSocket-Version", ", ".join(self.SUPPORTED_VERSIONS))])
         config = getattr(self, "wse_config", None) or _config_of(self.application)
         if not origin_allowed(env.get("HTTP_ORIGIN"), config.allowed_origins):
-            _count(self.application, "allowed_origins")
+            _refused(self.application, "allowed_origins", env.get("HTTP_ORIGIN"), logging.INFO,
+                     "refused an upgrade with Origin %s: %s")
             return self._bad("403 Forbidden", "origin not allowed")
         return self.upgrade_connection()
 
@@ -319,8 +320,8 @@ class WseWSGIServer(WSGIServer):
             with gevent.Timeout(seconds or None):
                 tls = self.wrap_socket(client_socket, **self.ssl_args)
         except gevent.Timeout:
-            log.info("no TLS handshake from %s in %.1fs: closed", address, seconds)
-            _count(self.application, "tls_handshake_timeout")
+            _refused(self.application, "tls_handshake_timeout", address, logging.INFO,
+                     "no TLS handshake from %s in time: closed (%s)")
             client_socket.close()
             return None
         except (ssl.SSLError, OSError) as exc:

@@ -198,7 +198,7 @@ class Session:
     def _rpc(self, type_, payload, stamp) -> None:
         host, most = self.host, self.app.config.max_rpc_per_conn
         if (most and self._rpc_running >= most) or not host.rpc_slot():
-            host.counters["refused.max_rpc"] += 1
+            host.refused("max_rpc", self.conn.remote_addr, logging.INFO)
             self.conn.transport.write_message(self.app.protocol.pack(self._t_response_err, {
                 "code": WSE_ERROR.RP_TOO_MANY,
                 "details": {"rpc": type_, "running": self._rpc_running}}, stamp))
@@ -217,7 +217,7 @@ class Session:
                 or (config.max_channel_queue_bytes
                     and self._channel_bytes + self._size > config.max_channel_queue_bytes)):
             if self.conn.ready_state == OPEN:
-                self.host.counters["refused.max_channel_queue"] += 1
+                self.host.refused("max_channel_queue", self.conn.remote_addr, logging.INFO)
                 self.host.emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR, {
                     "type": type_, "reason": CHANNEL_QUEUE_FULL,
                     "waiting": len(self._channel_queue)}), self.conn)
@@ -429,9 +429,7 @@ class Session:
                 self.host.refused("identify_timeout", remote)
                 self.conn.close(1013, SERVER_BUSY)
                 return
-            self.host.counters["refused.auth_timeout"] += 1
-            log.info("connection %s from %s did not authenticate in time", self.conn.conn_id,
-                     self.conn.remote_addr)
+            self.host.refused("auth_timeout", remote, logging.INFO)
             self.conn.close(1000, WSE_REASON.NOT_AUTHORIZED)
 
 

@@ -27,7 +27,7 @@ from gevent.exceptions import ConcurrentObjectUseError
 
 from ..core.config import Config
 from ..core.limits import TokenBucket
-from ..core.refusals import ThinnedLog
+from ..core.refusals import Refusals
 from ..core.websocket import SERVER, Close, Message, Ping, Pong, Protocol, State
 
 _OPEN = State.OPEN  # (a plain name: the enum class attribute costs ~60 ns a lookup)
@@ -48,8 +48,8 @@ READ_SIZE = 65536
 # seconds the reader waits, at the end, for the writer it stops
 WRITER_STOP_TIMEOUT = 1.0
 
-# connections cut for a full send queue: one line per interval, with the counts
-_cuts = ThinnedLog(log)
+# where a Transport without its worker's reports its cuts
+_LOCAL_REFUSALS = Refusals(Counter(), log)
 
 
 class TransportLimits(NamedTuple):
@@ -79,7 +79,8 @@ class Transport:
     """
 
     def __init__(self, sock: Any, rfile: Any, limits: Optional[TransportLimits] = None,
-                 counters: Optional[Counter] = None) -> None:
+                 counters: Optional[Counter] = None,
+                 refusals: Optional[Refusals] = None) -> None:
         max_message_size, max_send_queue, close_timeout, max_fragments, rate_limit, \
             control_rate_limit = limits if limits is not None else _DEFAULT_LIMITS
         self.sock = sock
@@ -100,6 +101,10 @@ class Transport:
         self.max_send_queue = max_send_queue
         # the worker's counters: "messages_out" counts frames queued here
         self._counters: Counter = counters if counters is not None else Counter()
+        # where the cut of a full send queue is counted and logged (the worker's)
+        if refusals is None:
+            refusals = _LOCAL_REFUSALS if counters is None else Refusals(self._counters, log)
+        self._refusals = refusals
         self.close_timeout = close_timeout
         self._cut = False
         # the status of a cut before any close frame passed (ping timeout, full queue)
@@ -190,9 +195,9 @@ class Transport:
     def _write(self, frame: bytes) -> bool:
         if self._writer is not None or self._queue:
             if self._queued + len(frame) > self.max_send_queue:
-                _cuts.note("send-queue-full", "cut a connection whose send queue was full"
-                           " (%d bytes): 1008 %s", self._queued, SEND_QUEUE_FULL)
-                self._counters["refused.max_send_queue"] += 1  # (a cut: wse_limit_refusals_total)
+                self._refusals.refused("max_send_queue", self._queued, logging.WARNING,
+                                       "cut a connection whose send queue was full (%d bytes):"
+                                       " 1008 " + SEND_QUEUE_FULL + " (%s)")
                 self.abort((1008, SEND_QUEUE_FULL))
                 return False
             self._queue.append(frame)  # type: ignore[union-attr]

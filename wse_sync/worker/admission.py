@@ -1,5 +1,17 @@
 """Admission of upgraded sockets until their welcome: the limits on sockets
-not yet welcomed and on identify calls, and one refusal policy.
+not yet welcomed and on identify calls, and the worker's one ``Refusals``
+(count + thinned log) that every limit reports to.
+
+Where each limit is checked (a new one goes where its data is, and reports
+here): before the upgrade, ``integrations/wsgi.py`` (max_connections,
+max_connections_per_ip, header_timeout, tls_handshake_timeout,
+allowed_origins); between upgrade and welcome, this module
+(max_unauthenticated, max_unauthenticated_per_ip, max_identify,
+identify_queue_timeout); per socket, ``socket/transport.py``
+(max_message_size, max_fragments, rate_limit, control_rate_limit,
+max_send_queue); per session, ``socket/session.py`` (handshake_timeout,
+auth_timeout, max_rpc_per_conn, max_rpc_per_worker, max_channel_queue,
+max_channel_queue_bytes).
 
 Every limit is read from the server's Config at the moment it is applied,
 so a value given after the server was built (``configure()``, a ``wse-sync
@@ -15,7 +27,7 @@ from typing import Any, Callable, Deque, Hashable, Optional, Set
 from gevent.event import Event
 
 from ..core.config import Config
-from ..core.refusals import ThinnedLog
+from ..core.refusals import Refusals
 
 __all__ = ["Admission", "IdentifySlots"]
 
@@ -80,8 +92,7 @@ class Admission:
                  counters: Counter) -> None:
         self._config = config
         self._is_trusted = is_trusted
-        self._counters = counters
-        self._log = ThinnedLog(log)
+        self.refusals = Refusals(counters, log)
         # sessions upgraded and not yet welcomed, and how many per address
         self._pending: Set[Hashable] = set()
         self._per_ip: Counter = Counter()
@@ -122,6 +133,4 @@ class Admission:
     def refused(self, limit: str, remote: Optional[str], level: int = logging.WARNING) -> None:
         """Count a refusal by ``limit``; log it once per interval with the counts
         (at ``level``)."""
-        self._counters["refused." + limit] += 1
-        if log.isEnabledFor(level):
-            self._log.note(limit, "refused a connection from %s: %s", remote, limit, level=level)
+        self.refusals.refused(limit, remote, level)

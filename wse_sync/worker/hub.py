@@ -254,7 +254,7 @@ class Hub:
         # From here on the socket is ours: keep gevent-websocket from writing to it.
         ws.closed = True
         transport = Transport(handler.socket, handler.rfile, TransportLimits.from_config(config),
-                              self.counters)
+                              self.counters, self.admission.refusals)
         requested = [p.strip() for p in
                      environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",")]
         remote = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),
