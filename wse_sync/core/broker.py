@@ -39,13 +39,17 @@ from .shards import Shard, shard_of
 # the counter of each kind received
 _IN = {kind: "in." + kind for kind in KINDS}
 
-__all__ = ["BrokerCore", "HEARTBEAT", "WORKER_TIMEOUT", "Out", "ROLE_WORKER", "ROLE_CLIENT"]
+__all__ = ["BrokerCore", "HEARTBEAT", "WORKER_TIMEOUT", "SYNC_WINDOW", "Out", "ROLE_WORKER",
+           "ROLE_CLIENT"]
 
 log = logging.getLogger("wse_sync.broker")
 
 # seconds between heartbeats, and of silence after which a worker is dead
 HEARTBEAT = 1.0
 WORKER_TIMEOUT = 3.0
+# seconds a restarted broker holds routed commands while the workers resend
+# their tables (``sync_window``; a fresh cluster's broker uses 0)
+SYNC_WINDOW = 2.5
 # messages held per unknown worker until it resends its table
 LIMBO_MAX = 10000
 # kinds that route by the map or decide joined/left (held while the map is rebuilt)
