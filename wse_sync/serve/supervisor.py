@@ -3,7 +3,8 @@
 Signal handlers only record the signal; the main loop acts on it:
 SIGTERM/SIGINT stop everything gracefully (workers close their connections
 with 1012, then the broker stops), SIGHUP replaces the workers one at a time.
-A worker or broker that dies is restarted.
+A worker or broker that dies is restarted (the broker by a
+``broker_keeper.BrokerKeeper``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from . import runfile
+from .broker_keeper import BrokerKeeper
 from .reload import Watcher
 from .worker import probe_app
 
@@ -56,7 +58,8 @@ class Supervisor:
         self._runfile: Optional[str] = None
         self.signals: List[int] = []
         self.workers: Dict[int, subprocess.Popen] = {}
-        self.broker_proc: Optional[subprocess.Popen] = None
+        # our own broker (none with an external one), restarted when it dies
+        self.broker_keeper: Optional[BrokerKeeper] = None
         self._tmpdir: Optional[str] = None
         self.sock: Optional[socket.socket] = None
         self.broker_endpoint = broker or ""
@@ -73,15 +76,6 @@ class Supervisor:
         sock.listen(2048)
         sock.set_inheritable(True)
         return sock
-
-    def _start_broker(self, fresh: bool = False) -> None:
-        # a restarted broker waits for the workers' tables before routing
-        window = "0" if fresh else "2.5"
-        self.broker_proc = subprocess.Popen(
-            _python_cmd("broker", "--bind", self.broker_endpoint, *self.log_args,
-                        "--parent", str(os.getpid()), "--sync-window", window),
-            start_new_session=True)
-        log.info("broker started (pid %d) on %s", self.broker_proc.pid, self.broker_endpoint)
 
     def _start_worker(self, wait_ready: float = 0) -> subprocess.Popen:
         """Start a worker; with ``wait_ready``, wait that long for it to serve."""
@@ -124,7 +118,9 @@ class Supervisor:
         if not self.external_broker:
             self._tmpdir = tempfile.mkdtemp(prefix="wse-sync-")
             self.broker_endpoint = f"ipc://{self._tmpdir}/broker.sock"
-            self._start_broker(fresh=True)
+            self.broker_keeper = BrokerKeeper(self.broker_endpoint, self.log_args, log,
+                                              new_session=True)
+            self.broker_keeper.start()
         for _ in range(self.n_workers):
             self._start_worker()
         log.info("wse-sync serving %s on %s:%d with %d worker(s)",
@@ -172,10 +168,8 @@ class Supervisor:
         self._roll()
 
     def _reap(self) -> None:
-        if self.broker_proc is not None and self.broker_proc.poll() is not None:
-            log.error("broker (pid %d) exited with %s: restarting it",
-                      self.broker_proc.pid, self.broker_proc.returncode)
-            self._start_broker()
+        if self.broker_keeper is not None:
+            self.broker_keeper.check()
         for pid, proc in list(self.workers.items()):
             if proc.poll() is not None:
                 del self.workers[pid]
@@ -222,7 +216,7 @@ class Supervisor:
                 proc.wait()
         self.workers.clear()
         self.sock.close()
-        if self.broker_proc is not None:
-            self._stop_proc(self.broker_proc, 5)
+        if self.broker_keeper is not None:
+            self.broker_keeper.stop(5)
         log.info("wse-sync stopped")
         return 0
