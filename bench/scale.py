@@ -8,7 +8,7 @@ Each fake worker is a ``wse_sync.core.link.LinkCore`` (the worker's real
 protocol code: hello, reset, snapshot, delta, acks, heartbeats) on a plain
 pyzmq DEALER socket, all of them driven by one poll loop in this process
 (no gevent). Its connection table is a dict; only the worker that starts
-late (``H``) keeps the replica of the map (``ClusterView``), the others keep
+late (``H``) keeps the replica of the map (``MapReplica``), the others keep
 none, so the harness itself stays small. The broker is a real
 ``python -m wse_sync broker`` process on an ipc:// endpoint, every process
 wrapped in coreutils ``timeout`` and killed in ``finally``.
@@ -103,7 +103,7 @@ class NullView:
 
 
 def view_bytes(view: Any) -> int:
-    """Deep size of a ClusterView (containers, keys, tuples, strings; shared objects once)."""
+    """Deep size of a MapReplica (containers, keys, tuples, strings; shared objects once)."""
     seen = set()
     total = 0
 

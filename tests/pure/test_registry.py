@@ -73,9 +73,9 @@ def test_snapshot_in_join_order():
     assert r.snapshot()[1] == ["x", "u", "w", {"m": 1}, 5.0]
 
 
-def test_cluster_view_reports_users_that_are_gone():
-    from wse_sync.cluster.link import ClusterView
-    view = ClusterView()
+def test_map_replica_reports_users_that_are_gone():
+    from wse_sync.core.link import MapReplica
+    view = MapReplica()
     view.load([["a1", "alice", "w1", {}, 1.0], ["a2", "alice", "w2", {}, 2.0],
                ["b1", "bob", "w1", None, 3.0]])
     assert view.apply([], ["a1"]) == []

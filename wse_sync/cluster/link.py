@@ -20,14 +20,14 @@ from gevent import get_hub
 from gevent.event import AsyncResult, Event
 
 from ..core.errors import WSE_ERROR, WseError
-from ..core.link import (Answer, ClusterView, Deliver, Drop, Forget, LinkCore, LocalEntry,
+from ..core.link import (Answer, Deliver, Drop, Forget, LinkCore, LocalEntry, MapReplica,
                          ServeCall, Step, UserJoined, UserLeft)
 from ..core.refusals import ThinnedLog
 from ..core.messages import MAX_MSG_SIZE, Message, SchemaError, batch, decode, encode, split
 from ..socket import runner
 from .curve import ClientKeys, needs_curve
 
-__all__ = ["BrokerLink", "ClusterView", "LocalPort"]
+__all__ = ["BrokerLink", "MapReplica", "LocalPort"]
 
 log = logging.getLogger("wse_sync.link")
 
@@ -117,7 +117,7 @@ class BrokerLink:
         self.report_every = max(1, round(report_interval / heartbeat)) if heartbeat else 5
 
     @property
-    def view(self) -> ClusterView:
+    def view(self) -> MapReplica:
         return self.core.view
 
     # -- life ------------------------------------------------------------

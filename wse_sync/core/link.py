@@ -4,7 +4,7 @@
 restarts or goes silent: the cross-worker commands the broker has not acked
 (the outbox, numbered by ``seq``), the leaves it has not answered, the joins
 this worker decided alone while the broker was away (*pending*), the broker
-incarnation (``epoch``) and a read replica of the map (``ClusterView``).
+incarnation (``epoch``) and a read replica of the map (``MapReplica``).
 
 Every entry point takes the time as ``now`` and returns what to do: the
 messages to send to the broker and the effects on the local runtime, as a
@@ -22,7 +22,7 @@ from .errors import WSE_ERROR, WseError
 from .messages import Message, table_digest
 from .refusals import ThinnedLog
 
-__all__ = ["LinkCore", "ClusterView", "Step", "Join", "Deliver", "Drop", "UserLeft",
+__all__ = ["LinkCore", "MapReplica", "Step", "Join", "Deliver", "Drop", "UserLeft",
            "UserJoined", "Forget", "Answer", "ServeCall", "LocalEntry", "Effect"]
 
 log = logging.getLogger("wse_sync.link")
@@ -38,7 +38,7 @@ HELLOS_AWAITED = 8
 TABLE_PART = 2000
 
 
-class ClusterView:
+class MapReplica:
     """A worker's read replica of the broker's map: cid -> {conn_id: (worker, meta)}."""
 
     def __init__(self) -> None:
@@ -188,7 +188,7 @@ class LinkCore:
         self.broker_timeout = broker_timeout
         self.outage_buffer = outage_buffer
         self.outage_limit = outage_limit
-        self.view = ClusterView()
+        self.view = MapReplica()
         # the broker incarnation our map comes from (from its snapshot)
         self.epoch: Optional[str] = None
         self.last_broker = now
