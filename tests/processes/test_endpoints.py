@@ -16,7 +16,7 @@ from wse_sync.core.broker import BrokerCore
 from wse_sync.core.checks import ROLE_WORKER, check
 from wse_sync.core.link import Answer, LinkCore
 from wse_sync.core.messages import Message
-from wse_sync.core.metrics import BUCKETS, Histogram, WorkerMetrics, cluster_view
+from wse_sync.core.metrics import BUCKETS, Histogram, WorkerMetrics, cluster_figures
 
 pytestmark = pytest.mark.timeout(int(60 * UNIT))
 
@@ -43,7 +43,7 @@ def test_report_keeps_named_counters_when_too_many():
     assert r["gauges"] == {"connections": 2.0}
 
 
-def test_cluster_view_uses_live_figures_for_itself_and_reports_for_others():
+def test_cluster_figures_uses_live_figures_for_itself_and_reports_for_others():
     stats = {"users": 3, "connections": 4,
              "workers": {"w1": {"pid": 1, "connections": 3, "role": "worker", "serves": True},
                          "w2": {"pid": 2, "connections": 1, "role": "worker", "serves": True},
@@ -52,12 +52,12 @@ def test_cluster_view_uses_live_figures_for_itself_and_reports_for_others():
                          "w2": {"counters": {"rpc_calls": 5}, "rpc": {"counts": [1], "sum": 0.1}}},
              "counters": {"workers.removed": 1}}
     mine = {"counters": {"rpc_calls": 7}, "gauges": {"connections": 3}}
-    view = cluster_view(stats, "w1", mine)
+    view = cluster_figures(stats, "w1", mine)
     assert (view.users, view.connections) == (3, 4)
     assert [(w.worker, w.counters.get("rpc_calls"), w.fresh) for w in view.workers] == [
         ("w1", 7, True), ("w2", 5, False)]
     assert view.workers[1].rpc_counts[0] == 1 and len(view.workers[1].rpc_counts) == len(BUCKETS) + 1
-    alone = cluster_view(None, "w1", mine)
+    alone = cluster_figures(None, "w1", mine)
     assert [w.worker for w in alone.workers] == ["w1"] and alone.users == 0
 
 

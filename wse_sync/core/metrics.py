@@ -4,11 +4,12 @@ Each worker counts into a ``WorkerMetrics``: monotonic counters by name, an
 RPC latency histogram and a few gauges read when a report is made. Every few
 seconds it sends ``report()`` to the broker with a ``stats`` request; the
 broker keeps the last report of each worker and hands all of them out with
-its map figures, so any worker can show the whole cluster (``cluster_view``).
+its map figures, so any worker can show the whole cluster (``cluster_figures``).
 
-Counter names (``COUNTERS``, plus ``refused.<limit>`` for every limit hit):
-messages in and out, RPC calls and errors, handshakes (welcomes), auth
-refusals, commands resent to a restarted broker.
+``FIGURES`` is the one table of what a worker reports: each counter and
+gauge with its kind and the help line /metrics gives it. Besides those,
+``refused.<limit>`` counts every limit hit (one /metrics family, labelled
+by limit).
 """
 from __future__ import annotations
 
@@ -16,21 +17,56 @@ from bisect import bisect_left
 from collections import Counter
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-__all__ = ["BUCKETS", "COUNTERS", "GAUGES", "Histogram", "WorkerMetrics", "WorkerReport",
-           "ClusterView", "cluster_view", "MAX_REPORT_KEYS"]
+__all__ = ["BUCKETS", "Figure", "FIGURES", "COUNTER", "GAUGE", "COUNTERS", "REFUSED",
+           "Histogram", "WorkerMetrics", "WorkerReport", "ClusterFigures", "cluster_figures",
+           "MAX_REPORT_KEYS"]
 
 # RPC latency buckets in seconds (upper bounds; one more bucket is +Inf)
 BUCKETS: Tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                               0.5, 1.0, 2.5, 5.0, 10.0)
 
-COUNTERS = ("messages_in", "messages_out", "rpc_calls", "rpc_errors", "handshakes",
-            "auth_refused", "resends")
+COUNTER = "counter"   # monotonic, counted as things happen
+GAUGE = "gauge"       # read when a report is made
 
-# read when a report is made: connections in this worker (any state),
-# those not yet welcomed, bytes waiting in send queues, commands the broker
-# has not acked, RPC handlers running, the last broker round trip (seconds)
-GAUGES = ("connections", "unauthenticated", "send_queue_bytes", "broker_outbox",
-          "rpc_running", "broker_rtt_seconds")
+
+class Figure(NamedTuple):
+    """One figure of a worker's report, and its /metrics family (labelled by worker)."""
+    name: str             # its key in the report's "counters" or "gauges"
+    kind: str             # COUNTER or GAUGE
+    help: str             # the HELP line on /metrics
+    exposed_as: str = ""  # the family's name when it is not "wse_<name>"
+
+    @property
+    def metric(self) -> str:
+        """The /metrics family name."""
+        return self.exposed_as or "wse_" + self.name
+
+
+# every figure a worker reports, in /metrics order
+FIGURES: Tuple[Figure, ...] = (
+    Figure("connections", GAUGE, "WebSocket connections per worker, in any state",
+           "wse_sockets"),
+    Figure("unauthenticated", GAUGE, "connections upgraded and not yet welcomed"),
+    Figure("send_queue_bytes", GAUGE, "bytes waiting in the send queues of slow clients"),
+    Figure("broker_outbox", GAUGE, "cross-worker commands the broker has not acknowledged"),
+    Figure("rpc_running", GAUGE, "RPC handlers running now"),
+    Figure("broker_rtt_seconds", GAUGE, "the last round trip to the broker, seconds"),
+    Figure("messages_in", COUNTER, "WebSocket messages received from clients"),
+    Figure("messages_out", COUNTER, "WebSocket messages queued to clients"),
+    Figure("rpc_calls", COUNTER, "RPC calls from clients handled"),
+    Figure("rpc_errors", COUNTER, "RPC calls from clients answered with an error"),
+    Figure("handshakes", COUNTER,
+           "connections welcomed (identify accepted and the broker joined)"),
+    Figure("auth_refused", COUNTER, "logins refused (identify or challenge said no, or raised)"),
+    Figure("resends", COUNTER,
+           "cross-worker commands sent again to a broker that had lost them"),
+)
+
+# the counters of the table (a report keeps them first when it has too many)
+COUNTERS: Tuple[str, ...] = tuple(f.name for f in FIGURES if f.kind == COUNTER)
+
+# the prefix of the counters of limit hits: "refused.<limit>"
+REFUSED = "refused."
 
 # a report has at most this many counters (the broker refuses bigger ones)
 MAX_REPORT_KEYS = 256
@@ -73,7 +109,7 @@ class WorkerMetrics:
 
 
 class WorkerReport(NamedTuple):
-    """One worker as the cluster view shows it."""
+    """One worker's row of the cluster's figures."""
     worker: str
     pid: int
     connections: int           # in the broker's map (welcomed connections)
@@ -84,7 +120,8 @@ class WorkerReport(NamedTuple):
     fresh: bool                # this worker's own live figures, not its last report
 
 
-class ClusterView(NamedTuple):
+class ClusterFigures(NamedTuple):
+    """The cluster's figures as one worker sees them (what /metrics shows)."""
     users: int
     connections: int
     workers: List[WorkerReport]
@@ -103,8 +140,8 @@ def _report_parts(report: Optional[Mapping[str, Any]]) -> Tuple[Dict[str, float]
             float(rpc.get("sum") or 0.0))
 
 
-def cluster_view(stats: Optional[Mapping[str, Any]], me: str,
-                 mine: Mapping[str, Any]) -> ClusterView:
+def cluster_figures(stats: Optional[Mapping[str, Any]], me: str,
+                    mine: Mapping[str, Any]) -> ClusterFigures:
     """Merge the broker's ``stats`` answer (None: no broker) with this worker's
     live report ``mine``: this worker's row uses ``mine``, the others their
     last report to the broker (none yet: zeros). Clients of the cluster
@@ -114,7 +151,7 @@ def cluster_view(stats: Optional[Mapping[str, Any]], me: str,
         counters, gauges, counts, total = _report_parts(mine)
         rows.append(WorkerReport(me, 0, int(gauges.get("connections", 0)), counters, gauges,
                                  counts, total, True))
-        return ClusterView(0, 0, rows, {})
+        return ClusterFigures(0, 0, rows, {})
     reports = stats.get("reports") or {}
     for worker, info in sorted((stats.get("workers") or {}).items()):
         if info.get("role", "worker") != "worker" or not info.get("serves", True):
@@ -127,5 +164,5 @@ def cluster_view(stats: Optional[Mapping[str, Any]], me: str,
     if all(r.worker != me for r in rows):  # not (yet) in the broker's list
         counters, gauges, counts, total = _report_parts(mine)
         rows.append(WorkerReport(me, 0, 0, counters, gauges, counts, total, True))
-    return ClusterView(int(stats.get("users", 0)), int(stats.get("connections", 0)), rows,
-                       dict(stats.get("counters") or {}))
+    return ClusterFigures(int(stats.get("users", 0)), int(stats.get("connections", 0)), rows,
+                          dict(stats.get("counters") or {}))

@@ -20,16 +20,13 @@ the app answers these paths first; wse_sync answers only where the app said
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple
 
 import ujson
 
-from ..core.metrics import BUCKETS, COUNTERS, ClusterView, cluster_view
+from ..core.metrics import BUCKETS, FIGURES, GAUGE, REFUSED, ClusterFigures, cluster_figures
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .server import WseServer
-
-__all__ = ["answer", "paths_of", "client_file", "render_metrics", "METRICS_MISSING"]
+__all__ = ["Served", "answer", "paths_of", "client_file", "render_metrics", "METRICS_MISSING"]
 
 Headers = List[Tuple[str, str]]
 
@@ -39,26 +36,45 @@ CLIENT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 METRICS_MISSING = ("/metrics needs the prometheus-client package:"
                    " pip install 'wse_sync[metrics]' (or prometheus-client)\n")
 
-_HELP = {
-    "messages_in": "WebSocket messages received from clients",
-    "messages_out": "WebSocket messages queued to clients",
-    "rpc_calls": "RPC calls from clients handled",
-    "rpc_errors": "RPC calls from clients answered with an error",
-    "handshakes": "connections welcomed (identify accepted and the broker joined)",
-    "auth_refused": "logins refused (identify or challenge said no, or raised)",
-    "resends": "cross-worker commands sent again to a broker that had lost them",
-}
 
-_GAUGE_HELP = {
-    "unauthenticated": "connections upgraded and not yet welcomed",
-    "send_queue_bytes": "bytes waiting in the send queues of slow clients",
-    "broker_outbox": "cross-worker commands the broker has not acknowledged",
-    "rpc_running": "RPC handlers running now",
-    "broker_rtt_seconds": "the last round trip to the broker, seconds",
-}
+class _Link(Protocol):
+    """What the answers read of the broker link (one broker or shards)."""
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def shard_states(self) -> List[str]: ...
+
+    def stats(self, full: bool = True,
+              timeout: Optional[float] = None) -> Optional[Dict[str, Any]]: ...
 
 
-def paths_of(server: "WseServer") -> Dict[str, str]:
+class _Hub(Protocol):
+    """What the answers read of the server's hub."""
+
+    @property
+    def worker_id(self) -> str: ...
+
+    @property
+    def link(self) -> Optional[_Link]: ...
+
+    def health(self) -> Tuple[bool, Dict[str, Any]]: ...
+
+    def metrics_report(self) -> Dict[str, Any]: ...
+
+
+class Served(Protocol):
+    """What the answers read of the server (a WseServer)."""
+
+    @property
+    def options(self) -> Mapping[str, Any]: ...
+
+    @property
+    def hub(self) -> _Hub: ...
+
+
+def paths_of(server: Served) -> Dict[str, str]:
     """path -> what it serves ("health", "metrics", "client"), for the paths turned on."""
     options = server.options
     out: Dict[str, str] = {}
@@ -69,16 +85,16 @@ def paths_of(server: "WseServer") -> Dict[str, str]:
     return out
 
 
-def answer(server: "WseServer", what: str, environ: dict,
-           start_response: Callable) -> Iterable[bytes]:
+def answer(server: Served, what: str, environ: Dict[str, Any],
+           start_response: Callable[..., Any]) -> Iterable[bytes]:
     """Answer a plain request for one of ``paths_of(server)``."""
     if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
         return _send(start_response, "405 Method Not Allowed", "text/plain; charset=utf-8",
                      b"GET only\n", [("Allow", "GET, HEAD")], environ)
     if what == "health":
-        ok, body = server.hub.health()
+        ok, state = server.hub.health()
         return _send(start_response, "200 OK" if ok else "503 Service Unavailable",
-                     "application/json", ujson.dumps(body).encode("utf-8") + b"\n",
+                     "application/json", ujson.dumps(state).encode("utf-8") + b"\n",
                      [("Cache-Control", "no-store")], environ)
     if what == "metrics":
         try:
@@ -100,8 +116,8 @@ def client_file() -> bytes:
         return f.read()
 
 
-def _send(start_response: Callable, status: str, content_type: str, body: bytes,
-          headers: Headers, environ: dict) -> List[bytes]:
+def _send(start_response: Callable[..., Any], status: str, content_type: str, body: bytes,
+          headers: Headers, environ: Dict[str, Any]) -> List[bytes]:
     start_response(status, [("Content-Type", content_type),
                             ("Content-Length", str(len(body)))] + headers)
     return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
@@ -109,7 +125,7 @@ def _send(start_response: Callable, status: str, content_type: str, body: bytes,
 
 # -- Prometheus ------------------------------------------------------------------
 
-def render_metrics(server: "WseServer") -> Tuple[bytes, str]:
+def render_metrics(server: Served) -> Tuple[bytes, str]:
     """(body, content type) of /metrics: the cluster as this worker sees it."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -119,7 +135,7 @@ def render_metrics(server: "WseServer") -> Tuple[bytes, str]:
     link = hub.link
     if link is not None and link.state in ("up", "partial"):  # partial: the shards that answer
         stats = link.stats(full=True, timeout=min(2.0, server.options["broker_timeout"]))
-    view = cluster_view(stats, hub.worker_id, hub.metrics_report())
+    view = cluster_figures(stats, hub.worker_id, hub.metrics_report())
     registry = CollectorRegistry(auto_describe=False)
     shard_states = link.shard_states if link is not None else []
     registry.register(_Collector(view, stats is not None, shard_states))
@@ -127,9 +143,9 @@ def render_metrics(server: "WseServer") -> Tuple[bytes, str]:
 
 
 class _Collector:
-    """prometheus_client's custom-collector protocol over one ClusterView."""
+    """prometheus_client's custom-collector protocol over one ClusterFigures."""
 
-    def __init__(self, view: ClusterView, broker_answered: bool,
+    def __init__(self, view: ClusterFigures, broker_answered: bool,
                  shard_states: List[str]) -> None:
         self.view = view
         self.broker_answered = broker_answered
@@ -160,28 +176,24 @@ class _Collector:
         for w in view.workers:
             g.add_metric([w.worker], w.connections)
         yield g
-        g = GaugeMetricFamily("wse_sockets", "WebSocket connections per worker, in any state",
-                              labels=["worker"])
-        for w in view.workers:
-            g.add_metric([w.worker], w.gauges.get("connections", 0.0))
-        yield g
-        for name, text in _GAUGE_HELP.items():
-            g = GaugeMetricFamily("wse_" + name, text, labels=["worker"])
-            for w in view.workers:
-                g.add_metric([w.worker], w.gauges.get(name, 0.0))
-            yield g
-        for name in COUNTERS:
-            c = CounterMetricFamily("wse_" + name, _HELP[name], labels=["worker"])
-            for w in view.workers:
-                c.add_metric([w.worker], w.counters.get(name, 0))
-            yield c
+        for figure in FIGURES:  # core.metrics: every figure a worker reports
+            if figure.kind == GAUGE:
+                g = GaugeMetricFamily(figure.metric, figure.help, labels=["worker"])
+                for w in view.workers:
+                    g.add_metric([w.worker], w.gauges.get(figure.name, 0.0))
+                yield g
+            else:
+                c = CounterMetricFamily(figure.metric, figure.help, labels=["worker"])
+                for w in view.workers:
+                    c.add_metric([w.worker], w.counters.get(figure.name, 0))
+                yield c
         c = CounterMetricFamily("wse_limit_refusals",
                                 "what the limits refused, per limit (README, Limits)",
                                 labels=["worker", "limit"])
         for w in view.workers:
             for key, value in sorted(w.counters.items()):
-                if key.startswith("refused."):
-                    c.add_metric([w.worker, key[len("refused."):]], value)
+                if key.startswith(REFUSED):
+                    c.add_metric([w.worker, key[len(REFUSED):]], value)
         yield c
         h = HistogramMetricFamily("wse_rpc_duration_seconds",
                                   "time RPC handlers took, per worker", labels=["worker"])
