@@ -13,12 +13,14 @@ from wse_sync.core.metrics import (BUCKETS, COUNTER, COUNTERS, FIGURES, GAUGE, R
 ROOT = Path(__file__).resolve().parents[2] / "wse_sync"
 # where a worker counts (the broker's own counters are another thing: wse_broker_events)
 WORKER_SIDE = ("socket", "worker", "integrations")
+# core modules that count into a worker's counters
+WORKER_CORE = ("refusals.py",)
 
 
 def _worker_sources():
-    for layer in WORKER_SIDE:
-        for path in sorted((ROOT / layer).rglob("*.py")):
-            yield path, ast.parse(path.read_text())
+    paths = [p for layer in WORKER_SIDE for p in sorted((ROOT / layer).rglob("*.py"))]
+    for path in paths + [ROOT / "core" / name for name in WORKER_CORE]:
+        yield path, ast.parse(path.read_text())
 
 
 def _counted():
