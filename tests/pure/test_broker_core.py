@@ -717,3 +717,10 @@ def test_stopping_is_answered_with_whether_others_fire_its_lefts():
     # the last one stopping fires its own users' 'left' (a full stop)
     assert [(w, m.body) for w, m in core.handle("w2", Message("stopping", {}), 0)] == [
         ("w2", {"others": False})]
+
+
+def test_every_worker_kind_the_core_carries_out_is_in_its_dispatch_table():
+    core = BrokerCore()
+    methods = {name[len("_on_"):] for name in dir(BrokerCore) if name.startswith("_on_")}
+    assert set(core._handlers) == methods
+    assert all(core._handlers[k].__name__ == "_on_" + k for k in methods)

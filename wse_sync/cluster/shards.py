@@ -22,6 +22,7 @@ from typing import (Any, Callable, Dict, Hashable, Iterable, List, Mapping, Opti
 
 import gevent
 
+from ..core.errors import WseError
 from ..core.link import LocalEntry
 from ..core.shards import home_shard, merge_stats, merge_users, shard_of
 from .curve import ClientKeys
@@ -46,8 +47,33 @@ class _ShardPort:
         """This worker's users that this shard owns."""
         return len({e[1] for e in self.entries()})
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._port, name)
+    # everything else is the worker's own
+    def deliver(self, scope: str, key: Any, data: Any) -> None:
+        self._port.deliver(scope, key, data)
+
+    def drop(self, conn_ids: List[str], cid: Optional[Hashable], has_cid: bool,
+             reason: str) -> None:
+        self._port.drop(conn_ids, cid, has_cid, reason)
+
+    def user_left(self, cid: Hashable, code: int, reason: str, meta: Any,
+                  started: Optional[Callable[[], None]] = None) -> None:
+        self._port.user_left(cid, code, reason, meta, started)
+
+    def user_joined(self, cid: Hashable, meta: Any,
+                    started: Optional[Callable[[], None]] = None) -> None:
+        self._port.user_joined(cid, meta, started)
+
+    def forget(self, cid: Hashable) -> None:
+        self._port.forget(cid)
+
+    def call_local(self, conn_id: str, rp: str, payload: Any, timeout: Optional[float]) -> Any:
+        return self._port.call_local(conn_id, rp, payload, timeout)
+
+    def error(self, error: WseError) -> None:
+        self._port.error(error)
+
+    def metrics_report(self) -> Dict[str, Any]:
+        return self._port.metrics_report()
 
 
 class _ShardedView:

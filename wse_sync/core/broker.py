@@ -189,9 +189,15 @@ class BrokerCore:
         self._handed = 0
         # 'left' events not yet started, and 'joined' answers held behind them
         self.lefts = PendingLefts(self.counters)
-        # the worker -> broker kinds this core carries out: kind -> _on_<kind>
+        # the worker -> broker kinds this core carries out
         self._handlers: Dict[str, Callable[[str, Dict[str, Any], Any, float], Out]] = {
-            name[4:]: getattr(self, name) for name in dir(self) if name.startswith("_on_")}
+            "table": self._on_table, "hb": self._on_hb, "stopping": self._on_stopping,
+            "bye": self._on_bye, "join": self._on_join, "leave": self._on_leave,
+            "fired": self._on_fired, "send": self._on_send, "bcast": self._on_bcast,
+            "drop_cid": self._on_drop_cid, "conn_send": self._on_conn_send,
+            "conn_drop": self._on_conn_drop, "call": self._on_call, "result": self._on_result,
+            "lookup": self._on_lookup,
+        }
         # when tick() last ran: a longer gap means this broker was not listening
         self._last_tick: Optional[float] = None
 
