@@ -20,10 +20,11 @@ the app answers these paths first; wse_sync answers only where the app said
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
 
 import ujson
 
+from ..core.config import Config
 from ..core.metrics import BUCKETS, FIGURES, GAUGE, REFUSED, ClusterFigures, cluster_figures
 
 __all__ = ["Served", "answer", "paths_of", "client_file", "render_metrics", "METRICS_MISSING"]
@@ -68,7 +69,7 @@ class Served(Protocol):
     """What the answers read of the server (a WseServer)."""
 
     @property
-    def options(self) -> Mapping[str, Any]: ...
+    def config(self) -> Config: ...
 
     @property
     def hub(self) -> _Hub: ...
@@ -76,13 +77,10 @@ class Served(Protocol):
 
 def paths_of(server: Served) -> Dict[str, str]:
     """path -> what it serves ("health", "metrics", "client"), for the paths turned on."""
-    options = server.options
-    out: Dict[str, str] = {}
-    for what in ("health", "metrics", "client"):
-        path = options.get(what + "_path")
-        if path:
-            out[path] = what
-    return out
+    config = server.config
+    paths = (("health", config.health_path), ("metrics", config.metrics_path),
+             ("client", config.client_path))
+    return {path: what for what, path in paths if path}
 
 
 def answer(server: Served, what: str, environ: Dict[str, Any],
@@ -134,7 +132,7 @@ def render_metrics(server: Served) -> Tuple[bytes, str]:
     stats = None
     link = hub.link
     if link is not None and link.state in ("up", "partial"):  # partial: the shards that answer
-        stats = link.stats(full=True, timeout=min(2.0, server.options["broker_timeout"]))
+        stats = link.stats(full=True, timeout=min(2.0, server.config.broker_timeout))
     view = cluster_figures(stats, hub.worker_id, hub.metrics_report())
     registry = CollectorRegistry(auto_describe=False)
     shard_states = link.shard_states if link is not None else []
