@@ -3,7 +3,8 @@
 One greenlet reads the socket, one beats the heart; sends use NOBLOCK from
 any greenlet, so no greenlet ever waits on the socket for writing (zmq.green
 allows a single waiter per direction). Requests that need an answer (join,
-remote call) wait on an AsyncResult, never on the socket.
+remote call, stats, lookup) wait in ``Answers`` (socket/answers.py), never on
+the socket.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import (Any, Callable, Deque, Dict, Hashable, Iterable, List, Option
 
 import gevent
 from gevent import get_hub
-from gevent.event import AsyncResult, Event
+from gevent.event import Event
 
 from ..core.errors import WSE_ERROR, WseError
 from ..core.link import (Answer, Deliver, Drop, Forget, LinkCore, LocalEntry, MapReplica,
@@ -25,6 +26,7 @@ from ..core.link import (Answer, Deliver, Drop, Forget, LinkCore, LocalEntry, Ma
 from ..core.refusals import ThinnedLog
 from ..core.messages import MAX_MSG_SIZE, Message, SchemaError, batch, decode, encode, split
 from ..socket import runner
+from ..socket.answers import Answers, answer_error
 from .curve import ClientKeys, needs_curve
 
 __all__ = ["BrokerLink", "MapReplica", "LocalPort"]
@@ -96,7 +98,8 @@ class BrokerLink:
         self._handshake_refused: Optional[str] = None
         self.sock: Any = None
         self._monitor: Any = None
-        self._answers: Dict[int, AsyncResult] = {}
+        # requests waiting for the broker's answer, by request number
+        self._answers = Answers()
         self._greenlets: List[gevent.Greenlet] = []
         self._beater: Any = None
         # batches ZeroMQ would not take (its queue to the broker was full), in
@@ -191,23 +194,14 @@ class BrokerLink:
         step = self.core.join(conn_id, cid, meta, at, local, limit)
         if step.decided is not None or step.req is None:
             return step.decided or (False, [])
-        result = self._answers[step.req] = AsyncResult()
-        try:
-            self._send(step.out)
-            try:
-                body = result.get(timeout=self.request_timeout)
-            except gevent.Timeout:
-                if not result.ready():
-                    _slow_joins.note("join", "the broker did not answer a join in %.1fs:"
-                                     " deciding locally", self.request_timeout)
-                    return self.core.join_timed_out(step.req, conn_id, cid, meta, local,
-                                                    limit)
-                # (the answer came in the same turn of the loop as the timeout: a
-                # join decided here would wait for a verdict already spent)
-                body = result.get()
-        finally:
-            self._answers.pop(step.req, None)
-        return self.core.join_answered(step.req, conn_id, cid, meta, body)
+        # (an answer that came in the same turn of the loop as the timeout is
+        # taken: a join decided here would wait for a verdict already spent)
+        got = self._answers.get(step.req, partial(self._send, step.out), self.request_timeout)
+        if got is None:
+            _slow_joins.note("join", "the broker did not answer a join in %.1fs:"
+                             " deciding locally", self.request_timeout)
+            return self.core.join_timed_out(step.req, conn_id, cid, meta, local, limit)
+        return self.core.join_answered(step.req, conn_id, cid, meta, got[1])
 
     def leave(self, conn_id: str, cid: Hashable, meta: Any, code: int, reason: str,
               quiet: bool = False) -> None:
@@ -235,22 +229,16 @@ class BrokerLink:
     def call(self, conn_id: str, cid: Hashable, rp: str, payload: Any, timeout: float) -> Any:
         """Server -> client RPC on a connection held by another worker."""
         req, out = self.core.call(conn_id, rp, payload, timeout)
-        result = self._answers[req] = AsyncResult()
         try:
-            self._send(out)
-            try:
-                # the holder enforces the timeout; allow it one broker hop more
-                body = result.get(timeout=timeout + self.request_timeout)
-            except gevent.Timeout:
-                raise WseError(WSE_ERROR.RP_TIMEOUT, {"rpc": rp, "timeout": timeout},
-                               rpc=rp) from None
+            # the holder enforces the timeout; allow it one broker hop more
+            body = self._answers.wait(req, rp, partial(self._send, out), timeout,
+                                      grace=self.request_timeout)
         finally:
-            self._answers.pop(req, None)
             self.core.call_done(req)
         if body.get("ok"):
             return body.get("value")
-        err = body.get("value") or {}
-        raise WseError(err.get("code", WSE_ERROR.RP_EXECUTION_FAILED), err.get("details"), rpc=rp)
+        # (the holder's WseError as {"code", "details"}, or the broker's RP_DISCONNECT)
+        raise answer_error(rp, body.get("value") or {})
 
     def stats(self, full: bool = True, timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
         """Send this worker's metrics report; the broker's answer: the cluster's
@@ -260,17 +248,16 @@ class BrokerLink:
         if self._stopped or self.core.down_since is not None:
             return None
         req, out = self.core.stats(self.port.metrics_report(), full)
-        result = self._answers[req] = AsyncResult()
         started = time.monotonic()
         try:
-            self._send(out)
-            body = result.get(timeout=self.request_timeout if timeout is None else timeout)
-        except gevent.Timeout:
-            return None
+            got = self._answers.get(req, partial(self._send, out),
+                                    self.request_timeout if timeout is None else timeout)
         finally:
-            self._answers.pop(req, None)
             self.core.call_done(req)
+        if got is None:
+            return None
         self.rtt = time.monotonic() - started
+        body: Dict[str, Any] = got[1]
         return body
 
     def lookup(self, cids: Optional[List[Hashable]] = None, count: bool = False,
@@ -281,17 +268,15 @@ class BrokerLink:
         if self._stopped or self.core.down_since is not None:
             return None
         req, out = self.core.lookup(cids, count)
-        result = self._answers[req] = AsyncResult()
         try:
-            self._send(out)
-            body: Dict[str, Any] = result.get(
-                timeout=self.request_timeout if timeout is None else timeout)
-            return body
-        except gevent.Timeout:
-            return None
+            got = self._answers.get(req, partial(self._send, out),
+                                    self.request_timeout if timeout is None else timeout)
         finally:
-            self._answers.pop(req, None)
             self.core.call_done(req)
+        if got is None:
+            return None
+        body: Dict[str, Any] = got[1]
+        return body
 
     @property
     def state(self) -> str:
@@ -506,9 +491,7 @@ class BrokerLink:
             if isinstance(effect, Deliver):
                 port.deliver(effect.scope, effect.key, effect.data)
             elif isinstance(effect, Answer):
-                waiting = self._answers.get(effect.req)
-                if waiting is not None:
-                    waiting.set(effect.body)
+                self._answers.resolve(effect.req, True, effect.body)
             elif isinstance(effect, UserLeft):
                 started = None if effect.fire is None else partial(self._fired, effect.fire)
                 port.user_left(effect.cid, effect.code, effect.reason, effect.meta, started)

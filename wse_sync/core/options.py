@@ -16,9 +16,13 @@ from .forwarded import parse_trusted
 from .limits import parse_rate
 
 __all__ = ["Option", "OPTIONS", "DEFAULTS", "NAMED", "ENV_PREFIX", "OptionError", "parse",
-           "env_name", "flag_name", "from_environ"]
+           "env_name", "flag_name", "from_environ", "DEFAULT_RPC_TIMEOUT"]
 
 ENV_PREFIX = "WSE_SYNC_"
+
+# seconds a call waits for its answer unless told otherwise: the server's
+# rpc_timeout option and the Python client's rpc_timeout argument
+DEFAULT_RPC_TIMEOUT = 20.0
 
 
 class OptionError(ValueError):
@@ -118,7 +122,8 @@ OPTIONS: List[Option] = [
     # -- what the app says (WseServer's named arguments) --
     _O("conn_per_user", 1, "connections one user may hold at once in the cluster"
        " (the oldest is closed beyond; 0: no limit)", _limit),
-    _O("rpc_timeout", 20.0, "seconds a server -> client call waits for its answer", _float),
+    _O("rpc_timeout", DEFAULT_RPC_TIMEOUT, "seconds a server -> client call waits for its"
+       " answer", _float),
     # -- listening --
     _O("host", "127.0.0.1", "address to listen on", _text),
     _O("port", 4200, "TCP port to listen on", _int),

@@ -2,29 +2,17 @@
 RemoteConnection and WseIdentity, in ``worker/users.py``)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Hashable, Iterable, Optional, Protocol
-
-import gevent
-from gevent.event import AsyncResult
+from typing import Any, Hashable, Iterable, Optional, Protocol
 
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError
 from ..core.ids import make_id
 
+from .answers import Answers
 from .transport import Transport
 
 __all__ = ["WseConnection", "ConnectionHost", "write_all", "CONNECTING", "OPEN", "CLOSING", "CLOSED"]
 
 CONNECTING, OPEN, CLOSING, CLOSED = 0, 1, 2, 3
-
-
-class _Disconnected:
-    """Marker put into pending calls when the connection closes."""
-
-    __slots__ = ("code", "reason")
-
-    def __init__(self, code: int, reason: str) -> None:
-        self.code = code
-        self.reason = reason
 
 
 class ConnectionHost(Protocol):
@@ -62,7 +50,8 @@ class WseConnection:
         self.ready_state = CONNECTING
         # monotonic order of acceptance, for conn_per_user (oldest first)
         self.joined_at = 0.0
-        self._calls: Dict[str, AsyncResult] = {}
+        # the calls of ``call`` waiting for the device's answer
+        self._answers = Answers()
 
     @property
     def readyState(self) -> int:  # noqa: N802 - the original name
@@ -92,28 +81,10 @@ class WseConnection:
             raise WseError(WSE_ERROR.CONNECTION_NOT_READY, {"conn_id": self.conn_id})
         if timeout is None:
             timeout = self._host.rpc_timeout
-        stamp = make_id(10)
-        while stamp in self._calls:  # pragma: no cover - 62**10 ids
-            stamp = make_id(10)
-        result = AsyncResult()
-        self._calls[stamp] = result
-        try:
-            self.transport.write_message(self._host.protocol.pack(rp, payload, stamp))
-            try:
-                kind, value = result.get(timeout=timeout)
-            except gevent.Timeout:
-                raise WseError(WSE_ERROR.RP_TIMEOUT, {"rpc": rp, "timeout": timeout},
-                               rpc=rp) from None
-        finally:
-            self._calls.pop(stamp, None)
-        if kind == "ok":
-            return value
-        if kind == "closed":
-            raise WseError(WSE_ERROR.RP_DISCONNECT,
-                           {"rpc": rp, "disconnected": [value.code, value.reason]}, rpc=rp)
-        if isinstance(value, dict) and isinstance(value.get("code"), str):
-            raise WseError(value["code"], value.get("details"), rpc=rp)
-        raise WseError(WSE_ERROR.RP_EXECUTION_FAILED, {"rpc": rp, "error": value}, rpc=rp)
+        answers = self._answers
+        stamp = answers.new()
+        return answers.wait(stamp, rp, lambda: self.transport.write_message(
+            self._host.protocol.pack(rp, payload, stamp)), timeout)
 
     def drop(self, reason: str = WSE_REASON.BY_SERVER) -> None:
         """Close this connection (code 1000 with ``reason``)."""
@@ -127,17 +98,12 @@ class WseConnection:
 
     # -- used by the runtime --------------------------------------------
     def resolve(self, stamp: str, ok: bool, value: Any) -> bool:
-        result = self._calls.get(stamp)
-        if result is None or result.ready():
-            return False
-        result.set(("ok" if ok else "err", value))
-        return True
+        """The device answered call ``stamp``; False when no call waits for it."""
+        return self._answers.resolve(stamp, ok, value)
 
     def fail_calls(self, code: int, reason: str) -> None:
-        marker = _Disconnected(code, reason)
-        for result in list(self._calls.values()):
-            if not result.ready():
-                result.set(("closed", marker))
+        """The connection closed: the waiting calls raise RP_DISCONNECT."""
+        self._answers.fail_all(code, reason)
 
 
 def write_all(conns: Iterable[WseConnection], data: Any) -> int:
