@@ -5,6 +5,12 @@ It runs on gevent but needs no monkey-patching: a plain script calls
 messages and RPC calls from the server run their handlers in greenlets, so
 they make progress whenever the script waits in a client call or in
 ``client.wait()`` / ``gevent.sleep()``.
+
+After its HTTP handshake the socket is the server's loop's: a ``Transport``
+(``side=CLIENT``) reads, writes, answers pings and keeps the close deadline,
+and never leaves a watcher on a closed descriptor. A send waits while more
+than SEND_HIGH_WATER bytes are queued for the socket (back-pressure, as a
+blocking write would).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import logging
 import os
 import random
 import ssl as _ssl
+import sys
 from typing import Any, Callable, Dict, Optional
 from urllib.parse import urlsplit
 
@@ -23,10 +30,12 @@ from gevent import ssl as gssl
 from gevent.event import AsyncResult, Event
 
 from . import runner
-from ..core.ids import make_id
+from .answers import Answers
+from .transport import Transport, TransportLimits
 from ..core.errors import WSE_ERROR, WSE_REASON, WSE_STATUS, WseError, rpc_error_payload
 from ..core.events import Emitter, RpcHandlers
-from ..core.websocket import CLIENT, Message, Protocol
+from ..core.options import DEFAULT_RPC_TIMEOUT
+from ..core.websocket import CLIENT
 from ..core.protocol import WseJSON, check_protocol
 
 __all__ = ["WseClient", "RECONNECT_CODES"]
@@ -40,6 +49,13 @@ _CLIENT_EVENTS = ("ready", "closed", "error", "updated", "ignored", "connected")
 # events whose last value a late subscriber gets at once (the JS client's
 # memorable signals)
 _MEMORABLE = frozenset({"ready", "updated"})
+
+# seconds a close waits for the server's close frame before cutting TCP
+CLOSE_TIMEOUT = 3.0
+# bytes queued for the socket beyond which a send waits for them to go
+SEND_HIGH_WATER = 1 << 20
+# the longest HTTP response head read in the handshake
+MAX_HEAD = 65536
 
 
 class _ClientWhen:
@@ -64,14 +80,16 @@ class _ClientWhen:
 
 
 class WseClient:
-    """``WseClient(url, rpc_timeout=20, reconnect=False, protocol=None)``.
+    """``WseClient(url, rpc_timeout=20, reconnect=False, protocol=None)``
+    (``rpc_timeout`` defaults to ``core.options.DEFAULT_RPC_TIMEOUT``).
 
     Events (``client.when.X(handler)``): ``ready(welcome)``,
     ``closed(code, reason)``, ``error(WseError)``, ``updated(status)``,
     ``ignored(type, payload)``.
     """
 
-    def __init__(self, url: str, rpc_timeout: float = 20, reconnect: bool = False,
+    def __init__(self, url: str, rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
+                 reconnect: bool = False,
                  protocol: Any = None, connect_timeout: float = 10.0,
                  max_message_size: Optional[int] = None,
                  ssl_context: Optional[_ssl.SSLContext] = None, **options: Any) -> None:
@@ -97,9 +115,10 @@ class WseClient:
         self.welcome: Any = None
         self._rpcs = RpcHandlers()
         self._solver: Optional[Callable] = None
-        self._calls: Dict[str, AsyncResult] = {}
-        self._sock = None
-        self._ws: Optional[Protocol] = None
+        # calls waiting for the server's answer (details as the JS client's)
+        self._answers = Answers(js_details=True)
+        # the open socket's loop, None while no socket is open
+        self._transport: Optional[Transport] = None
         self._reader: Optional[gevent.Greenlet] = None
         self._ready: Optional[AsyncResult] = None
         # set while no socket is open (a client that never connected is closed)
@@ -137,25 +156,11 @@ class WseClient:
         error's ``rpc`` is ``rp``, and its message names it.
         """
         self._require_ready()
-        stamp = make_id(10)
-        result = self._calls[stamp] = AsyncResult()
         timeout = self.rpc_timeout if timeout is None else timeout
-        try:
-            self._write_message(self.protocol.pack(rp, payload, stamp))
-            try:
-                ok, value = result.get(timeout=timeout if timeout and timeout > 0 else None)
-            except gevent.Timeout:
-                raise WseError(WSE_ERROR.RP_TIMEOUT, {}, rpc=rp) from None
-        finally:
-            self._calls.pop(stamp, None)
-        if ok == "ok":
-            return value
-        if ok == "closed":
-            raise WseError(WSE_ERROR.RP_DISCONNECT, {"disconnected": list(value)}, rpc=rp)
-        if isinstance(value, dict) and isinstance(value.get("code"), str):
-            details = value.get("details")
-            raise WseError(value["code"], details if details is not None else {}, rpc=rp)
-        raise WseError(WSE_ERROR.RP_EXECUTION_FAILED, {"rpc": rp, "error": value}, rpc=rp)
+        answers = self._answers
+        stamp = answers.new()
+        return answers.wait(stamp, rp, lambda: self._write_message(
+            self.protocol.pack(rp, payload, stamp)), timeout if timeout and timeout > 0 else None)
 
     def register(self, rp: str, handler: Optional[Callable] = None):
         """``handler(payload) -> result`` answers server calls of ``rp``; decorator too."""
@@ -231,7 +236,7 @@ class WseClient:
             raise err from None
         self._closed_event.clear()
         self._emit("connected")
-        self._reader = gevent.spawn(self._read_loop)
+        self._reader = gevent.spawn(self._read_loop, self._transport)
         self._write_message(self.protocol.pack(
             self.protocol.internal_types["hi"], {"identity": self.identity, "meta": self.meta},
             None))
@@ -248,6 +253,7 @@ class WseClient:
         host = parts.hostname or "127.0.0.1"
         port = parts.port or (443 if secure else 80)
         sock = gsocket.create_connection((host, port), timeout=self.connect_timeout)
+        rfile = None
         try:
             sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
             if secure:
@@ -255,16 +261,26 @@ class WseClient:
                 # would block the whole process on reads
                 context = self.ssl_context or gssl.create_default_context()
                 sock = gssl.SSLSocket(sock=sock, server_hostname=host, _context=context)
-            self._handshake(sock, parts)
+            # (as the server's: the head is read through the buffered reader,
+            # and the Transport reads what it holds beyond the head first)
+            rfile = sock.makefile("rb")
+            self._handshake(sock, rfile, parts)
+            sock.settimeout(None)
+            self._transport = Transport(sock, rfile, TransportLimits(
+                max_message_size=self.max_message_size, max_send_queue=sys.maxsize,
+                close_timeout=CLOSE_TIMEOUT), side=CLIENT)
         except BaseException:
-            # a refused or broken handshake must not leave the socket open
-            try:
-                sock.close()
-            except OSError:
-                pass
+            # a refused or broken handshake must not leave the socket open (the
+            # reader first: while it is open, closing the socket keeps the descriptor)
+            for closeable in (rfile, sock):
+                try:
+                    if closeable is not None:
+                        closeable.close()
+                except OSError:
+                    pass
             raise
 
-    def _handshake(self, sock, parts) -> None:
+    def _handshake(self, sock: Any, rfile: Any, parts: Any) -> None:
         key = base64.b64encode(os.urandom(16)).decode("ascii")
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         request = (
@@ -273,19 +289,25 @@ class WseClient:
             f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {self.protocol.name}\r\n\r\n"
         )
         sock.sendall(request.encode("latin-1"))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise WseError(WSE_ERROR.WS_CLIENT_ERROR, {"message": "connection closed in handshake"})
-            head += chunk
-            if len(head) > 65536:
+        lines = []
+        size = 0
+        while True:
+            line = rfile.readline(MAX_HEAD + 1)
+            if not line or not line.endswith(b"\n"):
+                if size + len(line) > MAX_HEAD:
+                    raise WseError(WSE_ERROR.WS_CLIENT_ERROR, {"message": "handshake too long"})
+                raise WseError(WSE_ERROR.WS_CLIENT_ERROR,
+                               {"message": "connection closed in handshake"})
+            size += len(line)
+            if size > MAX_HEAD:
                 raise WseError(WSE_ERROR.WS_CLIENT_ERROR, {"message": "handshake too long"})
-        head, _, rest = head.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = lines[0].split(" ", 2)
+            if line in (b"\r\n", b"\n"):
+                break
+            lines.append(line.rstrip(b"\r\n").decode("latin-1"))
+        status = lines[0].split(" ", 2) if lines else []
         if len(status) < 2 or status[1] != "101":
-            raise WseError(WSE_ERROR.WS_CLIENT_ERROR, {"message": f"server answered {lines[0]!r}"})
+            raise WseError(WSE_ERROR.WS_CLIENT_ERROR,
+                           {"message": f"server answered {(lines or [''])[0]!r}"})
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
@@ -297,85 +319,33 @@ class WseClient:
         if headers.get("sec-websocket-protocol") != self.protocol.name:
             raise WseError(WSE_ERROR.WS_CLIENT_ERROR,
                            {"message": "server did not select the subprotocol"})
-        sock.settimeout(None)
-        self._sock = sock
-        self._ws = Protocol(CLIENT, self.max_message_size)
-        self._pending_bytes = rest
 
     def _write_message(self, data: Any) -> None:
-        ws = self._ws
-        if self._sock is None or ws is None:
+        """Queue one message (raises CONNECTION_NOT_READY); waits while more
+        than SEND_HIGH_WATER bytes are queued."""
+        transport = self._transport
+        if transport is None or not transport.write_message(data):
             raise WseError(WSE_ERROR.CONNECTION_NOT_READY)
-        if not (ws.send_text(data) if isinstance(data, str) else ws.send_binary(data)):
-            raise WseError(WSE_ERROR.CONNECTION_NOT_READY)
-        self._flush()
-
-    def _flush(self) -> None:
-        """Write what the protocol has to send (raises WS_CLIENT_ERROR)."""
-        sock, ws = self._sock, self._ws
-        if sock is None or ws is None:
-            return
-        for chunk in ws.data_to_send():
-            try:
-                if chunk:
-                    sock.sendall(chunk)
-                else:
-                    sock.shutdown(gsocket.SHUT_WR)
-            except OSError as exc:
-                raise WseError(WSE_ERROR.WS_CLIENT_ERROR, {"message": str(exc)}) from None
+        if transport.queued > SEND_HIGH_WATER and gevent.getcurrent() is not gevent.get_hub():
+            transport.wait_sent()
 
     def _close(self, code: int, reason: str) -> None:
-        if self._sock is None or self._ws is None or not self._ws.send_close(code, reason):
-            return
-        try:
-            self._flush()
-        except WseError:
-            self._sock.close()
-        # the reader finishes when the server answers (or the socket dies)
-        gevent.spawn_later(3, self._abort)
+        """Start the closing handshake; the reader ends when the server ends
+        TCP (or after CLOSE_TIMEOUT)."""
+        if self._transport is not None:
+            self._transport.close(code, reason)
 
-    def _abort(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.shutdown(gsocket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _read_loop(self) -> None:
-        sock, ws = self._sock, self._ws
-        data = self._pending_bytes
+    def _read_loop(self, transport: Transport) -> None:
         try:
-            while True:
-                if data:
-                    ws.receive_data(data)
-                    for ev in ws.events_received():
-                        if type(ev) is Message:
-                            self._on_message(ev.data)
-                    ws.settle()
-                    if ws.failure is not None:
-                        # the server broke the framing rules or sent too much: say why
-                        self._emit("error", WseError(WSE_ERROR.WS_CLIENT_ERROR, {
-                            "message": ws.failure.reason}))
-                    try:
-                        self._flush()  # pongs, the close echo, our failure's close
-                    except WseError:
-                        break
-                    if ws.handshake_done() or ws.failure is not None:
-                        break
-                try:
-                    data = sock.recv(65536)
-                except OSError:
-                    break
-                if not data:
-                    break
+            transport.run(self._on_message)
         finally:
-            ws.receive_eof()
-            try:
-                sock.close()
-            except OSError:
-                pass
-            self._sock = None
+            if self._transport is transport:
+                self._transport = None
+            ws = transport.protocol
             if ws.failure is not None:
+                # the server broke the framing rules or sent too much: say why
+                self._emit("error", WseError(WSE_ERROR.WS_CLIENT_ERROR, {
+                    "message": ws.failure.reason}))
                 code, reason = ws.failure.code, ws.failure.reason
             else:
                 # what the server said (its echo when we closed first), as the JS client
@@ -384,9 +354,7 @@ class WseClient:
 
     def _on_closed(self, code: int, reason: str) -> None:
         self.close_status = (code, reason)
-        for result in list(self._calls.values()):
-            if not result.ready():
-                result.set(("closed", (code, reason)))
+        self._answers.fail_all(code, reason)
         was_ready = self.status == WSE_STATUS.READY
         if self._ready is not None and not self._ready.ready():
             self._ready.set_exception(WseError(reason or WSE_ERROR.WS_CLIENT_ERROR,
@@ -434,9 +402,7 @@ class WseClient:
         elif type_ == types["challenge"] and stamp is None and self.status != WSE_STATUS.READY:
             gevent.spawn(self._solve, payload)
         elif type_ in (types["response"], types["response_error"]) and stamp is not None:
-            result = self._calls.get(stamp)
-            if result is not None and not result.ready():
-                result.set(("ok" if type_ == types["response"] else "err", payload))
+            self._answers.resolve(stamp, type_ == types["response"], payload)
         elif stamp is not None:
             runner.spawn(self._serve_call, type_, payload, stamp)
         elif self.channel.has(type_):
@@ -482,7 +448,7 @@ class WseClient:
             self._emit("error", WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR, {"message": str(exc)}))
 
     def _require_ready(self) -> None:
-        if self.status != WSE_STATUS.READY or self._sock is None:
+        if self.status != WSE_STATUS.READY or self._transport is None:
             raise WseError(WSE_ERROR.CONNECTION_NOT_READY)
 
     def _set_status(self, status: str) -> None:

@@ -2,7 +2,9 @@
 
 ``Transport`` owns the socket after the HTTP upgrade: ``run(on_event)`` reads
 and parses frames in the calling greenlet until the connection is over;
-``write_message`` / ``close`` may be called from any greenlet. Writes never
+``write_message`` / ``close`` may be called from any greenlet. The server
+runs one per accepted socket; the Python ``WseClient`` runs one (``side=
+CLIENT``: its frames are masked) after its own HTTP handshake. Writes never
 block the caller: what the socket cannot take at once waits in a bounded
 queue drained by a writer greenlet; a peer that lets the queue overflow is
 disconnected (close code 1008, reason ``wse.send-queue-full``).
@@ -72,15 +74,19 @@ _DEFAULT_LIMITS = TransportLimits()
 
 
 class Transport:
-    """The I/O shell of one server-side WebSocket connection over a gevent socket.
+    """The I/O shell of one WebSocket connection over a gevent socket.
 
     Every rule of the connection lives in ``self.protocol`` (sans-I/O); this
-    class moves its bytes and keeps the close deadline.
+    class moves its bytes and keeps the close deadline. ``rfile`` is the
+    socket's buffered reader that read the HTTP head (what it holds beyond
+    the head is read first); ``side`` is ``SERVER`` or ``CLIENT``
+    (``core.websocket``: a client masks its frames and waits for the server
+    to end TCP).
     """
 
     def __init__(self, sock: Any, rfile: Any, limits: Optional[TransportLimits] = None,
                  counters: Optional[Counter] = None,
-                 refusals: Optional[Refusals] = None) -> None:
+                 refusals: Optional[Refusals] = None, side: str = SERVER) -> None:
         max_message_size, max_send_queue, close_timeout, max_fragments, rate_limit, \
             control_rate_limit = limits if limits is not None else _DEFAULT_LIMITS
         self.sock = sock
@@ -97,7 +103,7 @@ class Transport:
             loop = gevent.get_hub().loop
             self._rwatch = loop.io(sock.fileno(), 1)
             self._wwatch = loop.io(sock.fileno(), 2)
-        self.protocol = Protocol(SERVER, max_message_size, max_fragments)
+        self.protocol = Protocol(side, max_message_size, max_fragments)
         self.max_send_queue = max_send_queue
         # the worker's counters: "messages_out" counts frames queued here
         self._counters: Counter = counters if counters is not None else Counter()
@@ -249,6 +255,15 @@ class Transport:
             self.abort((1006, ""))
         finally:
             self._writer = None
+
+    def wait_sent(self, timeout: Optional[float] = None) -> bool:
+        """Block this greenlet until what is queued has been written (or the
+        connection is cut); True when nothing waits any more. For a sender
+        that wants back-pressure (the client); not from the event loop."""
+        writer = self._writer
+        if writer is not None and writer is not gevent.getcurrent():
+            writer.join(timeout)
+        return not self._queue
 
     def _after_queue(self, action: Callable[[], None]) -> None:
         """Run ``action`` once everything queued so far is written."""
