@@ -54,13 +54,19 @@ WRITER_STOP_TIMEOUT = 1.0
 _LOCAL_REFUSALS = Refusals(Counter(), log)
 
 
-class TransportLimits(NamedTuple):
-    """What one socket may do (bytes, seconds, frames per second as (rate, burst))."""
+# the option table's defaults (core/options.py)
+_OPTIONS = Config()
 
-    max_message_size: Optional[int] = 1 << 20
-    max_send_queue: int = 4 * 1024 * 1024
-    close_timeout: float = 2.0
-    max_fragments: Optional[int] = None
+
+class TransportLimits(NamedTuple):
+    """What one socket may do (bytes, seconds, frames per second as (rate,
+    burst)); sizes and times default to the options' defaults, the rates to
+    off (``from_config`` takes all of them from a server's Config)."""
+
+    max_message_size: Optional[int] = _OPTIONS.max_message_size
+    max_send_queue: int = _OPTIONS.max_send_queue
+    close_timeout: float = _OPTIONS.close_timeout
+    max_fragments: Optional[int] = _OPTIONS.max_fragments
     rate: Optional[Tuple[float, float]] = None
     control_rate: Optional[Tuple[float, float]] = None
 
