@@ -11,6 +11,7 @@ from gevent import socket as gsocket
 from gevent.server import StreamServer
 
 from helpers import UNIT
+from test_transport_socketpair import Peer
 from wse_sync import WseClient
 from wse_sync.core.frames import OP_TEXT, FrameReader, build_close, build_frame
 from wse_sync.core.websocket import CLIENT
@@ -18,28 +19,10 @@ from wse_sync.socket import client as client_module
 from wse_sync.socket.transport import Transport, TransportLimits
 
 
-class ServerPeer:
-    """The server end: expects masked frames, writes unmasked ones."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.reader = FrameReader(expect_mask=True)
-        self.events = []
-
-    def recv(self, timeout=5 * UNIT):
-        with gevent.Timeout(timeout):
-            while not self.events:
-                data = self.sock.recv(65536)
-                if not data:
-                    return ("eof",)
-                self.events += self.reader.feed(data)
-        return self.events.pop(0)
-
-
 @pytest.fixture
 def client_pair():
     a, b = gsocket.socketpair()
-    yield a, ServerPeer(b)
+    yield a, Peer(b, expect_mask=True)
     a.close()
     b.close()
 

@@ -9,11 +9,12 @@ from wse_sync.socket.transport import SEND_QUEUE_FULL, Transport, TransportLimit
 
 
 class Peer:
-    """The client end: writes masked frames, reads what the transport sends."""
+    """The other end of a transport: reads what it sends (unmasked frames from a
+    server transport; ``expect_mask`` for a client one) and writes raw bytes."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, expect_mask=False):
         self.sock = sock
-        self.reader = FrameReader(expect_mask=False)
+        self.reader = FrameReader(expect_mask=expect_mask)
         self.events = []
 
     def send(self, data: bytes) -> None:
