@@ -14,7 +14,7 @@ import math
 import os
 import time
 from functools import partial
-from typing import (TYPE_CHECKING, Any, Callable, Counter, Dict, Hashable, List, Optional,
+from typing import (TYPE_CHECKING, Any, Counter, Dict, Hashable, List, Optional,
                     Protocol, Tuple, Union)
 
 import gevent
@@ -89,6 +89,10 @@ class Hub:
         self.metrics = WorkerMetrics()
         self.counters: Counter[str] = self.metrics.counters
         self.apps = AppCode(app.when.emitter)
+        # (the app-code calls sessions make per message go straight to it)
+        self.spawn = self.apps.spawn
+        self.emit = self.apps.emit
+        self.emit_error = self.apps.emit_error
         self.roster = Roster(self, lambda: self.worker_id)
         self.port = WorkerPort(self.roster, self.apps, self.metrics_report)
         # sockets between upgrade and welcome: their limits, identify slots
@@ -112,16 +116,6 @@ class Hub:
     @property
     def identify_slots(self) -> IdentifySlots:
         return self.admission.identify_slots
-
-    def emit(self, name: str, *args: Any, started: Optional[Callable[[], None]] = None) -> None:
-        self.apps.emit(name, *args, started=started)
-
-    def emit_error(self, error: WseError, conn: Optional[Any] = None,
-                   exc: Optional[BaseException] = None) -> None:
-        self.apps.emit_error(error, conn, exc)
-
-    def spawn(self, fn: Callable, *args: Any) -> None:
-        self.apps.spawn(fn, *args)
 
     def rpc_slot(self) -> bool:
         most = self.config.max_rpc_per_worker
@@ -455,15 +449,13 @@ class Hub:
 class _ConnHost:
     """A connection's view of its server (socket.connection.ConnectionHost)."""
 
-    __slots__ = ("_app", "_hub")
+    __slots__ = ("_app", "_hub", "protocol")
 
     def __init__(self, app: App, hub: Hub) -> None:
         self._app = app
         self._hub = hub
-
-    @property
-    def protocol(self) -> Any:
-        return self._app.protocol
+        # (the codec is the server's for its whole life: read once)
+        self.protocol = app.protocol
 
     @property
     def rpc_timeout(self) -> float:
