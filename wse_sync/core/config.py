@@ -33,8 +33,8 @@ def _d(name: str) -> Any:
 class Config:
     """Every option, typed; ``Config.make(**options)`` checks names and values."""
 
-    conn_per_user: int = _d("conn_per_user")
-    rpc_timeout: float = _d("rpc_timeout")
+    conn_per_user: Optional[int] = _d("conn_per_user")  # 0 or None: no limit
+    rpc_timeout: Optional[float] = _d("rpc_timeout")  # None: wait for ever
     host: str = _d("host")
     port: int = _d("port")
     path: Optional[str] = _d("path")

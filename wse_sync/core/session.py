@@ -5,7 +5,7 @@ Everything that affects the state lives here. ``TRANSITIONS`` maps
 ``SessionCore._go``. Events are the kinds of well-formed client messages
 (``HI``, ``CHALLENGE``, ``RESPONSE``, ``CALL``, ``CHANNEL``) and what the
 runtime reports (``QUEST`` sent, ``ACCEPTED`` welcome sent, ``CLOSED``).
-Handlers, greenlets and sockets stay in the runtime (``wse_sync.runtime.session``),
+Handlers, greenlets and sockets stay in the runtime (``wse_sync.socket.session``),
 which carries the returned action out.
 
 States: ``AWAIT_HI`` -> (hi) -> ``DECIDING`` (challenge generator or identify

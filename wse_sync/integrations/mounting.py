@@ -16,7 +16,7 @@ returns a WSGI app that routes by exact ``PATH_INFO``:
   the app also uses is shared, upgrades to wse_sync and plain requests to the
   app. Without an app, the WseServer answers it (426) and other paths get 404.
 - the WseServers' plain HTTP paths (``health_path``, ``metrics_path``,
-  ``client_path``: runtime/endpoints.py) go to ``app`` first; only when it
+  ``client_path``: worker/endpoints.py) go to ``app`` first; only when it
   answers 404 at once does the WseServer answer them (the app's own routes win).
 
 Serve it with gevent's ``pywsgi.WSGIServer`` and ``wse_sync.wsgi.WseHandler``

@@ -19,10 +19,13 @@ class ConnectionHost(Protocol):
     """What a connection reads of the server it belongs to."""
 
     @property
+    def server(self) -> Any: ...  # the WseServer (``conn.server``)
+
+    @property
     def protocol(self) -> Any: ...  # the codec: pack(type, payload, stamp)
 
     @property
-    def rpc_timeout(self) -> float: ...
+    def rpc_timeout(self) -> Optional[float]: ...
 
     @property
     def worker_id(self) -> str: ...
@@ -56,6 +59,11 @@ class WseConnection:
     @property
     def readyState(self) -> int:  # noqa: N802 - the original name
         return self.ready_state
+
+    @property
+    def server(self) -> Any:
+        """The WseServer this connection belongs to."""
+        return self._host.server
 
     @property
     def worker(self) -> str:

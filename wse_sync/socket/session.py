@@ -90,8 +90,10 @@ class SessionHost(Protocol):
 
     def rpc_done(self) -> None: ...
 
-    def refused(self, limit: str, remote: Optional[str], level: int = logging.WARNING) -> None:
-        """Count (``refused.<limit>``) and log (thinned) one refusal."""
+    def refused(self, limit: str, remote: Optional[str], level: int = logging.WARNING,
+                what: str = "refused a connection from %s: %s") -> None:
+        """Count (``refused.<limit>``) and log (thinned) one refusal;
+        ``what % (remote, limit)`` is the log line."""
 
     def accept(self, session: "Session", cid: Any, welcome: Any) -> None:
         """identify accepted ``cid``: join, welcome (then ``session.ready()``)."""
@@ -198,7 +200,8 @@ class Session:
     def _rpc(self, type_, payload, stamp) -> None:
         host, most = self.host, self.app.config.max_rpc_per_conn
         if (most and self._rpc_running >= most) or not host.rpc_slot():
-            host.refused("max_rpc", self.conn.remote_addr, logging.INFO)
+            host.refused("max_rpc", self.conn.remote_addr, logging.INFO,
+                         "answered an RPC from %s with rp.too-many-calls (%s)")
             self.conn.transport.write_message(self.app.protocol.pack(self._t_response_err, {
                 "code": WSE_ERROR.RP_TOO_MANY,
                 "details": {"rpc": type_, "running": self._rpc_running}}, stamp))
@@ -217,7 +220,8 @@ class Session:
                 or (config.max_channel_queue_bytes
                     and self._channel_bytes + self._size > config.max_channel_queue_bytes)):
             if self.conn.ready_state == OPEN:
-                self.host.refused("max_channel_queue", self.conn.remote_addr, logging.INFO)
+                self.host.refused("max_channel_queue", self.conn.remote_addr, logging.INFO,
+                                  "cut a connection from %s: its channel queue is full (%s)")
                 self.host.emit_error(WseError(WSE_ERROR.MESSAGE_PROCESSING_ERROR, {
                     "type": type_, "reason": CHANNEL_QUEUE_FULL,
                     "waiting": len(self._channel_queue)}), self.conn)
@@ -429,7 +433,8 @@ class Session:
                 self.host.refused("identify_timeout", remote)
                 self.conn.close(1013, SERVER_BUSY)
                 return
-            self.host.refused("auth_timeout", remote, logging.INFO)
+            self.host.refused("auth_timeout", remote, logging.INFO,
+                              "a connection from %s did not authenticate in time (%s)")
             self.conn.close(1000, WSE_REASON.NOT_AUTHORIZED)
 
 

@@ -60,13 +60,14 @@ _OPTIONS = Config()
 
 class TransportLimits(NamedTuple):
     """What one socket may do (bytes, seconds, frames per second as (rate,
-    burst)); sizes and times default to the options' defaults, the rates to
-    off (``from_config`` takes all of them from a server's Config)."""
+    burst)); sizes and times default to the options' defaults, the fragment
+    count and the rates to no limit (``from_config`` takes all of them from a
+    server's Config)."""
 
     max_message_size: Optional[int] = _OPTIONS.max_message_size
     max_send_queue: int = _OPTIONS.max_send_queue
     close_timeout: float = _OPTIONS.close_timeout
-    max_fragments: Optional[int] = _OPTIONS.max_fragments
+    max_fragments: Optional[int] = None
     rate: Optional[Tuple[float, float]] = None
     control_rate: Optional[Tuple[float, float]] = None
 
@@ -408,16 +409,17 @@ class Transport:
         """Apply the rate limits; over one, close 1008 and keep only a close frame."""
         over = None
         if self._bucket is not None and not self._bucket.take(len(events), now):
-            over = f"more than {self._bucket.rate:.0f} frames/s"
+            over = "rate_limit"
         elif self._control is not None and not (len(events) == 1 and type(events[0]) is Message):
             # (one message read alone, the common case: no ping or pong to count)
             control = sum(1 for ev in events if type(ev) is Ping or type(ev) is Pong)
             if control and not self._control.take(control, now):
-                over = f"more than {self._control.rate:.0f} pings/pongs a second"
+                over = "control_rate_limit"
         if over is None:
             return events
         if self.open:
-            log.info("a connection sent %s: closing it (1008 %s)", over, RATE_LIMITED)
+            self._refusals.refused(over, RATE_LIMITED, logging.INFO,
+                                   "cut a connection: 1008 %s (%s)")
             self.fail(1008, RATE_LIMITED)
         return [ev for ev in events if type(ev) is Close]
 

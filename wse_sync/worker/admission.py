@@ -7,11 +7,12 @@ here): before the upgrade, ``integrations/wsgi.py`` (max_connections,
 max_connections_per_ip, header_timeout, tls_handshake_timeout,
 allowed_origins); between upgrade and welcome, this module
 (max_unauthenticated, max_unauthenticated_per_ip, max_identify,
-identify_queue_timeout); per socket, ``socket/transport.py``
-(max_message_size, max_fragments, rate_limit, control_rate_limit,
-max_send_queue); per session, ``socket/session.py`` (handshake_timeout,
-auth_timeout, max_rpc_per_conn, max_rpc_per_worker, max_channel_queue,
-max_channel_queue_bytes).
+identify_queue_timeout); per socket, ``socket/transport.py`` (rate_limit,
+control_rate_limit, max_send_queue; max_message_size and max_fragments are
+the WebSocket protocol's own rules in ``core/websocket.py``, answered with
+1009 / 1008 as protocol errors, not counted as refusals); per session,
+``socket/session.py`` (handshake_timeout, auth_timeout, max_rpc_per_conn,
+max_rpc_per_worker, max_channel_queue, max_channel_queue_bytes).
 
 Every limit is read from the server's Config at the moment it is applied,
 so a value given after the server was built (``configure()``, a ``wse-sync

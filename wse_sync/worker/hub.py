@@ -127,8 +127,9 @@ class Hub:
     def rpc_done(self) -> None:
         self.rpc_running -= 1
 
-    def refused(self, limit: str, remote: Optional[str], level: int = logging.WARNING) -> None:
-        self.admission.refused(limit, remote, level)
+    def refused(self, limit: str, remote: Optional[str], level: int = logging.WARNING,
+                what: str = "refused a connection from %s: %s") -> None:
+        self.admission.refusals.refused(limit, remote, level, what)
 
     @property
     def running(self) -> bool:
@@ -449,17 +450,17 @@ class Hub:
 class _ConnHost:
     """A connection's view of its server (socket.connection.ConnectionHost)."""
 
-    __slots__ = ("_app", "_hub", "protocol")
+    __slots__ = ("server", "_hub", "protocol")
 
     def __init__(self, app: App, hub: Hub) -> None:
-        self._app = app
+        self.server = app
         self._hub = hub
-        # (the codec is the server's for its whole life: read once)
+        # (the codec is fixed when the server is made: read once)
         self.protocol = app.protocol
 
     @property
-    def rpc_timeout(self) -> float:
-        return self._app.config.rpc_timeout
+    def rpc_timeout(self) -> Optional[float]:
+        return self.server.config.rpc_timeout
 
     @property
     def worker_id(self) -> str:

@@ -10,8 +10,7 @@ process, so a lone server needs nothing else. The runtime of each process
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from types import MappingProxyType
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Callable, Hashable, Iterator, Optional
 
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError
@@ -52,12 +51,45 @@ class _Clients(Mapping):
         return self._server.hub.has_user(cid)
 
 
+# "not given" (None is a value: no limit, no timeout)
+_UNSET: Any = object()
+
+
+class _Options(MutableMapping):
+    """``server.options``: the options read from the server's current Config;
+    an assignment goes through ``configure`` (checked the same way)."""
+
+    def __init__(self, server: "WseServer") -> None:
+        self._server = server
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise KeyError(name)
+        return getattr(self._server.config, name)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        if name not in DEFAULTS:
+            raise KeyError(name)
+        self._server.configure(**{name: value})
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError("an option cannot be removed (configure() sets it back)")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(DEFAULTS)
+
+    def __len__(self) -> int:
+        return len(DEFAULTS)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
 class WseServer:
     """A wse 4.x compatible server. See python-api.md for the contract."""
 
-    def __init__(self, identify: Optional[Callable] = None, conn_per_user: Optional[int] = None,
-                 rpc_timeout: Optional[float] = None, protocol: Any = None,
-                 **options: Any) -> None:
+    def __init__(self, identify: Optional[Callable] = None, conn_per_user: Any = _UNSET,
+                 rpc_timeout: Any = _UNSET, protocol: Any = None, **options: Any) -> None:
         if "connPerUser" in options:
             conn_per_user = options.pop("connPerUser")
         if "tO" in options:
@@ -65,9 +97,9 @@ class WseServer:
         if not callable(identify):
             raise WseError(WSE_ERROR.IDENTIFY_HANDLER_MISSING)
         self.identify = identify
-        self.protocol = check_protocol(protocol if protocol is not None else WseJSON())
+        self._protocol = check_protocol(protocol if protocol is not None else WseJSON())
         named = {k: v for k, v in (("conn_per_user", conn_per_user),
-                                   ("rpc_timeout", rpc_timeout)) if v is not None}
+                                   ("rpc_timeout", rpc_timeout)) if v is not _UNSET}
         # every option, typed (core/config.py): replaced whole by configure()
         self.config: Config = Config.make(**named, **options)
         harden()  # gevent-websocket's stock handler, should it serve us
@@ -87,24 +119,30 @@ class WseServer:
         self.config = self.config.with_(**options)
 
     @property
-    def options(self) -> Mapping[str, Any]:
-        """The options (read-only; ``configure`` changes them)."""
-        return MappingProxyType(self.config.options())
+    def options(self) -> MutableMapping[str, Any]:
+        """The options as a dict, read live from ``config``; setting one is
+        ``configure(name=value)``."""
+        return _Options(self)
 
     @property
-    def conn_per_user(self) -> int:
+    def protocol(self) -> Any:
+        """The codec (fixed when the server is made)."""
+        return self._protocol
+
+    @property
+    def conn_per_user(self) -> Optional[int]:
         return self.config.conn_per_user
 
     @conn_per_user.setter
-    def conn_per_user(self, value: int) -> None:
+    def conn_per_user(self, value: Optional[int]) -> None:
         self.configure(conn_per_user=value)
 
     @property
-    def rpc_timeout(self) -> float:
+    def rpc_timeout(self) -> Optional[float]:
         return self.config.rpc_timeout
 
     @rpc_timeout.setter
-    def rpc_timeout(self, value: float) -> None:
+    def rpc_timeout(self, value: Optional[float]) -> None:
         self.configure(rpc_timeout=value)
 
     # -- the original names ---------------------------------------------
@@ -177,7 +215,7 @@ class WseServer:
 
     def endpoint_for(self, path: str) -> Optional[str]:
         """What this server answers on ``path`` besides WebSocket upgrades:
-        "health", "metrics", "client" or None (runtime/endpoints.py)."""
+        "health", "metrics", "client" or None (worker/endpoints.py)."""
         return endpoints.paths_of(self).get(path)
 
     def __call__(self, environ: dict, start_response: Callable):

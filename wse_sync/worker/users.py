@@ -13,6 +13,9 @@ __all__ = ["RemoteConnection", "WseIdentity", "UserPort"]
 class UserPort(Protocol):
     """What users and remote connections ask of their worker (the Hub)."""
 
+    @property
+    def app(self) -> Any: ...  # the WseServer
+
     def send_user(self, cid: Hashable, type: str, payload: Any) -> None: ...
 
     def drop_user(self, cid: Hashable, reason: str) -> None: ...
@@ -48,6 +51,11 @@ class RemoteConnection:
         return self.ready_state
 
     @property
+    def server(self) -> Any:
+        """The WseServer."""
+        return self._port.app
+
+    @property
     def client(self) -> Optional["WseIdentity"]:
         return self._port.user(self.cid)
 
@@ -76,6 +84,11 @@ class WseIdentity:
 
     def __repr__(self) -> str:
         return f"<WseIdentity {self.cid!r}>"
+
+    @property
+    def server(self) -> Any:
+        """The WseServer."""
+        return self._port.app
 
     @property
     def conns(self) -> Mapping[str, Any]:
