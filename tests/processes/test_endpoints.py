@@ -43,7 +43,7 @@ def test_report_keeps_named_counters_when_too_many():
     assert r["gauges"] == {"connections": 2.0}
 
 
-def test_cluster_figures_uses_live_figures_for_itself_and_reports_for_others():
+def test_cluster_figures_uses_the_reports_for_counters_and_live_gauges_for_itself():
     stats = {"users": 3, "connections": 4,
              "workers": {"w1": {"pid": 1, "connections": 3, "role": "worker", "serves": True},
                          "w2": {"pid": 2, "connections": 1, "role": "worker", "serves": True},
@@ -54,8 +54,14 @@ def test_cluster_figures_uses_live_figures_for_itself_and_reports_for_others():
     mine = {"counters": {"rpc_calls": 7}, "gauges": {"connections": 3}}
     view = cluster_figures(stats, "w1", mine)
     assert (view.users, view.connections) == (3, 4)
-    assert [(w.worker, w.counters.get("rpc_calls"), w.fresh) for w in view.workers] == [
-        ("w1", 7, True), ("w2", 5, False)]
+    # counters as reported, even this worker's (w2 answering a scrape shows w1 at 1:
+    # w1 answering must not show 7 first), gauges live for itself
+    assert [(w.worker, w.counters.get("rpc_calls"), w.gauges.get("connections"), w.fresh)
+            for w in view.workers] == [("w1", 1, 3, True), ("w2", 5, None, False)]
+    seen_by_w2 = cluster_figures(stats, "w2", {"counters": {"rpc_calls": 9}})
+    assert [w.counters.get("rpc_calls") for w in seen_by_w2.workers] == [1, 5]
+    new = cluster_figures(stats, "w9", mine)  # not in the broker's list yet
+    assert [(w.worker, w.counters.get("rpc_calls")) for w in new.workers][-1] == ("w9", None)
     assert view.workers[1].rpc_counts[0] == 1 and len(view.workers[1].rpc_counts) == len(BUCKETS) + 1
     alone = cluster_figures(None, "w1", mine)
     assert [w.worker for w in alone.workers] == ["w1"] and alone.users == 0

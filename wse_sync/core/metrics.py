@@ -117,7 +117,7 @@ class WorkerReport(NamedTuple):
     gauges: Dict[str, float]
     rpc_counts: List[int]      # per bucket, not cumulative
     rpc_sum: float
-    fresh: bool                # this worker's own live figures, not its last report
+    fresh: bool                # this worker's own row: its gauges live
 
 
 class ClusterFigures(NamedTuple):
@@ -142,9 +142,14 @@ def _report_parts(report: Optional[Mapping[str, Any]]) -> Tuple[Dict[str, float]
 
 def cluster_figures(stats: Optional[Mapping[str, Any]], me: str,
                     mine: Mapping[str, Any]) -> ClusterFigures:
-    """Merge the broker's ``stats`` answer (None: no broker) with this worker's
-    live report ``mine``: this worker's row uses ``mine``, the others their
-    last report to the broker (none yet: zeros). Clients of the cluster
+    """Merge the broker's ``stats`` answer (None: no broker: ``mine`` alone)
+    with this worker's live report ``mine``.
+
+    Every worker's counters and RPC histogram come from its last report to
+    the broker (none yet: zeros), this worker's too: whichever worker a
+    scrape lands on, a counter never reads lower than it did before (a live
+    value here and an older report there would look like a reset to
+    Prometheus). Only this worker's gauges are live. Clients of the cluster
     (``connect_cluster`` handles) are left out."""
     rows: List[WorkerReport] = []
     if stats is None:
@@ -157,12 +162,15 @@ def cluster_figures(stats: Optional[Mapping[str, Any]], me: str,
         if info.get("role", "worker") != "worker" or not info.get("serves", True):
             continue
         own = worker == me
-        counters, gauges, counts, total = _report_parts(mine if own else reports.get(worker))
+        counters, gauges, counts, total = _report_parts(reports.get(worker))
+        if own:
+            gauges = _report_parts(mine)[1]
         rows.append(WorkerReport(worker, int(info.get("pid", 0)),
                                  int(info.get("connections", 0)), counters, gauges, counts,
                                  total, own))
     if all(r.worker != me for r in rows):  # not (yet) in the broker's list
-        counters, gauges, counts, total = _report_parts(mine)
-        rows.append(WorkerReport(me, 0, 0, counters, gauges, counts, total, True))
+        counters, _, counts, total = _report_parts(reports.get(me))
+        rows.append(WorkerReport(me, 0, 0, counters, _report_parts(mine)[1], counts, total,
+                                 True))
     return ClusterFigures(int(stats.get("users", 0)), int(stats.get("connections", 0)), rows,
                           dict(stats.get("counters") or {}))
