@@ -28,11 +28,28 @@ function log (text, cls = 'msg') {
   $('#log').scrollTop = $('#log').scrollHeight
 }
 
+// joined/left events seen while a `who` call is out: its answer may predate
+// them (it can arrive after them), so they are applied again on top of it
+let pending = null
+
 async function refresh () {
-  const users = await client.call('who') // a client -> server RPC
-  online.clear()
-  users.forEach(cid => online.add(cid))
+  const seen = pending = []
+  try {
+    const users = await client.call('who') // a client -> server RPC
+    online.clear()
+    users.forEach(cid => online.add(cid))
+    for (const [event, cid] of seen) event === 'joined' ? online.add(cid) : online.delete(cid)
+    render()
+  } finally {
+    if (pending === seen) pending = null
+  }
+}
+
+function track (event, cid) {
+  if (pending) pending.push([event, cid])
+  event === 'joined' ? online.add(cid) : online.delete(cid)
   render()
+  log(`${cid} ${event}`, 'event')
 }
 
 function join (name) {
@@ -48,16 +65,8 @@ function join (name) {
   })
   client.when.closed((code, reason) => log(`disconnected (${code}${reason ? ' ' + reason : ''})`, 'event'))
   client.channel.on('said', m => log(`${m.from}: ${m.text}`))
-  client.channel.on('joined', cid => {
-    online.add(cid)
-    render()
-    log(`${cid} joined`, 'event')
-  })
-  client.channel.on('left', cid => {
-    online.delete(cid)
-    render()
-    log(`${cid} left`, 'event')
-  })
+  client.channel.on('joined', cid => track('joined', cid))
+  client.channel.on('left', cid => track('left', cid))
   $('#login').hidden = true
   $('#room').hidden = false
   return client.connect(name, { page: location.pathname })
