@@ -18,7 +18,7 @@ from collections import Counter
 import hashlib
 import logging
 import ssl
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
 from gevent import ssl as gssl
@@ -125,6 +125,10 @@ def _edge_of(app: Any) -> _Edge:
     return entry[1]
 
 
+def _nothing() -> None:
+    pass
+
+
 class _WebSocket(WebSocket):
     """gevent-websocket's WebSocket, which wse_sync only uses to hand the socket
     over: its ``__del__`` (a ``close()`` that builds a new class on every call
@@ -151,6 +155,7 @@ class WseHandler(WebSocketHandler):
             rfile = sock.makefile("rb", self.RFILE_BUFFER)
         super().__init__(sock, address, server, rfile)
         self._header_timer: Optional[gevent.Timeout] = None
+        self._release_edge: Optional[Callable[[], None]] = None
 
     def handle(self):
         """Count the socket against max_connections / max_connections_per_ip (503)."""
@@ -170,12 +175,33 @@ class WseHandler(WebSocketHandler):
                                 "too many connections from your address",
                                 "max_connections_per_ip")
         edge.active += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                edge.active -= 1
+                if counted_ip:
+                    edge.per_ip.release(ip)
+
+        self._release_edge = release
         try:
             super().handle()
         finally:
-            edge.active -= 1
-            if counted_ip:
-                edge.per_ip.release(ip)
+            if self._release_edge is not None:
+                release()
+            self._release_edge = None
+
+    def keep_counted(self) -> Callable[[], None]:
+        """The upgraded socket outlives this handler (its reads run in the
+        loop's callbacks): its place under max_connections and
+        max_connections_per_ip is kept until the returned function is called."""
+        release = self._release_edge or _nothing
+        self._release_edge = None
+        # pywsgi must not read another request from a socket that is not its own
+        self.close_connection = True
+        return release
 
     def _refuse(self, edge: _Edge, status: str, text: str, limit: str) -> None:
         _refused(self.server.application, limit, self.client_address)

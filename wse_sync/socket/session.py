@@ -2,8 +2,10 @@
 
 What a client message means, and in which state, is decided by the pure
 ``core.session.SessionCore`` (its ``TRANSITIONS`` table); ``Session`` carries
-the decided actions out. Handlers run in greenlets of their own so the
-reading greenlet never blocks on application code.
+the decided actions out. Messages are read in the event loop's own greenlet
+(``Transport.start``), which must never block: application code (identify,
+RPC and channel handlers, events) runs in greenlets of its own, so an idle
+connection has no greenlet at all.
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ class SessionHost(Protocol):
     def accept(self, session: "Session", cid: Any, welcome: Any) -> None:
         """identify accepted ``cid``: join, welcome (then ``session.ready()``)."""
 
-    def closed(self, conn: WseConnection, code: int, reason: str) -> None:
+    def closed(self, session: "Session", code: int, reason: str) -> None:
         """The socket is gone (a session's last word)."""
 
 
@@ -143,11 +145,15 @@ class Session:
         # then is the server's doing (1013, retried), not the client's (1000)
         self._server_side = False
 
-    # -- the reading greenlet -----------------------------------------
-    def run(self) -> None:
-        """Serve the connection until it closes; fires the closing events."""
+    # -- reading ------------------------------------------------------
+    def start(self) -> None:
+        """Serve the connection: returns at once (on TLS, at the end); reads
+        run in the loop's callbacks, ``host.closed`` is called at the end."""
         self._set_deadline(self.app.config.handshake_timeout)
-        code, reason = self.conn.transport.run(self.on_data)
+        self.conn.transport.start(self.on_data, self._ended)
+
+    def _ended(self, code: int, reason: str) -> None:
+        """The socket is closed (in a greenlet of its own): fire the closing events."""
         self._cancel_deadline()
         self.core.close()
         if self._channel_queue:  # nobody is there to see them handled
@@ -158,7 +164,7 @@ class Session:
                 self._auth.join()  # bounded by the broker request timeout
             else:
                 self._auth.kill()
-        self.host.closed(self.conn, code, reason)
+        self.host.closed(self, code, reason)
 
     def on_data(self, data: Any) -> None:
         server = self.app

@@ -1,23 +1,26 @@
 """Moves WebSocket frames between one socket and a connection (thin I/O).
 
-``Transport`` owns the socket after the HTTP upgrade: ``run(on_event)`` reads
-and parses frames in the calling greenlet until the connection is over;
-``write_message`` / ``close`` may be called from any greenlet. The server
-runs one per accepted socket; the Python ``WseClient`` runs one (``side=
-CLIENT``: its frames are masked) after its own HTTP handshake. Writes never
-block the caller: what the socket cannot take at once waits in a bounded
-queue drained by a writer greenlet; a peer that lets the queue overflow is
-disconnected (close code 1008, reason ``wse.send-queue-full``).
+``Transport`` owns the socket after the HTTP upgrade. The server calls
+``start(on_message, on_end)``: from then on the event loop's read watcher
+calls it back with what arrived (one read per readiness, every frame in it),
+so an idle connection costs no greenlet; ``on_message`` runs in the loop's
+own greenlet and must not block. The Python ``WseClient`` calls ``run``
+instead, which reads in the calling greenlet (``side=CLIENT``: its frames
+are masked). ``write_message`` / ``close`` may be called from any greenlet
+and never block: what the socket cannot take at once waits in a bounded
+queue drained by a writer greenlet (one exists only while a send waits); a
+peer that lets the queue overflow is disconnected (close code 1008, reason
+``wse.send-queue-full``).
 
 No watcher on a closed descriptor, ever: libev aborts the whole process on
-one (gevent issue #2100), and gevent's pywsgi closes the raw socket after the
-application returns. So a plain socket is used in non-blocking mode through
-gevent's public API (it then never waits inside gevent) and the transport
-waits on libev watchers of its own; ``run`` stops the writer, closes those
-watchers and closes the socket through gevent before it returns.
+one (gevent issue #2100). ``start`` takes the descriptor out of gevent's
+socket (pywsgi then closes an empty object when its handler returns), and a
+plain socket is used non-blocking with libev watchers of the transport's
+own; the end stops the writer and closes those watchers before the socket.
 """
 from __future__ import annotations
 
+import _socket
 import logging
 import time
 from collections import Counter, deque
@@ -27,6 +30,7 @@ import gevent
 from gevent import socket as gsocket
 from gevent.exceptions import ConcurrentObjectUseError
 
+from . import runner
 from ..core.config import Config
 from ..core.limits import TokenBucket
 from ..core.refusals import Refusals
@@ -128,6 +132,10 @@ class Transport:
         self._queued = 0
         self._writer: Optional[gevent.Greenlet] = None
         self._abort_timer = None
+        # start()'s callbacks, and whether reading is over (then, _end runs once)
+        self._on_message: Optional[Callable[[object], None]] = None
+        self._on_end: Optional[Callable[[int, str], None]] = None
+        self._ending = False
         # frames per second the peer may send (None: no limit)
         self._bucket = (TokenBucket(rate_limit[0], rate_limit[1], time.monotonic())
                         if rate_limit else None)
@@ -329,6 +337,8 @@ class Transport:
             self.sock.shutdown(gsocket.SHUT_RDWR)
         except OSError:
             pass
+        if self._on_end is not None:
+            self._finish()
 
     def _arm_abort(self, seconds: float) -> None:
         if self._abort_timer is None:
@@ -336,12 +346,89 @@ class Transport:
             self._abort_timer.start(self.abort)
 
     # -- reading -------------------------------------------------------
+    def start(self, on_message: Callable[[object], None],
+              on_end: Callable[[int, str], None]) -> None:
+        """Serve the connection from the event loop's I/O callbacks and return
+        at once: no greenlet waits for an idle peer (the caller's may end).
+
+        ``on_message(data)`` runs in the loop's own greenlet, so it must not
+        block (hand work to a greenlet); ``on_end(code, reason)`` runs once,
+        in a greenlet of its own, after the socket is closed. The socket
+        leaves gevent's object (pywsgi may close that one when its handler
+        returns). A TLS socket is read the blocking way: there ``start``
+        returns only at the end.
+        """
+        if not self._plain:
+            on_end(*self.run(on_message))
+            return
+        try:
+            data = self.rfile.read1(READ_SIZE)  # what the HTTP parser buffered
+        except (OSError, ValueError):
+            data = b""
+        self._own_descriptor()
+        self._on_message, self._on_end = on_message, on_end
+        if data and self._received(data, on_message) is None:
+            self._finish()
+        elif self._cut:
+            self._finish()
+        elif not self._ending:
+            self._rwatch.start(self._readable)
+
+    def _own_descriptor(self) -> None:
+        """Take the descriptor out of gevent's socket into a plain one."""
+        sock = self.sock
+        fd = sock.detach()  # (gevent drops its watchers on it; pywsgi's close is a no-op)
+        self.sock = _socket.socket(fileno=fd)
+        self.sock.setblocking(False)
+        try:
+            self.rfile.close()
+        except (OSError, ValueError):  # pragma: no cover
+            pass
+        self.rfile = None
+
+    def _readable(self) -> None:
+        """The read watcher's callback (in the loop's greenlet): one read,
+        every frame in it."""
+        if self._cut:
+            self._finish()
+            return
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        try:
+            going = bool(data) and self._received(data, self._on_message) is not None
+        except Exception:  # a bug of ours, not the peer's: this socket only
+            log.exception("failed to handle a read: connection cut")
+            going = False
+        if not going or self._cut:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Reading is over: the rest (closing, ``on_end``) in a greenlet."""
+        if self._ending:
+            return
+        self._ending = True
+        if self._rwatch is not None:
+            self._rwatch.stop()
+        runner.spawn(self._end)
+
+    def _end(self) -> None:
+        self.abort((1006, ""))
+        self._drop_socket()
+        on_end = self._on_end
+        self._on_end = self._on_message = None
+        if on_end is not None:
+            on_end(*(self.close_status or (1006, "")))
+
     def run(self, on_message: Callable[[object], None]) -> Tuple[int, str]:
-        """Read until the connection ends; call ``on_message(data)`` per message.
+        """Read in this greenlet until the connection ends; call
+        ``on_message(data)`` per message (the client's way: it may block).
 
         Returns the close (code, reason) to report.
         """
-        protocol = self.protocol
         sock, plain = self.sock, self._plain
         hub, rwatch = gevent.get_hub(), self._rwatch
         # True after a read shorter than the buffer: the socket is most likely
@@ -377,33 +464,42 @@ class Transport:
                         break
                 if not data:
                     break
-                self.last_recv = now = time.monotonic()
-                protocol.receive_data(data)
-                events = protocol.events_received()
-                if events and (self._bucket is not None or self._control is not None):
-                    events = self._limit(events, now)
-                for ev in events:
-                    if type(ev) is Message:  # (only those received while open)
-                        on_message(ev.data)
-                    elif type(ev) is Close:
-                        break
-                protocol.settle()  # a violation behind those events fails the connection now
-                if protocol.has_data_to_send():  # pongs, the close echo, a failure
-                    self._flush()
-                if protocol.handshake_done():
-                    # both close frames passed: TCP ends once the echo is written
-                    self._after_queue(self.abort)
-                    if self._writer is None:
-                        break
-                if protocol.close_expected():
-                    self._arm_abort(self.close_timeout)
-                if len(events) >= YIELD_EVERY_FRAMES or len(data) >= YIELD_EVERY_BYTES:
+                handled = self._received(data, on_message)
+                if handled is None:
+                    break
+                if handled >= YIELD_EVERY_FRAMES or len(data) >= YIELD_EVERY_BYTES:
                     gevent.sleep(0)  # the others get their turn
                 data = None
         finally:
             self.abort((1006, ""))
             self._drop_socket()
         return self.close_status or (1006, "")
+
+    def _received(self, data: bytes, on_message: Callable[[object], None]) -> Optional[int]:
+        """Handle bytes from the peer: how many frames they held, or None
+        when reading is over (both close frames passed)."""
+        protocol = self.protocol
+        self.last_recv = now = time.monotonic()
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        if events and (self._bucket is not None or self._control is not None):
+            events = self._limit(events, now)
+        for ev in events:
+            if type(ev) is Message:  # (only those received while open)
+                on_message(ev.data)
+            elif type(ev) is Close:
+                break
+        protocol.settle()  # a violation behind those events fails the connection now
+        if protocol.has_data_to_send():  # pongs, the close echo, a failure
+            self._flush()
+        if protocol.handshake_done():
+            # both close frames passed: TCP ends once the echo is written
+            self._after_queue(self.abort)
+            if self._writer is None:
+                return None
+        if protocol.close_expected():
+            self._arm_abort(self.close_timeout)
+        return len(events)
 
     def _limit(self, events: list, now: float) -> list:
         """Apply the rate limits; over one, close 1008 and keep only a close frame."""
@@ -437,6 +533,8 @@ class Transport:
         if self._abort_timer is not None:
             self._abort_timer.close()
         for closeable in (self.rfile, self.sock):
+            if closeable is None:
+                continue
             try:
                 closeable.close()
             except (OSError, ValueError):  # pragma: no cover - already closed

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from functools import partial
-from typing import (TYPE_CHECKING, Any, Counter, Dict, Hashable, List, Optional,
+from typing import (TYPE_CHECKING, Any, Callable, Counter, Dict, Hashable, List, Optional,
                     Protocol, Tuple, Union)
 
 import gevent
@@ -82,7 +82,8 @@ class Hub:
         self._broker_loop: Optional[gevent.Greenlet] = None
         self.embedded_broker: Optional["Broker"] = None
         self.stopping = False
-        self._sessions: set = set()
+        # the open sessions -> what releases their socket's edge counts (or None)
+        self._sessions: Dict[Session, Optional[Callable[[], None]]] = {}
         self._sweeper: Optional[gevent.Greenlet] = None
         # what this worker counts (core.metrics); ``counters`` also holds what
         # the limits refused, by name ("refused.max_unauthenticated", ...)
@@ -256,41 +257,44 @@ class Hub:
                                 config.trusted)
         app = self._app
         conn = WseConnection(self._conn_host, transport, remote_addr=remote)
+        # the socket outlives this greenlet: its edge counts (WseHandler's) go with it
+        keep = getattr(handler, "keep_counted", None)
+        release = keep() if keep is not None else None
         if self.stopping:
-            transport.close(1012, "")
-            transport.run(lambda data: None)
+            self._turn_away(transport, 1012, "", release)
             return
         if app.protocol.name not in requested:
             log.info("refused a connection from %s without subprotocol %r",
                      remote, app.protocol.name)
-            transport.close(1000, WSE_REASON.PROTOCOL_ERR)
-            transport.run(lambda data: None)
+            self._turn_away(transport, 1000, WSE_REASON.PROTOCOL_ERR, release)
             return
         # (WseHandler answers 403 before the upgrade; this is for the stock handler)
         if not origin_allowed(environ.get("HTTP_ORIGIN"), config.allowed_origins):
-            self._refuse(transport, "allowed_origins", 1008, ORIGIN_NOT_ALLOWED, remote)
+            self._refuse(transport, "allowed_origins", 1008, ORIGIN_NOT_ALLOWED, remote, release)
             return
         limit = self.admission.admit(conn, remote)
         if limit is not None:
-            self._refuse(transport, limit, 1013, SERVER_BUSY, remote)
+            self._refuse(transport, limit, 1013, SERVER_BUSY, remote, release)
             return
         session = Session(self, conn)
-        self._sessions.add(session)
-        try:
-            session.run()
-        finally:
-            self._sessions.discard(session)
-            self._welcomed(session)
+        self._sessions[session] = release
+        session.start()
 
     def _welcomed(self, session: Session) -> None:
         """The session no longer counts as unauthenticated (welcomed or gone)."""
         self.admission.done(session.conn, session.conn.remote_addr)
 
     def _refuse(self, transport: Transport, limit: str, code: int, reason: str,
-                remote: Optional[str]) -> None:
+                remote: Optional[str], release: Optional[Callable[[], None]]) -> None:
         self.admission.refused(limit, remote)
+        self._turn_away(transport, code, reason, release)
+
+    @staticmethod
+    def _turn_away(transport: Transport, code: int, reason: str,
+                   release: Optional[Callable[[], None]]) -> None:
+        """Close a socket that gets no session (what the peer sends is dropped)."""
         transport.close(code, reason)
-        transport.run(lambda data: None)
+        transport.start(_ignore, lambda code, reason: release() if release else None)
 
     # -- what sessions report ------------------------------------------------
     def accept(self, session: Session, cid: Hashable, welcome: Any) -> None:
@@ -325,8 +329,13 @@ class Hub:
                       started=partial(link.joined_started, conn.conn_id, cid))
         self.emit("connected", conn)
 
-    def closed(self, conn: WseConnection, code: int, reason: str) -> None:
+    def closed(self, session: Session, code: int, reason: str) -> None:
         """The socket is gone (the session's last word)."""
+        release = self._sessions.pop(session, None)
+        self._welcomed(session)
+        if release is not None:
+            release()
+        conn = session.conn
         conn.ready_state = CLOSED
         log.debug("connection %s from %s closed: %s %r", conn.conn_id, conn.remote_addr, code,
                   reason)
@@ -445,6 +454,10 @@ class Hub:
         if link.refused:
             body["reason"] = link.refused
         return serving, body
+
+
+def _ignore(data: object) -> None:
+    """What a socket turned away does with a message."""
 
 
 class _ConnHost:
