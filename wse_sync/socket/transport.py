@@ -367,9 +367,9 @@ class Transport:
             data = b""
         self._own_descriptor()
         self._on_message, self._on_end = on_message, on_end
-        if data and self._received(data, on_message) is None:
-            self._finish()
-        elif self._cut:
+        if data:
+            self._handle(data)
+        if self._cut:
             self._finish()
         elif not self._ending:
             self._rwatch.start(self._readable)
@@ -398,8 +398,15 @@ class Transport:
             return
         except OSError:
             data = b""
+        if not data:
+            self._finish()
+        else:
+            self._handle(data)
+
+    def _handle(self, data: bytes) -> None:
+        """Bytes read in start()'s mode; reading ends when they say so."""
         try:
-            going = bool(data) and self._received(data, self._on_message) is not None
+            going = self._received(data, self._on_message) is not None
         except Exception:  # a bug of ours, not the peer's: this socket only
             log.exception("failed to handle a read: connection cut")
             going = False
