@@ -23,6 +23,7 @@ import time
 from typing import List, Optional, Sequence
 
 from ..core.broker import SYNC_WINDOW
+from .children import python_cmd
 
 __all__ = ["BrokerKeeper", "main"]
 
@@ -65,8 +66,8 @@ class BrokerKeeper:
 
     def _start(self, window: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wse_sync", "broker", "--bind", self.bind, *self.log_args,
-             "--parent", str(os.getpid()), "--sync-window", window],
+            python_cmd("broker", "--bind", self.bind, *self.log_args,
+                       "--parent", str(os.getpid()), "--sync-window", window),
             start_new_session=self.new_session)
         self._started_at = time.monotonic()
         self.log.info("broker started (pid %d) on %s", self.proc.pid, self.bind)

@@ -16,12 +16,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
 from . import runfile
+from .children import python_cmd
 from .broker_keeper import BrokerKeeper
 from .reload import Watcher
 from .worker import probe_app
@@ -29,10 +29,6 @@ from .worker import probe_app
 __all__ = ["Supervisor"]
 
 log = logging.getLogger("wse_sync.supervisor")
-
-
-def _python_cmd(*args: str) -> List[str]:
-    return [sys.executable, "-m", "wse_sync", *args]
 
 
 class Supervisor:
@@ -84,7 +80,7 @@ class Supervisor:
         # children get their own session: a terminal's Ctrl-C reaches only the
         # supervisor, which then stops workers first and the broker last
         proc = subprocess.Popen(
-            _python_cmd("_worker", self.app, "--fd", str(fd), "--broker", self.broker_endpoint,
+            python_cmd("_worker", self.app, "--fd", str(fd), "--broker", self.broker_endpoint,
                         "--options", json.dumps(self.options), "--grace", str(self.grace),
                         *self.log_args, "--ready-fd", str(ready_w)),
             pass_fds=(fd, ready_w), start_new_session=True)

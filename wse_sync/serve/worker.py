@@ -68,10 +68,12 @@ def probe_app(spec: str) -> Tuple[Optional[Dict[str, Any]], Optional[str], str]:
     import json
     import subprocess
 
+    from .children import python_code
+
     code = ("import json,sys;from wse_sync.serve.worker import load_app;"
             "s=load_app(sys.argv[1]);print(json.dumps({'host':s.config.host,"
             "'port':s.config.port}))")
-    out = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True)
+    out = subprocess.run(python_code(code, spec), capture_output=True, text=True)
     if out.returncode != 0:
         lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
         last = lines[-1] if lines else f"exit code {out.returncode}"
