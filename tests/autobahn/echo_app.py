@@ -16,10 +16,13 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-# run from a checkout without installing it
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+# the installed package when there is one (tox: the build under test, its hot
+# path compiled), else the checkout this file is in
+try:
+    import wse_sync  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))))
 
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
@@ -50,8 +53,10 @@ def app(environ, start_response):
     ws.closed = True
     transport = Transport(handler.socket, handler.rfile,
                           TransportLimits(MAX_MESSAGE_SIZE, MAX_SEND_QUEUE, CLOSE_TIMEOUT))
-    code, reason = transport.run(transport.write_message)
-    log.debug("closed %s: %s %r", environ.get("REMOTE_ADDR"), code, reason)
+    remote = environ.get("REMOTE_ADDR")
+    # the server's way: read from the loop's callbacks, this greenlet ends now
+    transport.start(transport.write_message,
+                    lambda code, reason: log.debug("closed %s: %s %r", remote, code, reason))
     return []
 
 
@@ -62,8 +67,11 @@ def main(argv=None):
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = WSGIServer((HOST, port), app, handler_class=Handler,
                         log=None, error_log=logging.getLogger("autobahn.http"))
-    print("echo_app: %s on ws://%s:%d (pid %d)" % (Handler.__name__, HOST, port, os.getpid()),
-          flush=True)
+    from wse_sync.core import frames
+    build = "compiled" if not frames.__file__.endswith(".py") else "pure"
+    print("echo_app: %s on ws://%s:%d (pid %d; wse_sync %s, hot path %s)" % (
+        Handler.__name__, HOST, port, os.getpid(), os.path.dirname(frames.__file__), build),
+        flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

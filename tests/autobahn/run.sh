@@ -143,6 +143,7 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 port_open || { echo "run.sh: $ECHO_NAME did not listen on $PORT" >&2; exit 2; }
+echo "run.sh: $(head -n 1 "$SERVER_LOG")"
 
 # -- the spec and the run ----------------------------------------------------------
 # a previous run's reports only: never wipe a folder that holds anything else

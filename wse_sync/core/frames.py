@@ -216,7 +216,7 @@ class FrameReader:
                     break
         if buf is self._buf:
             if pos:
-                del buf[:pos]
+                del self._buf[:pos]
         elif pos < n:
             self._buf = bytearray(buf[pos:])
 
