@@ -12,7 +12,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from typing import Any, Iterator, List, Optional
@@ -20,6 +19,7 @@ from typing import Any, Iterator, List, Optional
 import gevent
 from gevent import socket as gsocket
 
+from wse_sync.core.children import python_cmd
 from wse_sync.core.frames import OP_TEXT, FrameReader, build_close, build_frame
 from wse_sync.wsgi import make_wsgi_server
 
@@ -59,8 +59,10 @@ class ServerProcess:
 
     def __init__(self, args: List[str], env: Optional[dict] = None) -> None:
         self.lines: List[str] = []
+        # (the package this test imports, not the checkout's as python -m would
+        # take from the working directory: under tox, the build under test)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wse_sync", *args], stderr=subprocess.PIPE,
+            python_cmd(*args), stderr=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env or os.environ.copy())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -201,7 +203,7 @@ class RawWS:
 def broker_stats(endpoint: str, timeout: float = 5 * UNIT) -> Optional[dict]:
     """``wse-sync stats`` as a dict, or None when the broker does not answer."""
     import json
-    out = subprocess.run([sys.executable, "-m", "wse_sync", "stats", "--broker", endpoint,
+    out = subprocess.run([*python_cmd("stats", "--broker", endpoint),
                           "--timeout", str(timeout)], capture_output=True, text=True,
                          timeout=timeout + 10)
     return json.loads(out.stdout) if out.returncode == 0 else None

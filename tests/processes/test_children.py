@@ -1,5 +1,5 @@
 """``serve``'s workers and broker run the supervisor's own wse_sync
-(serve/children.py), even from a directory that holds another ``wse_sync/``:
+(core/children.py), even from a directory that holds another ``wse_sync/``:
 ``python -m wse_sync`` in the children would import that one (a checkout
 shadowing the installed build, its hot path compiled or not)."""
 import os

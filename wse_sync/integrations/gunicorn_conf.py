@@ -28,10 +28,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from typing import Any, Dict
 
+from ..core.children import python_code
 from ..core.logs import dict_config
 
 __all__ = ["worker_class", "logconfig_dict", "on_starting", "post_worker_init", "on_exit"]
@@ -58,8 +58,8 @@ def on_starting(server: Any) -> None:
     # its own session: a terminal's Ctrl-C reaches the master only, which
     # stops the workers first and the broker last (on_exit)
     _state["keeper"] = subprocess.Popen(
-        [sys.executable, "-m", "wse_sync.serve.broker_keeper", "--bind", bind,
-         "--parent", str(os.getpid()), "--log-level", level],
+        python_code("from wse_sync.serve.broker_keeper import main\nraise SystemExit(main())\n",
+                    "--bind", bind, "--parent", str(os.getpid()), "--log-level", level),
         start_new_session=True)
     os.environ["WSE_SYNC_BROKER"] = bind
     server.log.info("wse_sync: broker keeper (pid %d) on %s", _state["keeper"].pid, bind)

@@ -23,7 +23,7 @@ import time
 from typing import List, Optional, Sequence
 
 from ..core.broker import SYNC_WINDOW
-from .children import python_cmd
+from ..core.children import python_cmd
 
 __all__ = ["BrokerKeeper", "main"]
 

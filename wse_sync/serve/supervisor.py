@@ -21,7 +21,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from . import runfile
-from .children import python_cmd
+from ..core.children import python_cmd
 from .broker_keeper import BrokerKeeper
 from .reload import Watcher
 from .worker import probe_app

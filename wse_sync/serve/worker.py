@@ -1,6 +1,6 @@
 """A worker process: load the app, serve on an inherited socket, join the broker.
 
-Started by the supervisor as ``python -m wse_sync _worker ...``; the app is
+Started by the supervisor as ``wse_sync _worker ...`` (core/children.py); the app is
 imported here, after the process started, so module state is per worker.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def probe_app(spec: str) -> Tuple[Optional[Dict[str, Any]], Optional[str], str]:
     import json
     import subprocess
 
-    from .children import python_code
+    from ..core.children import python_code
 
     code = ("import json,sys;from wse_sync.serve.worker import load_app;"
             "s=load_app(sys.argv[1]);print(json.dumps({'host':s.config.host,"
