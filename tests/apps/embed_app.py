@@ -9,6 +9,8 @@ broadcast as ``event`` messages so tests can count them cluster-wide.
 """
 import os
 
+import gevent
+
 from wse_sync import WseServer, mount
 
 
@@ -83,6 +85,12 @@ def make_server(**options):
     @server.when.left
     def on_left(client, code, reason):
         server.broadcast("event", ["left", client.cid, os.getpid()])
+        # a slow handler (test_deploy: does the worker wait for it on SIGTERM?)
+        slow = float(os.environ.get("WSE_TEST_SLOW_LEFT", "0"))
+        if slow:
+            gevent.sleep(slow)
+            with open(os.environ["WSE_TEST_LEFT_LOG"], "a") as f:
+                f.write(f"{client.cid} {code}\n")
 
     return server
 

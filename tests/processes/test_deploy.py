@@ -327,3 +327,24 @@ def test_systemd_verify_catches_a_broken_unit(tmp_path):
         pytest.skip("systemd-analyze cannot run here")
     assert "restart specifier" in out.stderr
 
+
+
+def test_gunicorn_sigterm_waits_for_the_1012_shutdown_before_the_worker_exits(tmp_path):
+    """An open WebSocket holds no greenlet of gunicorn's pool, so the pool is idle
+    at once on SIGTERM; the worker still waits for the 1012 shutdown it started,
+    'left' handlers included (here each takes 2 s: a worker that left with its
+    idle pool never ran them to the end)."""
+    log = tmp_path / "left.log"
+    env = child_env(HOME=str(tmp_path), WSE_TEST_SLOW_LEFT="2", WSE_TEST_LEFT_LOG=str(log))
+    with gunicorn(APP, chdir=APPS, workers=1, env=env) as g:
+        clients = []
+        for i in range(3):
+            c = WseClient(g.url)
+            c.connect(f"t{i}")
+            clients.append(c)
+        closes = _closes(clients)
+        assert g.stop() == 0, g.output
+        wait_for(lambda: len(closes) == len(clients))
+        assert {code for code, _ in closes.values()} == {1012}
+    assert sorted(log.read_text().split("\n")[:-1]) == ["t0 1012", "t1 1012", "t2 1012"], \
+        g.output

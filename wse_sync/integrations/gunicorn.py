@@ -105,6 +105,7 @@ def prepare_worker(worker: Any) -> List[Any]:
                 " or set WSE_SYNC_BROKER to a running `wse-sync broker`")
     for server in servers:
         server.start()
+    _finish_closing_before_exit(worker)
     worker.log.info("wse_sync: worker %d serves %d WseServer(s), broker %s", os.getpid(),
                     len(servers), shared or servers[0].config.broker or "embedded")
     if not isinstance(worker, Worker):
@@ -130,9 +131,24 @@ def _share_gunicorn_log(worker: Any) -> None:
 def close_connections(worker: Any, servers: List[Any]) -> None:
     """Close every WebSocket of ``servers`` with 1012 and leave the cluster."""
     grace = max(1.0, float(getattr(worker.cfg, "graceful_timeout", 30)) - 1.0)
+    closing = worker.__dict__.setdefault("_wse_closing", [])
     for server in servers:
         if server.running:
-            gevent.spawn(server.shutdown, 1012, "", grace)
+            closing.append(gevent.spawn(server.shutdown, 1012, "", grace))
+
+
+def _finish_closing_before_exit(worker: Any) -> None:
+    """gunicorn's worker leaves its ``run()`` once its pool is idle, and a
+    WebSocket holds no pool greenlet (its reads run in the loop's callbacks):
+    ``run()`` then waits for the 1012 shutdown that SIGTERM started."""
+    run = worker.run
+
+    def run_then_finish_closing() -> None:
+        run()
+        grace = float(getattr(worker.cfg, "graceful_timeout", 30))
+        gevent.joinall(worker.__dict__.get("_wse_closing", []), timeout=grace)
+
+    worker.run = run_then_finish_closing
 
 
 def _chain_sigterm(worker: Any, servers: List[Any]) -> None:
