@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import _socket
 import logging
+import os
 import time
 from collections import Counter, deque
 from typing import Any, Callable, NamedTuple, Optional, Tuple
@@ -359,14 +360,22 @@ class Transport:
         returns only at the end.
         """
         if not self._plain:
-            on_end(*self.run(on_message))
+            status = (1006, "")
+            try:
+                status = self.run(on_message)
+            finally:  # (this greenlet killed, or on_message raised: on_end still runs)
+                on_end(*status)
             return
         try:
             data = self.rfile.read1(READ_SIZE)  # what the HTTP parser buffered
         except (OSError, ValueError):
             data = b""
-        self._own_descriptor()
         self._on_message, self._on_end = on_message, on_end
+        try:
+            self._own_descriptor()
+        except (OSError, ValueError):  # the socket is gone already
+            self.abort((1006, ""))
+            return
         if data:
             self._handle(data)
         if self._cut:
@@ -378,8 +387,14 @@ class Transport:
         """Take the descriptor out of gevent's socket into a plain one."""
         sock = self.sock
         fd = sock.detach()  # (gevent drops its watchers on it; pywsgi's close is a no-op)
-        self.sock = _socket.socket(fileno=fd)
-        self.sock.setblocking(False)
+        try:
+            plain = _socket.socket(fileno=fd)
+        except (OSError, ValueError):
+            if fd >= 0:  # (our watchers on it are not started)
+                os.close(fd)
+            raise
+        plain.setblocking(False)
+        self.sock = plain
         try:
             self.rfile.close()
         except (OSError, ValueError):  # pragma: no cover

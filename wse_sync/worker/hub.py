@@ -239,7 +239,8 @@ class Hub:
 
     # -- a new socket --------------------------------------------------------
     def serve(self, environ: dict, ws: Any) -> None:
-        """Run one upgraded WebSocket (gevent-websocket's ``ws``) until it closes."""
+        """Take one upgraded WebSocket (gevent-websocket's ``ws``): it is served
+        from the loop's callbacks, and this returns at once (on TLS, at the end)."""
         config = self.config
         handler = ws.handler
         if not getattr(handler, "WSE_HANDLER", False) and not Hub._warned_stock:
@@ -251,15 +252,27 @@ class Hub:
         ws.closed = True
         transport = Transport(handler.socket, handler.rfile, TransportLimits.from_config(config),
                               self.counters, self.admission.refusals)
-        requested = [p.strip() for p in
-                     environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",")]
         remote = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),
                                 config.trusted)
-        app = self._app
-        conn = WseConnection(self._conn_host, transport, remote_addr=remote)
         # the socket outlives this greenlet: its edge counts (WseHandler's) go with it
         keep = getattr(handler, "keep_counted", None)
         release = keep() if keep is not None else None
+        try:
+            self._take(environ, transport, remote, release)
+        except BaseException:
+            # (a bug, or this greenlet killed before the socket was handed on:
+            # the place is given back; the release is idempotent)
+            if release is not None:
+                release()
+            raise
+
+    def _take(self, environ: dict, transport: Transport, remote: Optional[str],
+              release: Optional[Callable[[], None]]) -> None:
+        """Turn the socket away, or start its session; returns at once."""
+        config, app = self.config, self._app
+        requested = [p.strip() for p in
+                     environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",")]
+        conn = WseConnection(self._conn_host, transport, remote_addr=remote)
         if self.stopping:
             self._turn_away(transport, 1012, "", release)
             return
@@ -278,7 +291,7 @@ class Hub:
             return
         session = Session(self, conn)
         self._sessions[session] = release
-        session.start()
+        session.start()  # (session.closed releases the place, whatever ends it)
 
     def _welcomed(self, session: Session) -> None:
         """The session no longer counts as unauthenticated (welcomed or gone)."""
