@@ -13,6 +13,7 @@ import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 
 COMPILED = ["wse_sync/core/frames.py", "wse_sync/core/websocket.py"]
 
@@ -36,4 +37,19 @@ def ext_modules():
     return extensions
 
 
-setup(ext_modules=ext_modules())
+class AllOrNothing(build_ext):
+    """mypyc's modules are shims over one shared library: when any of them
+    failed to build, none is kept (a shim without its library cannot import)."""
+
+    def run(self):
+        super().run()
+        paths = [self.get_ext_fullpath(ext.name) for ext in self.extensions]
+        if not all(os.path.exists(path) for path in paths):
+            for path in paths:
+                if os.path.exists(path):
+                    os.remove(path)
+            print("wse_sync: the compiled hot path did not build whole: the pure-Python"
+                  " modules", file=sys.stderr)
+
+
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": AllOrNothing})
