@@ -1,4 +1,6 @@
 """The server transport over a socketpair: the protocol's rules reach the socket."""
+import os
+
 import gevent
 import pytest
 from gevent import socket as gsocket
@@ -124,3 +126,52 @@ def test_has_unread_tells_bytes_waiting_in_the_socket(pair):
     assert t.has_unread()
     t.abort()
     assert not t.has_unread()
+
+
+def _pending(peer_sock) -> bytes:
+    """What the peer's socket holds now, without waiting (gevent's recv would
+    wait: the descriptor itself is non-blocking)."""
+    got = b""
+    while True:
+        try:
+            data = os.read(peer_sock.fileno(), 1 << 20)
+        except BlockingIOError:
+            return got
+        if not data:
+            return got
+        got += data
+
+
+def test_frames_of_one_loop_turn_after_the_first_go_out_together_at_its_end(pair):
+    sock, peer = pair
+    t, g, _ = run_transport(sock)
+    gevent.sleep(0)  # (a turn of its own)
+    frames = [t.frame_for(f"m{i}") for i in range(5)]
+    for data in ("m0", "m1", "m2"):
+        assert t.write_message(data)
+    # the first is on the wire at once, the next two wait for the turn's end
+    assert _pending(peer.sock) == frames[0]
+    assert t.queued == len(frames[1]) + len(frames[2])
+    gevent.sleep(0)
+    assert _pending(peer.sock) == frames[1] + frames[2] and t.queued == 0
+    # a new turn: its first frame goes at once again; a close keeps the order
+    assert t.write_message("m3") and t.write_message("m4")
+    t.close(1000, "bye")
+    assert [peer.recv() for _ in range(3)] == [("text", "m3"), ("text", "m4"),
+                                               ("close", 1000, "bye")]
+    g.kill()
+
+
+def test_a_turn_that_writes_much_is_not_held_back(pair):
+    sock, peer = pair
+    sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_SNDBUF, 1 << 20)  # (room for it all)
+    peer.sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_RCVBUF, 1 << 20)
+    t, g, _ = run_transport(sock)
+    gevent.sleep(0)
+    for _ in range(100):  # ~100 KB in one turn: most of it leaves before the turn ends
+        assert t.write_message("x" * 1000)
+    early = len(_pending(peer.sock))
+    assert early >= 64 * 1000 and t.queued <= 64 * 1024
+    gevent.sleep(0)
+    assert early + len(_pending(peer.sock)) == 100 * len(t.frame_for("x" * 1000))
+    g.kill()

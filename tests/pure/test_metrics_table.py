@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from wse_sync.core.metrics import (BUCKETS, COUNTER, COUNTERS, FIGURES, GAUGE, REFUSED,
-                                   ClusterFigures, WorkerMetrics, WorkerReport)
+                                   ClusterFigures, Tally, WorkerMetrics,
+                                   WorkerReport)
 
 ROOT = Path(__file__).resolve().parents[2] / "wse_sync"
 # where a worker counts (the broker's own counters are another thing: wse_broker_events)
@@ -24,11 +25,16 @@ def _worker_sources():
 
 
 def _counted():
-    """Counter keys the worker code uses: ``...counters["name"]`` (exact names)
-    and ``...counters["prefix" + x]`` (prefixes)."""
+    """Counter keys the worker code uses: ``...counters["name"]`` (exact names),
+    ``...counters["prefix" + x]`` (prefixes) and ``...tally.name += 1``."""
     names, prefixes = set(), set()
     for path, tree in _worker_sources():
         for node in ast.walk(tree):
+            if (isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Attribute)
+                    and isinstance(node.target.value, (ast.Attribute, ast.Name))):
+                owner = node.target.value
+                if (owner.attr if isinstance(owner, ast.Attribute) else owner.id).endswith("tally"):
+                    names.add((node.target.attr, path.name))
             if not isinstance(node, ast.Subscript):
                 continue
             target = node.value
@@ -65,7 +71,8 @@ def _gauges():
 
 def test_every_counter_the_worker_counts_has_a_table_entry():
     names, prefixes = _counted()
-    assert any(name == "messages_in" for name, _ in names)  # the scan sees the counting
+    assert any(name == "messages_in" for name, _ in names)  # the scan sees the tally
+    assert any(name == "handshakes" for name, _ in names)  # ... and the counters
     table = {f.name for f in FIGURES if f.kind == COUNTER}
     missing = sorted(f"{name} ({where})" for name, where in names
                      if name not in table and not name.startswith(REFUSED))
@@ -112,3 +119,14 @@ def test_a_report_of_every_figure_renders_each_entry():
         value = "2.0" if f.kind == COUNTER else "1.5"
         assert f'{exposed}{{worker="w1"}} {value}\n' in text
     assert 'wse_limit_refusals_total{limit="max_rpc",worker="w1"} 1.0' in text
+
+
+def test_the_tally_counts_table_counters_and_reports_them_with_the_others():
+    assert set(Tally.__slots__) <= set(COUNTERS)
+    m = WorkerMetrics()
+    m.tally.messages_in += 3
+    m.tally.rpc_errors += 1
+    m.counters["handshakes"] += 2
+    m.counters["refused.max_rpc"] += 1
+    assert m.report({})["counters"] == {"messages_in": 3, "rpc_errors": 1, "handshakes": 2,
+                                        "refused.max_rpc": 1}

@@ -23,7 +23,7 @@ from ..core.config import Config
 from ..core.session import ACCEPTED, QUEST, VIOLATION, SessionCore
 from ..core.errors import WSE_ERROR, WSE_REASON, WseError, rpc_error_payload
 from ..core.events import Emitter, call_with_kwargs
-from ..core.metrics import WorkerMetrics
+from ..core.metrics import Tally, WorkerMetrics
 from ..core.refusals import CHANNEL_QUEUE_FULL, HANDSHAKE_TIMEOUT, SERVER_BUSY
 
 __all__ = ["Session", "SessionApp", "SessionHost", "Slots"]
@@ -76,6 +76,10 @@ class SessionHost(Protocol):
 
     @property
     def metrics(self) -> WorkerMetrics: ...
+
+    @property
+    def tally(self) -> Tally:
+        """The counters bumped per message (``metrics.tally``)."""
 
     @property
     def identify_slots(self) -> Slots: ...
@@ -168,7 +172,7 @@ class Session:
 
     def on_data(self, data: Any) -> None:
         server = self.app
-        self.host.counters["messages_in"] += 1
+        self.host.tally.messages_in += 1
         self._size = len(data)
         try:
             type_, payload, stamp = server.protocol.unpack(data)
@@ -270,9 +274,10 @@ class Session:
         server, conn = self.app, self.conn
         handler = server.rpc_handler(rp)
         metrics = self.host.metrics
-        metrics.counters["rpc_calls"] += 1
+        tally = metrics.tally
+        tally.rpc_calls += 1
         if handler is None:
-            metrics.counters["rpc_errors"] += 1
+            tally.rpc_errors += 1
             answer = (server.protocol.internal_types["response_error"],
                       {"code": WSE_ERROR.RP_NOT_REGISTERED})
         else:
@@ -280,7 +285,7 @@ class Session:
             try:
                 answer = (self._t_response, handler(conn, payload))
             except Exception as exc:
-                metrics.counters["rpc_errors"] += 1
+                tally.rpc_errors += 1
                 error = rpc_error_payload(exc, rp, payload, server.config.rpc_tracebacks)
                 answer = (self._t_response_err, error)
                 if not isinstance(exc, WseError):

@@ -10,7 +10,9 @@ are masked). ``write_message`` / ``close`` may be called from any greenlet
 and never block: what the socket cannot take at once waits in a bounded
 queue drained by a writer greenlet (one exists only while a send waits); a
 peer that lets the queue overflow is disconnected (close code 1008, reason
-``wse.send-queue-full``).
+``wse.send-queue-full``). The first frame of a loop turn goes to the socket
+at once; later frames of the same turn wait for the turn's end and are
+written together, in one send.
 
 No watcher on a closed descriptor, ever: libev aborts the whole process on
 one (gevent issue #2100). ``start`` takes the descriptor out of gevent's
@@ -34,6 +36,7 @@ from gevent.exceptions import ConcurrentObjectUseError
 from . import runner
 from ..core.config import Config
 from ..core.limits import TokenBucket
+from ..core.metrics import Tally
 from ..core.refusals import Refusals
 from ..core.websocket import SERVER, Close, Message, Ping, Pong, Protocol, State
 
@@ -52,6 +55,8 @@ YIELD_EVERY_FRAMES = 32
 YIELD_EVERY_BYTES = 16384
 # bytes asked of the socket per read
 READ_SIZE = 65536
+# bytes of one loop turn's frames held back to be sent together, at most
+BATCH_BYTES = 65536
 # seconds the reader waits, at the end, for the writer it stops
 WRITER_STOP_TIMEOUT = 1.0
 
@@ -98,7 +103,8 @@ class Transport:
 
     def __init__(self, sock: Any, rfile: Any, limits: Optional[TransportLimits] = None,
                  counters: Optional[Counter] = None,
-                 refusals: Optional[Refusals] = None, side: str = SERVER) -> None:
+                 refusals: Optional[Refusals] = None, side: str = SERVER,
+                 tally: Optional[Tally] = None) -> None:
         max_message_size, max_send_queue, close_timeout, max_fragments, rate_limit, \
             control_rate_limit = limits if limits is not None else _DEFAULT_LIMITS
         self.sock = sock
@@ -117,8 +123,9 @@ class Transport:
             self._wwatch = loop.io(sock.fileno(), 2)
         self.protocol = Protocol(side, max_message_size, max_fragments)
         self.max_send_queue = max_send_queue
-        # the worker's counters: "messages_out" counts frames queued here
+        # the worker's counters (refusals), and its per-message ones
         self._counters: Counter = counters if counters is not None else Counter()
+        self._tally = tally if tally is not None else Tally()
         # where the cut of a full send queue is counted and logged (the worker's)
         if refusals is None:
             refusals = _LOCAL_REFUSALS if counters is None else Refusals(self._counters, log)
@@ -132,6 +139,13 @@ class Transport:
         self._queue: Optional[deque] = None
         self._queued = 0
         self._writer: Optional[gevent.Greenlet] = None
+        # the server's socket writes a turn's later frames together (a client's
+        # goes out at once: its caller need not yield to the loop)
+        self._loop = gevent.get_hub().loop if self._plain and side == SERVER else None
+        # the loop turn of the last frame sent at once (-1: none); the queue is
+        # "batched" while it waits for the end of that turn, not for a writer
+        self._turn = -1
+        self._batched = False
         self._abort_timer = None
         # start()'s callbacks, and whether reading is over (then, _end runs once)
         self._on_message: Optional[Callable[[object], None]] = None
@@ -197,7 +211,7 @@ class Transport:
         protocol = self.protocol
         if self._cut or protocol.state != _OPEN:
             return False
-        self._counters["messages_out"] += 1
+        self._tally.messages_out += 1
         if not protocol.has_data_to_send():
             # nothing of the protocol's waits before it: straight to the socket
             # (what send_frame + _flush would do, without their list round trip)
@@ -215,6 +229,8 @@ class Transport:
         return True
 
     def _write(self, frame: bytes) -> bool:
+        if self._batched and self._queued + len(frame) > BATCH_BYTES:
+            self._send_batch()  # (a turn that writes a lot is not held back)
         if self._writer is not None or self._queue:
             if self._queued + len(frame) > self.max_send_queue:
                 self._refusals.refused("max_send_queue", self._queued, logging.WARNING,
@@ -227,6 +243,16 @@ class Transport:
             return True
         sent = 0
         if self._plain:
+            loop = self._loop
+            if loop is not None:
+                turn = loop.iteration
+                if turn == self._turn:  # a later frame of this turn: sent at its end
+                    self._queue = deque((frame,))
+                    self._queued = len(frame)
+                    self._batched = True
+                    loop.run_callback(self._send_batch)
+                    return True
+                self._turn = turn
             try:
                 sent = self.sock.send(frame)
             except BlockingIOError:
@@ -235,13 +261,37 @@ class Transport:
                 self.abort((1006, ""))
                 return False
         if sent < len(frame):
-            rest = frame[sent:] if sent else frame  # (fits: write_raw checked the size)
-            if self._queue is None:
-                self._queue = deque()
-            self._queue.append(rest)
-            self._queued += len(rest)
-            self._writer = gevent.spawn(self._drain)
+            self._wait_socket(frame[sent:] if sent else frame)  # (fits: write_raw checked)
         return True
+
+    def _wait_socket(self, rest: bytes) -> None:
+        """Queue bytes the socket did not take, for a writer greenlet."""
+        if self._queue is None:
+            self._queue = deque()
+        self._queue.append(rest)
+        self._queued += len(rest)
+        self._writer = gevent.spawn(self._drain)
+
+    def _send_batch(self) -> None:
+        """The end of a turn: the frames it queued after its first, in one send."""
+        if not self._batched:  # (sent already: a close, or a wait for the queue)
+            return
+        self._batched = False
+        queue = self._queue
+        if self._cut or not queue:
+            return
+        data = b"".join(queue) if len(queue) > 1 else queue[0]
+        self._queue = None  # (idle sockets are many: no empty deque kept)
+        self._queued = 0
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.abort((1006, ""))
+            return
+        if sent < len(data):
+            self._wait_socket(data[sent:] if sent else data)
 
     def _drain(self) -> None:
         """The writer greenlet: what the socket could not take at once."""
@@ -276,6 +326,7 @@ class Transport:
         """Block this greenlet until what is queued has been written (or the
         connection is cut); True when nothing waits any more. For a sender
         that wants back-pressure (the client); not from the event loop."""
+        self._send_batch()
         writer = self._writer
         if writer is not None and writer is not gevent.getcurrent():
             writer.join(timeout)
@@ -283,6 +334,7 @@ class Transport:
 
     def _after_queue(self, action: Callable[[], None]) -> None:
         """Run ``action`` once everything queued so far is written."""
+        self._send_batch()
         if self._writer is None:
             action()
         else:

@@ -89,6 +89,7 @@ class Hub:
         # the limits refused, by name ("refused.max_unauthenticated", ...)
         self.metrics = WorkerMetrics()
         self.counters: Counter[str] = self.metrics.counters
+        self.tally = self.metrics.tally  # (what sessions count per message)
         self.apps = AppCode(app.when.emitter)
         # (the app-code calls sessions make per message go straight to it)
         self.spawn = self.apps.spawn
@@ -251,7 +252,7 @@ class Hub:
         # From here on the socket is ours: keep gevent-websocket from writing to it.
         ws.closed = True
         transport = Transport(handler.socket, handler.rfile, TransportLimits.from_config(config),
-                              self.counters, self.admission.refusals)
+                              self.counters, self.admission.refusals, tally=self.tally)
         remote = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),
                                 config.trusted)
         # the socket outlives this greenlet: its edge counts (WseHandler's) go with it
