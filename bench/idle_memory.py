@@ -218,7 +218,8 @@ def main() -> int:
         for (fn, line, name), v in sorted(st.stats.items(), key=lambda kv: -kv[1][1])[:args.top]:
             print(f"{v[1] / n:9.2f}  {100 * v[2] / tt:7.1f}  {name} ({short(fn)}:{line})")
         if args.callers:
-            st.print_callers(*args.callers.split(","))
+            for pattern in args.callers.split(","):  # (several at once would be AND-ed)
+                st.print_callers(pattern)
         by_file = collections.Counter()
         for (fn, _line, _name), v in st.stats.items():
             by_file[short(fn).split(":")[0] if not fn.startswith("~") else "builtins (C)"] += v[1]

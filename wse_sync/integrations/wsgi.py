@@ -45,7 +45,9 @@ def _router(app: Any, depth: int = 8):
     for _ in range(depth):
         if app is None:
             return None
-        if hasattr(app, "wse_for_path") or (hasattr(app, "wants") and hasattr(app, "protocol")):
+        # (a WseServer answers the first two at once: asking it for wse_for_path
+        # first would raise through its __getattr__, several times per handshake)
+        if (hasattr(app, "wants") and hasattr(app, "protocol")) or hasattr(app, "wse_for_path"):
             return app
         inner = getattr(app, "wsgi_app", None)
         if inner is None or getattr(inner, "__self__", None) is app:
