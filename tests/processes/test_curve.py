@@ -56,19 +56,22 @@ def allow(directory, root, *names: str) -> str:
 
 
 class Cluster:
-    """A CURVE broker with keys for: broker, w1 and w2 (workers), cron (client), rogue."""
+    """A CURVE broker with keys for: broker, w1 and w2 (workers), cron (client),
+    watch (observer: a client that reads the map), rogue."""
 
     def __init__(self, tmp_path, clients: bool = True, extra: Optional[List[str]] = None):
         self.root = tmp_path / "keys"
-        self.secret = make_keys(self.root, "broker", "w1", "w2", "cron", "rogue")
+        self.secret = make_keys(self.root, "broker", "w1", "w2", "cron", "watch", "rogue")
         self.broker_key = os.path.join(str(self.root), "broker.key")
         self.workers_dir = allow(tmp_path / "workers", self.root, "w1", "w2")
         self.clients_dir = allow(tmp_path / "clients", self.root, "cron")
+        self.observers_dir = allow(tmp_path / "observers", self.root, "watch")
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         argv = ["broker", "--bind", self.endpoint, "--sync-window", "0",
                 "--curve-secret", self.secret["broker"], "--allow-workers", self.workers_dir]
         if clients:
-            argv += ["--allow-clients", self.clients_dir]
+            argv += ["--allow-clients", self.clients_dir,
+                     "--allow-observers", self.observers_dir]
         self.proc = ServerProcess(argv + (extra or []))
         self.proc.wait_line(r"broker listening on .* with CURVE")
         self.ctx = zmq.Context()
@@ -184,15 +187,20 @@ def test_a_curve_cluster_serves_rpc_and_a_client_key_handle_sends(cluster):
         c.channel.on("notice", got.append)
         c.connect("alice")
         assert c.call("pid") == c.call("pid")  # RPC through the worker
-        with cluster.handle("cron") as handle:
-            wait_for(lambda: "alice" in handle.clients)
+        with cluster.handle("watch") as watcher, cluster.handle("cron") as handle:
+            wait_for(lambda: "alice" in watcher.clients)  # an observer key reads the map
             handle.send("alice", "notice", {"text": "export ready"})
             handle.broadcast("notice", "to all")
             stats = cluster.stats("cron")
+            # a client key may not: refused at once, saying why
+            with pytest.raises(WseError) as err:
+                _ = handle.clients
+            assert err.value.code == WSE_ERROR.NOT_ALLOWED
+            assert "may not send 'lookup'" in err.value.details["reason"]
         wait_for(lambda: len(got) == 2)
         assert got == [{"text": "export ready"}, "to all"]
         roles = sorted(v["role"] for v in stats["workers"].values())
-        assert roles == ["client", "worker"], stats
+        assert roles == ["client", "observer", "worker"], stats
         assert stats["users"] == 1 and stats["connections"] == 1
         assert not [k for k in stats["counters"] if k.startswith("refused")], stats
         c.close()
@@ -239,14 +247,18 @@ def test_a_client_key_may_not_join_leave_or_call(cluster):
     w1_in.until("joined")
     handle = cluster.dealer("cron", b"client-raw")
     inbox = Inbox(handle)
+    # a hello asking for the map (the default) gets none: no user id, conn_id or meta
     send(handle, "hello", {"pid": 2, "table": [], "serves": False})
-    assert inbox.until("snapshot")[0].body["entries"][0][:2] == ["cA", "alice"]
+    assert inbox.until("snapshot")[0].body["entries"] == []
+    send(handle, "lookup", {"req": 5, "all": True})
+    assert "refused" in inbox.until("users")[0].body
     send(handle, "join", {"req": 1, "conn_id": "cM", "cid": "mallory"})
     send(handle, "leave", {"conn_id": "cA", "cid": "alice", "code": 1000, "reason": ""})
     send(handle, "call", {"call": 1, "conn_id": "cA", "rp": "whoami"})
     send(handle, "conn_drop", {"conn_id": "cA", "reason": "x", "seq": 1})
     stats = inbox.stats()
-    assert stats["counters"]["refused.role"] == 4, stats
+    assert stats["counters"]["refused.role"] == 5, stats
+    assert not inbox.got["delta"]
     assert conn_map(stats) == {"w1": 1, "client-raw": 0} and stats["users"] == 1
     assert not inbox.got["joined"] and not inbox.got["left"] and not inbox.got["result"]
     # the worker got no drop and no call
@@ -558,14 +570,14 @@ def test_broker_and_worker_in_two_network_namespaces(tmp_path):
         root = tmp_path / "keys"
         secret = make_keys(root, "broker", "w1", "cron")
         workers = allow(tmp_path / "workers", root, "w1")
-        clients = allow(tmp_path / "clients", root, "cron")
+        observers = allow(tmp_path / "observers", root, "cron")  # (it reads clients)
         broker_key = os.path.join(str(root), "broker.key")
         endpoint = "tcp://10.231.0.1:5599"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         broker = subprocess.Popen(
             ["ip", "netns", "exec", ns_b, sys.executable, "-m", "wse_sync", "broker", "--bind",
              endpoint, "--sync-window", "0", "--curve-secret", secret["broker"],
-             "--allow-workers", workers, "--allow-clients", clients],
+             "--allow-workers", workers, "--allow-observers", observers],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         procs.append(broker)
         serve = subprocess.Popen(

@@ -369,24 +369,28 @@ def test_a_fresh_cluster_is_not_held():
 
 
 # -- roles and checks (what a peer's key allows, what a message may claim) ---------
-from wse_sync.core.checks import CLIENT_KINDS, ROLE_CLIENT, ROLE_WORKER, check  # noqa: E402
+from wse_sync.core.checks import (CLIENT_KINDS, OBSERVER_KINDS, ROLE_CLIENT,  # noqa: E402
+                                  ROLE_OBSERVER, ROLE_WORKER, check)
 
 
 def map_of(core):
     return {c: (e.cid, e.worker) for c, e in core.registry.conns.items()}
 
 
-def two_workers_and_a_client():
+def two_workers_and_a_client(role=ROLE_CLIENT):
     core = BrokerCore()
     hello(core, "w1", table=[["a", "alice", {"m": 1}, 1.0]])
     hello(core, "w2", table=[["b", "bob", None, 2.0]])
+    # (no "replica": false in this hello: the default asks for a copy of the map)
     out = core.handle("h", Message("hello", {"pid": 9, "table": [], "serves": False}), 0,
-                      role=ROLE_CLIENT)
+                      role=role)
     assert kinds(out)[0] == ("h", "snapshot")
+    entries = [e for w, m in out if m.kind == "snapshot" for e in m.body["entries"]]
+    assert sorted(e[1] for e in entries) == ([] if role == ROLE_CLIENT else ["alice", "bob"])
     return core
 
 
-def test_a_client_key_may_only_send_broadcast_drop_and_ask_for_stats_and_users():
+def test_a_client_key_may_only_send_broadcast_drop_and_ask_for_stats():
     core = two_workers_and_a_client()
     before = map_of(core)
     forbidden = [
@@ -411,14 +415,40 @@ def test_a_client_key_may_only_send_broadcast_drop_and_ask_for_stats_and_users()
     assert kinds(out) == [("w2", "drop")]
     assert kinds(core.handle("h", Message("stats", {}), 0, role=ROLE_CLIENT)) == [("h", "stats")]
     assert core.stats()["workers"]["h"]["role"] == ROLE_CLIENT
-    out = core.handle("h", Message("lookup", {"req": 7, "cids": ["alice", "zed"]}), 0,
-                      role=ROLE_CLIENT)
-    assert [(w, m.kind, m.body) for w, m in out] == [
-        ("h", "users", {"req": 7, "users": [["alice", [["a", "w1", {"m": 1}]]]]})]
+    # the map is not for it to read: a lookup is answered with the refusal at once
+    for body in ({"req": 7, "cids": ["alice", "zed"]}, {"req": 8, "all": True},
+                 {"req": 9, "count": True}):
+        out = core.handle("h", Message("lookup", body), 0, role=ROLE_CLIENT)
+        assert [(w, m.kind, sorted(m.body)) for w, m in out] == [("h", "users",
+                                                                  ["refused", "req"])]
+        assert "lookup" in out[0][1].body["refused"]
+    assert core.counters["refused.role"] == len(forbidden) + 3
+    # and it is told of no change to the map
+    out = core.handle("w1", Message("join", {"req": 2, "conn_id": "c", "cid": "carol",
+                                             "at": 3.0}), 0)
+    assert ("h", "delta") not in kinds(out)
     assert core.handle("h", Message("hb", {}), 0, role=ROLE_CLIENT) == []
     core.handle("h", Message("bye", {}), 0, role=ROLE_CLIENT)
-    assert "h" not in core.workers and map_of(core) == before
-    assert CLIENT_KINDS == {"hello", "hb", "bye", "stats", "lookup", "send", "bcast", "drop_cid"}
+    assert "h" not in core.workers
+    assert CLIENT_KINDS == {"hello", "hb", "bye", "stats", "send", "bcast", "drop_cid"}
+
+
+def test_an_observer_key_may_also_read_the_map_and_nothing_more():
+    core = two_workers_and_a_client(ROLE_OBSERVER)
+    out = core.handle("h", Message("lookup", {"req": 7, "cids": ["alice", "zed"]}), 0,
+                      role=ROLE_OBSERVER)
+    assert [(w, m.kind, m.body) for w, m in out] == [
+        ("h", "users", {"req": 7, "users": [["alice", [["a", "w1", {"m": 1}]]]]})]
+    out = core.handle("w1", Message("join", {"req": 2, "conn_id": "c", "cid": "carol",
+                                             "at": 3.0}), 0)
+    assert ("h", "delta") in kinds(out)
+    before = map_of(core)
+    for msg in (Message("join", {"req": 1, "conn_id": "d", "cid": "dan"}),
+                Message("leave", {"conn_id": "a", "cid": "alice"}),
+                Message("conn_drop", {"conn_id": "a", "reason": "", "seq": 2})):
+        assert core.handle("h", msg, 0, role=ROLE_OBSERVER) == [], msg.kind
+    assert core.counters["refused.role"] == 3 and map_of(core) == before
+    assert OBSERVER_KINDS == CLIENT_KINDS | {"lookup"}
 
 
 def test_a_client_hello_with_a_table_is_refused_and_spoofs_no_delta():

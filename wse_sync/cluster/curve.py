@@ -5,9 +5,11 @@ them): ``NAME.key`` holds a public key, ``NAME.key_secret`` (mode 0600) the
 public and the secret key. ``wse-sync keys NAME --dir DIR`` writes a pair.
 
 - The broker has a secret key; its public key is given to every worker and
-  handle (``--broker-key``). It allows the public keys found in two
-  directories: ``--allow-workers`` (the worker role) and ``--allow-clients``
-  (the client role of ``connect_cluster()`` handles; see ``core.checks``).
+  handle (``--broker-key``). It allows the public keys found in three
+  directories: ``--allow-workers`` (the worker role), ``--allow-clients``
+  (the client role of ``connect_cluster()`` handles: send, broadcast, drop,
+  stats) and ``--allow-observers`` (a client that may also read the user
+  map); see ``core.checks``.
 - Each worker or handle has a secret key of its own (``--curve-secret``).
 
 CURVE is used on every endpoint but ``ipc://`` and ``inproc://``: those stay
@@ -36,7 +38,7 @@ from typing import Any, Dict, List, MutableMapping, NamedTuple, Optional, Sequen
 import zmq
 from zmq.utils import z85
 
-from ..core.checks import ROLE_CLIENT, ROLE_WORKER
+from ..core.checks import ROLE_CLIENT, ROLE_OBSERVER, ROLE_WORKER
 
 __all__ = ["CurveError", "ClientKeys", "ServerCurve", "Zap", "needs_curve", "write_keys",
            "split_keys", "shard_keys",
@@ -54,6 +56,7 @@ ENV_BROKER_KEY = "WSE_SYNC_BROKER_KEY"
 ENV_SECRET = "WSE_SYNC_CURVE_SECRET"
 ENV_ALLOW_WORKERS = "WSE_SYNC_ALLOW_WORKERS"
 ENV_ALLOW_CLIENTS = "WSE_SYNC_ALLOW_CLIENTS"
+ENV_ALLOW_OBSERVERS = "WSE_SYNC_ALLOW_OBSERVERS"
 
 
 class CurveError(ValueError):
@@ -247,21 +250,25 @@ class ServerCurve(NamedTuple):
     secret: bytes
     workers_dir: str
     clients_dir: Optional[str]
+    observers_dir: Optional[str] = None
 
 
 def server_curve(endpoint: str, secret: Any = None, allow_workers: Optional[str] = None,
                  allow_clients: Optional[str] = None, insecure: bool = False,
-                 env: Optional[MutableMapping[str, str]] = None) -> Optional[ServerCurve]:
+                 env: Optional[MutableMapping[str, str]] = None,
+                 allow_observers: Optional[str] = None) -> Optional[ServerCurve]:
     """The broker's CURVE setup for ``endpoint``, from the arguments or the
     environment (WSE_SYNC_CURVE_SECRET, WSE_SYNC_ALLOW_WORKERS,
-    WSE_SYNC_ALLOW_CLIENTS). None for ipc/inproc, and for tcp with
-    ``insecure`` and no keys; CurveError for tcp without keys otherwise."""
+    WSE_SYNC_ALLOW_CLIENTS, WSE_SYNC_ALLOW_OBSERVERS). None for ipc/inproc,
+    and for tcp with ``insecure`` and no keys; CurveError for tcp without
+    keys otherwise."""
     if not needs_curve(endpoint):
         return None
     env = os.environ if env is None else env
     secret = secret or env.get(ENV_SECRET) or None
     allow_workers = allow_workers or env.get(ENV_ALLOW_WORKERS) or None
     allow_clients = allow_clients or env.get(ENV_ALLOW_CLIENTS) or None
+    allow_observers = allow_observers or env.get(ENV_ALLOW_OBSERVERS) or None
     if secret is None:
         if insecure:
             return None
@@ -273,10 +280,10 @@ def server_curve(endpoint: str, secret: Any = None, allow_workers: Optional[str]
         raise CurveError("--curve-secret needs --allow-workers DIR (the workers' public *.key"
                          " files)")
     public, own_secret = load_secret(secret)
-    for directory in (allow_workers, allow_clients):
+    for directory in (allow_workers, allow_clients, allow_observers):
         if directory is not None and not os.path.isdir(directory):
             raise CurveError(f"{directory} is not a directory of public keys (*.key files)")
-    return ServerCurve(public, own_secret, allow_workers, allow_clients)
+    return ServerCurve(public, own_secret, allow_workers, allow_clients, allow_observers)
 
 
 # -- the ZAP handler -----------------------------------------------------------------
@@ -314,23 +321,28 @@ class Zap:
 
     def reload(self) -> None:
         """Read the allowed keys again (SIGHUP); on an error keep the ones in force."""
+        curve = self.curve
         try:
-            workers = load_key_dir(self.curve.workers_dir)
-            clients = load_key_dir(self.curve.clients_dir) if self.curve.clients_dir else {}
+            workers = load_key_dir(curve.workers_dir)
+            clients = load_key_dir(curve.clients_dir) if curve.clients_dir else {}
+            observers = load_key_dir(curve.observers_dir) if curve.observers_dir else {}
         except CurveError as exc:
             log.error("allowed keys not reloaded (the previous ones stay): %s", exc)
             return
+        # a key in several directories has the widest role of them
         roles = {k.decode("ascii"): ROLE_CLIENT for k in clients}
-        both = [path for k, path in workers.items() if k in clients]
+        roles.update((k.decode("ascii"), ROLE_OBSERVER) for k in observers)
+        both = [path for k, path in workers.items() if k in clients or k in observers]
         if both:
-            log.warning("%d key(s) are in both --allow-workers and --allow-clients (e.g. %s):"
-                        " they have the worker role", len(both), both[0])
+            log.warning("%d key(s) are in --allow-workers and another --allow-* directory"
+                        " (e.g. %s): they have the worker role", len(both), both[0])
         roles.update((k.decode("ascii"), ROLE_WORKER) for k in workers)
         self.roles = roles
         self._logged.clear()
-        log.info("CURVE: %d worker key(s) from %s, %d client key(s)%s", len(workers),
-                 self.curve.workers_dir, len(clients),
-                 f" from {self.curve.clients_dir}" if self.curve.clients_dir else "")
+        log.info("CURVE: %d worker key(s) from %s, %d client key(s)%s, %d observer key(s)%s",
+                 len(workers), curve.workers_dir, len(clients),
+                 f" from {curve.clients_dir}" if curve.clients_dir else "", len(observers),
+                 f" from {curve.observers_dir}" if curve.observers_dir else "")
         if not workers:
             log.warning("no worker key in %s: no worker can join", self.curve.workers_dir)
 

@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, List, Optional, Set, Tuple
 
-from .checks import ROLE_CLIENT, ROLE_WORKER, check
+from .checks import READS_MAP, ROLE_CLIENT, ROLE_WORKER, Refusal, check
 from .errors import WSE_ERROR, WSE_REASON
 from .lefts import PendingLefts
 from .refusals import ThinnedLog
@@ -220,7 +220,7 @@ class BrokerCore:
         refusal = check(msg, role)
         if refusal is not None:
             self._refuse(sender, refusal.what, "%s", refusal.why, kind=msg.kind)
-            return []
+            return self._refusal_answer(sender, msg, refusal)
         if msg.kind == "stats":
             return [(sender, self._stats(sender, msg.body))]
         info = self.workers.get(sender)
@@ -278,6 +278,7 @@ class BrokerCore:
             refusal = check(msg, role)
             if refusal is not None:
                 self._refuse(sender, refusal.what, "%s", refusal.why, kind=kind)
+                out += self._refusal_answer(sender, msg, refusal)
                 continue
             steady.last_seen = now
             out += self._carry_out(sender, msg, now)
@@ -305,6 +306,15 @@ class BrokerCore:
                      " and each broker its --shard)", said[0], said[1], *self.shard,
                      kind="hello")
         return False
+
+    @staticmethod
+    def _refusal_answer(sender: str, msg: Message, refusal: Refusal) -> Out:
+        """A lookup its key may not make is answered at once, saying so (the
+        asker would otherwise wait out its timeout); other refusals get none."""
+        req = msg.body.get("req") if msg.kind == "lookup" else None
+        if refusal.what != "refused.role" or type(req) is not int:
+            return []
+        return [(sender, Message("users", {"req": req, "refused": refusal.why}))]
 
     def _owned_by(self, sender: str, key: str) -> bool:
         """A routing identity stays with the first key that used it."""
@@ -582,7 +592,8 @@ class BrokerCore:
         info.role = role
         # a client key serves no sockets whatever it says
         info.serves = bool(body.get("serves", True)) and role == ROLE_WORKER
-        info.replica = bool(body.get("replica", True))
+        # (a client key reads no map: its snapshot is empty, it gets no deltas)
+        info.replica = bool(body.get("replica", True)) and role in READS_MAP
         info.last_seen = now
         self.workers[sender] = info
         self._streams.pop(sender, None)

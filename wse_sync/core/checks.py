@@ -1,9 +1,10 @@
 """What the broker accepts from a peer (pure code): roles, and the shape and
 size of each message body.
 
-A peer's *role* comes from its CURVE key (the broker's ``--allow-workers``
-and ``--allow-clients`` directories); links without CURVE (ipc://, inproc://,
-an ``--insecure`` tcp:// broker) give every peer the worker role.
+A peer's *role* comes from its CURVE key (the broker's ``--allow-workers``,
+``--allow-observers`` and ``--allow-clients`` directories); links without
+CURVE (ipc://, inproc://, an ``--insecure`` tcp:// broker) give every peer
+the worker role.
 
 - ``worker``: everything of the worker -> broker schema.
 - ``client`` (a ``connect_cluster()`` handle): only ``CLIENT_KINDS``:
@@ -11,7 +12,11 @@ an ``--insecure`` tcp:// broker) give every peer the worker role.
   with an empty table. It holds no connections, so it may not ``join``,
   ``leave``, ``call`` or answer a call (``result``), nor address a single
   connection (``conn_send``, ``conn_drop``): the handle's API has no use for
-  them, and a client key stays unable to touch the map.
+  them, and a client key stays unable to touch the map. Nor may it read the
+  map: no ``lookup``, and its hello gets no copy (an empty snapshot, no
+  deltas) whatever it asks.
+- ``observer``: a client that may also read the map (``lookup``, a copy
+  with its hello): a ``connect_cluster()`` handle that reads ``clients``.
 
 ``check(msg, role)`` returns None for an acceptable message, else a
 ``Refusal``: ``what`` names the counter (``refused.role``,
@@ -25,13 +30,18 @@ from typing import Any, Callable, Dict, NamedTuple, Optional
 from .messages import Message
 from .metrics import BUCKETS, MAX_REPORT_KEYS
 
-__all__ = ["ROLE_WORKER", "ROLE_CLIENT", "ROLES", "CLIENT_KINDS", "Refusal", "check",
+__all__ = ["ROLE_WORKER", "ROLE_CLIENT", "ROLE_OBSERVER", "ROLES", "CLIENT_KINDS",
+           "OBSERVER_KINDS", "READS_MAP", "Refusal", "check",
            "MAX_ID", "MAX_CID", "MAX_TEXT", "MAX_TABLE", "MAX_LOOKUP"]
 
 ROLE_WORKER = "worker"
 ROLE_CLIENT = "client"
-ROLES = frozenset({ROLE_WORKER, ROLE_CLIENT})
-CLIENT_KINDS = frozenset({"hello", "hb", "bye", "stats", "lookup", "send", "bcast", "drop_cid"})
+ROLE_OBSERVER = "observer"
+ROLES = frozenset({ROLE_WORKER, ROLE_CLIENT, ROLE_OBSERVER})
+CLIENT_KINDS = frozenset({"hello", "hb", "bye", "stats", "send", "bcast", "drop_cid"})
+OBSERVER_KINDS = CLIENT_KINDS | {"lookup"}
+# the roles whose hello gets a copy of the map (when it asks for one)
+READS_MAP = frozenset({ROLE_WORKER, ROLE_OBSERVER})
 # users one lookup may name
 MAX_LOOKUP = 1000
 # fire ids one "fired" message confirms
@@ -334,11 +344,11 @@ def check(msg: Message, role: str) -> Optional[Refusal]:
     """None when ``msg`` may be carried out for a peer of ``role``."""
     if role not in ROLES:
         return Refusal("refused.role", f"unknown role {role!r}")
-    if role == ROLE_CLIENT:
-        if msg.kind not in CLIENT_KINDS:
-            return Refusal("refused.role", f"a client key may not send {msg.kind!r}")
+    if role != ROLE_WORKER:
+        if msg.kind not in (CLIENT_KINDS if role == ROLE_CLIENT else OBSERVER_KINDS):
+            return Refusal("refused.role", f"a {role} key may not send {msg.kind!r}")
         if msg.kind == "hello" and (msg.body.get("table") or msg.body.get("of", 1) != 1):
-            return Refusal("refused.role", "a client key's hello must have an empty table")
+            return Refusal("refused.role", f"a {role} key's hello must have an empty table")
     fn = _CHECKS.get(msg.kind)
     if fn is None:
         return Refusal("dropped.unexpected", f"{msg.kind!r} is not a worker->broker kind")

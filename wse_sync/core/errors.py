@@ -60,6 +60,7 @@ class _Errors(_Constants):
     BROKER_UNAVAILABLE: str
     BROKER_BUSY: str
     RP_TOO_MANY: str
+    NOT_ALLOWED: str
 
 
 class _Statuses(_Constants):
@@ -103,6 +104,9 @@ WSE_ERROR = _Errors(
     BROKER_BUSY="wse.server.broker-busy",
     # wse_sync's own: more RPCs in flight than max_rpc_per_conn / max_rpc_per_worker
     RP_TOO_MANY="wse.server.rp.too-many-calls",
+    # wse_sync's own: the broker refused what this key's role may not do (a
+    # client key reading the user map: an observer key may)
+    NOT_ALLOWED="wse.server.not-allowed",
 )
 
 WSE_STATUS = _Statuses(

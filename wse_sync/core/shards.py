@@ -68,11 +68,15 @@ def merge_users(answers: Sequence[Optional[Dict[str, Any]]], count: bool
     """One ``lookup`` answer from the shards' (None: that shard did not answer).
 
     Users live in one shard each, so counts add up and rows concatenate; the
-    answer is None when no shard answered, and says ``partial`` when some did not.
+    answer is None when no shard answered, and says ``partial`` when some did
+    not; a shard that ``refused`` (this key's role) makes the answer a refusal.
     """
     got = [a for a in answers if a is not None]
     if not got:
         return None
+    refused = [a["refused"] for a in got if "refused" in a]
+    if refused:
+        return {"refused": refused[0]}
     out: Dict[str, Any] = ({"count": sum(int(a.get("count", 0)) for a in got)} if count
                            else {"users": [row for a in got for row in a.get("users", [])]})
     if len(got) < len(answers):

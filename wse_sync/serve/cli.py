@@ -119,8 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                         " $WSE_SYNC_ALLOW_WORKERS); reloaded on SIGHUP")
     b.add_argument("--allow-clients", default=None, metavar="DIR",
                    help="directory of the public keys allowed as connect_cluster() clients:"
-                        " send, broadcast, drop_client and stats only (default"
-                        " $WSE_SYNC_ALLOW_CLIENTS); reloaded on SIGHUP")
+                        " send, broadcast, drop_client and stats only, no reading of the"
+                        " user map (default $WSE_SYNC_ALLOW_CLIENTS); reloaded on SIGHUP")
+    b.add_argument("--allow-observers", default=None, metavar="DIR",
+                   help="directory of the public keys allowed as connect_cluster() clients"
+                        " that may also read the user map (cluster.clients; default"
+                        " $WSE_SYNC_ALLOW_OBSERVERS); reloaded on SIGHUP")
     b.add_argument("--insecure", action="store_true",
                    help="allow tcp:// without CURVE keys (anyone who reaches the port joins)")
     b.add_argument("--max-msg-size", type=int, default=None, metavar="BYTES",
@@ -313,7 +317,8 @@ def _broker(args: argparse.Namespace) -> int:
     log = logging.getLogger("wse_sync.broker")
     try:
         curve = server_curve(args.bind, args.curve_secret, args.allow_workers,
-                             args.allow_clients, args.insecure)
+                             args.allow_clients, args.insecure,
+                             allow_observers=args.allow_observers)
         broker = Broker(args.bind, parent_pid=args.parent, sync_window=args.sync_window,
                         curve=curve, insecure=args.insecure,
                         max_msg_size=args.max_msg_size or MAX_MSG_SIZE, shard=args.shard)

@@ -18,6 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Collection, Dict, Hashable, List, Optional, Union
 
+from ..core.errors import WSE_ERROR, WseError
 from ..core.lookup import Conns, LookupCache
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -151,6 +152,8 @@ class LookupDirectory(Directory):
     def _ask(self, cids: Optional[List[Hashable]] = None,
              count: bool = False) -> Optional[Dict[str, Any]]:
         answer = self.link.lookup(cids, count)
+        if answer is not None and "refused" in answer:  # (this key's role: not a worker's)
+            raise WseError(WSE_ERROR.NOT_ALLOWED, {"reason": answer["refused"]})
         if answer is None and not self._warned:
             self._warned = True
             log.warning("server.clients: the broker did not answer a lookup; only this"

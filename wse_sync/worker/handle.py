@@ -19,7 +19,8 @@ On a tcp:// broker the handle speaks CURVE with ``broker_key`` (the
 broker's public key) and ``secret`` (its own secret key; key files or
 40-character keys; default $WSE_SYNC_BROKER_KEY and $WSE_SYNC_CURVE_SECRET).
 Its key may be a client key (the broker's ``--allow-clients``): enough for
-everything the handle does.
+everything the handle does but reading ``clients`` (WseError
+``wse.server.not-allowed``), which needs an observer key (``--allow-observers``).
 
 Where it runs:
 
@@ -197,7 +198,9 @@ class ClusterHandle:
 
     @property
     def clients(self) -> Dict[Hashable, ClusterUser]:
-        """cid -> ClusterUser of every connected user (a snapshot)."""
+        """cid -> ClusterUser of every connected user (a snapshot). Needs an
+        observer key on a CURVE broker: a client key raises WseError
+        ``wse.server.not-allowed``."""
         self._check_open()
         return self._run(self._snapshot)
 
