@@ -29,6 +29,7 @@ from helpers import ROOT, UNIT, ServerProcess, free_port, serve_process, wait_fo
 from wse_sync import WseClient, connect_cluster
 from wse_sync.core.errors import WSE_ERROR, WseError
 from wse_sync.core.messages import decode, encode, split
+from wse_sync.core.routes import link_identity, member_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -339,6 +340,73 @@ def test_forged_commands_leave_the_map_unchanged(cluster):
     # 3 s of silence, which is another line)
     assert not [line for line in cluster.proc.lines if "w1 leaves the cluster" in line]
     assert "Traceback" not in cluster.proc.stderr
+
+
+def _connected(cluster: Cluster, name: str, identities: List[str]) -> List[zmq.Socket]:
+    """DEALERs holding key ``name`` under ``identities``, once their CURVE
+    handshakes are done (each one's monitor says so)."""
+    socks, monitors = [], []
+    for identity in identities:
+        s = cluster.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IDENTITY, identity.encode())
+        s.curve_serverkey = zmq.auth.load_certificate(cluster.broker_key)[0]
+        s.curve_publickey, s.curve_secretkey = zmq.auth.load_certificate(cluster.secret[name])
+        monitors.append(s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED))
+        s.connect(cluster.endpoint)
+        cluster.socks.append(s)
+        socks.append(s)
+    for s, monitor in zip(socks, monitors):
+        assert monitor.poll(int(10 * UNIT * 1000)), "no CURVE handshake"
+        s.disable_monitor()
+        monitor.close(0)
+    return socks
+
+
+def test_a_peer_under_a_workers_name_gets_none_of_its_traffic(cluster):
+    """Last round's residual, retried: a worker's link drops while the broker
+    still routes to it (up to 3 s); peers holding another allowed key connect
+    under that worker's name, bare or with a guessed nonce, while its user is
+    sent to: none of them receives a byte. The worker's next link (its key, a
+    new nonce) gets its traffic back."""
+    w1 = cluster.dealer("w1", link_identity("w1").encode())  # as BrokerLink does
+    w1_in = worker_hello(w1)
+    send(w1, "join", {"req": 1, "conn_id": "cA", "cid": "alice", "limit": 2, "at": 1.0})
+    w1_in.until("joined")
+    watcher = Inbox(cluster.dealer("cron", b"watcher"))  # (stats without a subprocess)
+    with cluster.handle("cron") as sender:
+        # the handle's own link: a nonce after its name, which stats never shows
+        identity = sender._server.hub.link.sock.getsockopt(zmq.IDENTITY).decode()
+        assert member_of(identity) != identity
+        shown = watcher.stats()
+        assert member_of(identity) in shown["workers"] and identity not in json.dumps(shown)
+        send(w1, "hb")
+        w1.close(0)  # w1's link drops; the broker lists it for 3 s more
+        cluster.socks.remove(w1)
+        Inbox.beating.remove(w1)
+        intruders = _connected(cluster, "cron", ["w1", f"w1#{'a' * 16}"]
+                               + [link_identity("w1") for _ in range(6)])
+        for attempt in range(4):
+            sender.send("alice", "secret", attempt)
+        sender.flush()
+        # the broker routed those sends to w1: still listed, holding alice
+        stats = watcher.stats()
+        assert stats["workers"].get("w1", {}).get("connections") == 1, stats["workers"]
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            for s in intruders:
+                assert not s.poll(0), f"{s.getsockopt(zmq.IDENTITY)!r} got a message"
+            time.sleep(0.05)
+        # (an intruder that speaks in w1's name is refused, and w1 is not removed for it)
+        send(intruders[0], "bye")
+        wait_for(lambda: watcher.stats()["counters"].get("refused.identity-taken", 0) >= 1)
+        assert "w1" in watcher.stats()["workers"]
+        # w1 back on a new socket with its key: its traffic follows
+        back = cluster.dealer("w1", link_identity("w1").encode())
+        back_in = worker_hello(back, [["cA", "alice", None, 1.0]])
+        sender.send("alice", "after", 9)
+        assert back_in.until("deliver")[-1].data is not None
+    assert not any(s.poll(0) for s in intruders)
 
 
 def test_malformed_and_oversize_frames_are_dropped(tmp_path):

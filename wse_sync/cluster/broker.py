@@ -7,6 +7,10 @@ and serves ZAP in its own poll loop; without keys it refuses to start
 unless ``insecure=True``, and then logs a warning. On ipc:// the socket file
 is made 0600 (whatever the umask) in a directory made 0700 when it does not
 exist, and removed when the broker stops.
+
+Members are named by their links' routing identities less the nonce (see
+``core.routes``): the core sees member names, and each member's traffic
+goes to the identity that last spoke for it with the member's key.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import zmq.constants as zmq_constants
 
 from ..core.broker import HEARTBEAT, WORKER_TIMEOUT, BrokerCore, Out
 from ..core.checks import ROLE_WORKER
+from ..core.routes import Routes, member_of
 from ..core.messages import (MAX_MSG_SIZE, Message, SchemaError, VERSION, batch, decode, encode,
                              split)
 from .curve import CurveError, ServerCurve, Zap, needs_curve
@@ -83,6 +88,7 @@ class Broker:
         self.endpoint = endpoint
         self.heartbeat = heartbeat
         self.core = BrokerCore(worker_timeout, sync_window=sync_window, shard=shard)
+        self.routes = Routes()
         self._stop = False
         # stop when this process (the supervisor) is gone
         self.parent_pid = parent_pid
@@ -270,8 +276,12 @@ class Broker:
 
     def _dispatch(self, frames: list, role: str = ROLE_WORKER,
                   key: Optional[str] = None) -> Out:
-        sender = frames[0]
-        sender_id = sender.decode("latin-1")
+        identity = frames[0].decode("latin-1")
+        owner = self.core.owner(member_of(identity)) if key is not None else None
+        sender_id = self.routes.speaks(identity, key, owner)
+        if sender_id is None:  # a link speaking in another key's member's name
+            self.core.identity_taken(identity, key or "")
+            return []
         try:
             parts = split(frames[1:])
         except SchemaError as exc:
@@ -317,7 +327,7 @@ class Broker:
                 messages = per_worker[worker_id] = []
             messages.append(frames)
         for worker_id, messages in per_worker.items():
-            ident = worker_id.encode("latin-1")
+            ident = self.routes.identity(worker_id).encode("latin-1")
             start, size = 0, 0
             for i, frames in enumerate(messages):
                 # (the body and the data: the version, kind and flag are a few bytes)

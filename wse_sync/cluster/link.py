@@ -24,6 +24,7 @@ from ..core.errors import WSE_ERROR, WseError
 from ..core.link import (Answer, Deliver, Drop, Forget, LinkCore, LocalEntry, MapReplica,
                          ServeCall, Step, UserJoined, UserLeft)
 from ..core.refusals import ThinnedLog
+from ..core.routes import link_identity
 from ..core.messages import MAX_MSG_SIZE, Message, SchemaError, batch, decode, encode, split
 from ..socket import runner
 from ..socket.answers import Answers, answer_error
@@ -128,7 +129,8 @@ class BrokerLink:
         zmq = self.zmq
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.IDENTITY, self.worker_id.encode("ascii"))
+        # (the broker routes to the identity, the nonce keeps others from taking it)
+        self.sock.setsockopt(zmq.IDENTITY, link_identity(self.worker_id).encode("ascii"))
         self.sock.setsockopt(zmq.SNDHWM, self.outage_buffer)
         self.sock.setsockopt(zmq.RCVHWM, 100000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.max_msg_size)

@@ -316,6 +316,15 @@ class BrokerCore:
             return []
         return [(sender, Message("users", {"req": req, "refused": refusal.why}))]
 
+    def owner(self, sender: str) -> Optional[str]:
+        """The key ``sender``'s name is bound to (None: no key spoke as it yet)."""
+        return self._owners.get(sender)
+
+    def identity_taken(self, identity: str, key: str) -> None:
+        """Count and log (once) a link that spoke in a member's name with another key."""
+        self._refuse(identity, "refused.identity-taken",
+                     "its member name belongs to another key (this one is %s)", key[:12])
+
     def _owned_by(self, sender: str, key: str) -> bool:
         """A routing identity stays with the first key that used it."""
         owner = self._owners.get(sender)
