@@ -75,7 +75,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -138,6 +138,18 @@ def cmdline(pid: int) -> List[str]:
             return f.read().split("\0")
     except OSError:
         return []
+
+
+def usage(pid: int) -> Tuple[float, float]:
+    """(VmRSS KB, CPU seconds: utime + stime) of a process; (0, 0) once gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return 0.0, 0.0
+    return float(rss), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def alive(pid: int) -> bool:
@@ -642,9 +654,22 @@ class Harness:
         rec["check"] = check
 
     def step_connect(self, rec: dict) -> None:
+        pids = self.workers() + [self.broker.pid]
+        before = {pid: usage(pid) for pid in pids}
         t0 = time.monotonic()
         self.start_clients()
         self.converge(rec, t0, self.bound("connect"))
+        after = {pid: usage(pid) for pid in pids}
+        # what the crowd costs the servers: the workers' memory per connection held,
+        # and their CPU (and the broker's) per connect + hi -> welcome
+        workers = pids[:-1]
+        rec["worker_kb_per_conn"] = round(sum(after[p][0] - before[p][0] for p in workers)
+                                          / self.n, 1)
+        rec["worker_cpu_us_per_connect"] = round(
+            sum(after[p][1] - before[p][1] for p in workers) * 1e6 / self.n)
+        broker = pids[-1]
+        rec["broker_cpu_us_per_connect"] = round((after[broker][1] - before[broker][1])
+                                                 * 1e6 / self.n)
 
     def _send(self, rec: dict, mode: str) -> None:
         phase = mode
@@ -837,8 +862,9 @@ def print_report(result: dict) -> None:
     print()
     for s in result["steps"]:
         extra = []
-        for key in ("victim", "roll_s", "broker_restart_s", "send_s", "calls", "rate_per_s",
-                    "rpc_p99_s", "error", "skipped"):
+        for key in ("worker_kb_per_conn", "worker_cpu_us_per_connect",
+                    "broker_cpu_us_per_connect", "victim", "roll_s", "broker_restart_s",
+                    "send_s", "calls", "rate_per_s", "rpc_p99_s", "error", "skipped"):
             if key in s:
                 extra.append(f"{key}={s[key]}")
         c = s.get("check", {})
