@@ -358,4 +358,6 @@ class Broker:
         except self.zmq.ZMQError as exc:
             # unreachable peer (gone) or its queue is full: counted, logged
             self.core.counters["dropped.unroutable"] += count
-            log.warning("could not deliver %d message(s) to %r: %s", count, ident, exc)
+            # (the member's name: its link's identity stays out of the logs too)
+            log.warning("could not deliver %d message(s) to %r: %s", count,
+                        member_of(ident.decode("latin-1")), exc)
