@@ -175,3 +175,17 @@ def test_a_turn_that_writes_much_is_not_held_back(pair):
     gevent.sleep(0)
     assert early + len(_pending(peer.sock)) == 100 * len(t.frame_for("x" * 1000))
     g.kill()
+
+
+def test_frames_held_for_the_turns_end_never_count_as_a_full_send_queue(pair):
+    sock, peer = pair
+    sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_SNDBUF, 1 << 20)  # (room for it all)
+    peer.sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_RCVBUF, 1 << 20)
+    t, g, _ = run_transport(sock, max_send_queue=4096)
+    gevent.sleep(0)
+    for i in range(20):  # 20 KB in one turn to a peer that reads: not a slow peer
+        assert t.write_message(f"{i:04d}" + "x" * 996)
+    assert t.open
+    assert [peer.recv() for _ in range(20)] == [("text", f"{i:04d}" + "x" * 996)
+                                                for i in range(20)]
+    g.kill()

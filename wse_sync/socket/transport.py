@@ -146,6 +146,9 @@ class Transport:
         # "batched" while it waits for the end of that turn, not for a writer
         self._turn = -1
         self._batched = False
+        # what a batch may hold before it is sent (never enough to reach max_send_queue:
+        # only bytes the kernel would not take may count against that)
+        self._batch_bytes = min(BATCH_BYTES, max_send_queue)
         self._abort_timer = None
         # start()'s callbacks, and whether reading is over (then, _end runs once)
         self._on_message: Optional[Callable[[object], None]] = None
@@ -229,7 +232,7 @@ class Transport:
         return True
 
     def _write(self, frame: bytes) -> bool:
-        if self._batched and self._queued + len(frame) > BATCH_BYTES:
+        if self._batched and self._queued + len(frame) > self._batch_bytes:
             self._send_batch()  # (a turn that writes a lot is not held back)
         if self._writer is not None or self._queue:
             if self._queued + len(frame) > self.max_send_queue:
