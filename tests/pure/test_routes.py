@@ -43,3 +43,7 @@ def test_raw_identities_route_to_themselves_and_the_table_is_bounded():
         routes.speaks(i, "K", None)
     assert len(routes) == 3
     assert routes.identity("w0") == "w0" and routes.identity("w4") == ids[4]
+    # members the broker forgot lose their routes (the table follows the core's)
+    routes.keep({"w4": 1}, {"w3": 1})
+    assert len(routes) == 2 and routes.identity("w2") == "w2"
+    assert routes.identity("w3") == ids[3]

@@ -233,6 +233,8 @@ class Broker:
                 if now >= next_tick:
                     next_tick = now + self.heartbeat
                     self._send_all(self.core.tick(now))
+                    # (routes of members the core forgot: gone, or declared dead)
+                    self.routes.keep(self.core.workers, self.core.limbo)
                     if self.zmq.__name__ == "zmq":
                         tune_gc(len(self.core.registry.conns))
                     if self.parent_pid and os.getppid() != self.parent_pid:

@@ -11,7 +11,7 @@ own member name.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Container, Dict, Optional
 
 from .ids import make_id
 
@@ -57,6 +57,11 @@ class Routes:
                 del self._to[next(iter(self._to))]
             self._to[member] = identity
         return member
+
+    def keep(self, *known: Container[str]) -> None:
+        """Forget the routes of members in none of ``known``."""
+        for member in [m for m in self._to if not any(m in k for k in known)]:
+            del self._to[member]
 
     def identity(self, member: str) -> str:
         """Where ``member``'s traffic goes."""
