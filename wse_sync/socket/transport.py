@@ -244,27 +244,32 @@ class Transport:
             self._queue.append(frame)  # type: ignore[union-attr]
             self._queued += len(frame)
             return True
+        loop = self._loop  # (a plain server socket's only)
+        if loop is not None:
+            turn = loop.iteration
+            if turn == self._turn:  # a later frame of this turn: sent at its end
+                self._queue = deque((frame,))
+                self._queued = len(frame)
+                self._batched = True
+                loop.run_callback(self._send_batch)
+                return True
+            self._turn = turn
+        return self._put(frame)  # (it fits: write_raw checked the size)
+
+    def _put(self, data: bytes) -> bool:
+        """Hand ``data`` to the socket; what it does not take waits for a
+        writer greenlet. False when the socket is gone (the connection is cut)."""
         sent = 0
         if self._plain:
-            loop = self._loop
-            if loop is not None:
-                turn = loop.iteration
-                if turn == self._turn:  # a later frame of this turn: sent at its end
-                    self._queue = deque((frame,))
-                    self._queued = len(frame)
-                    self._batched = True
-                    loop.run_callback(self._send_batch)
-                    return True
-                self._turn = turn
             try:
-                sent = self.sock.send(frame)
+                sent = self.sock.send(data)
             except BlockingIOError:
                 sent = 0
             except OSError:
                 self.abort((1006, ""))
                 return False
-        if sent < len(frame):
-            self._wait_socket(frame[sent:] if sent else frame)  # (fits: write_raw checked)
+        if sent < len(data):
+            self._wait_socket(data[sent:] if sent else data)
         return True
 
     def _wait_socket(self, rest: bytes) -> None:
@@ -286,15 +291,7 @@ class Transport:
         data = b"".join(queue) if len(queue) > 1 else queue[0]
         self._queue = None  # (idle sockets are many: no empty deque kept)
         self._queued = 0
-        try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.abort((1006, ""))
-            return
-        if sent < len(data):
-            self._wait_socket(data[sent:] if sent else data)
+        self._put(data)
 
     def _drain(self) -> None:
         """The writer greenlet: what the socket could not take at once."""
